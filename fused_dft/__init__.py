@@ -1,0 +1,31 @@
+"""fused_dft: fused linear Dynamic Fine-Tuning (and cross-entropy) loss without full logits."""
+
+from .loss import FusedLinearDFTLoss, fused_linear_dft_loss
+from .options import LossOptions, LossStats
+
+__version__ = "0.1.0"
+
+
+def patch_model(model, **kwargs):
+    """Patch a Hugging Face causal LM instance to train with the fused loss (see transformers.py)."""
+    from .transformers import patch_model as _patch
+
+    return _patch(model, **kwargs)
+
+
+def unpatch_model(model):
+    """Undo patch_model on that instance."""
+    from .transformers import unpatch_model as _unpatch
+
+    return _unpatch(model)
+
+
+__all__ = [
+    "FusedLinearDFTLoss",
+    "LossOptions",
+    "LossStats",
+    "__version__",
+    "fused_linear_dft_loss",
+    "patch_model",
+    "unpatch_model",
+]
