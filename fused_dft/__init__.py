@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 
 def patch_model(model, **kwargs):
-    """Patch a Hugging Face causal LM instance to train with the fused loss (see transformers.py)."""
+    """Patch a Hugging Face causal LM instance to train with the fused loss."""
     from .transformers import patch_model as _patch
 
     return _patch(model, **kwargs)

@@ -113,9 +113,7 @@ class FusedLinearDFTLoss(nn.Module):
                 f"{list(_KEYWORDS)}"
             )
         self.options = dict(options)
-        opts = LossOptions(
-            **{k: v for k, v in options.items() if k not in ("impl", "chunk_size")}
-        )
+        opts = LossOptions(**{k: v for k, v in options.items() if k not in ("impl", "chunk_size")})
         validate_options(opts, options.get("impl", "auto"), options.get("chunk_size"))
 
     def forward(self, hidden, weight, labels, bias=None):
@@ -193,7 +191,9 @@ def validate_tensors(hidden, weight, labels, bias) -> None:
             f"got {tuple(labels.shape)}"
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        raise ValueError(
+            f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}"
+        )
     devices = {hidden.device, weight.device, labels.device}
     if bias is not None:
         devices.add(bias.device)

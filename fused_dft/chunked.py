@@ -1,0 +1,186 @@
+"""The chunked path: one chunk of tokens at a time, logits from a torch matmul.
+
+For each chunk of non-ignored tokens:
+    x = h_c W^T (+ b)                      (n, V) logits: the only large temporary
+    rows: loss, stats, and dx = d(coef * loss)/dx written into x in place
+    dh_c = dx W;  dW += dx^T h_c (fp32);  db += sum_rows(dx) (fp32)
+With reduction "mean"/"sum" the gradients are computed in the forward pass (6*N*D*V matmul FLOPs in
+all) and backward only scales them by the upstream scalar. With reduction "none" the upstream
+gradient differs per token, which a precomputed dW cannot honour, so the forward computes only the
+loss and backward recomputes each chunk's logits with the per-token coefficients (8*N*D*V FLOPs).
+Ignored tokens are dropped before any matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .options import LossOptions
+
+# Elements of one chunk's logits buffer: 32M (128 MB in fp32) on the CPU, 256M on CUDA.
+_CHUNK_ELEMENTS = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
+_MIN_CHUNK_ROWS = 16
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def default_chunk_rows(num_tokens: int, vocab: int, device: torch.device) -> int:
+    budget = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cpu"])
+    rows = max(_MIN_CHUNK_ROWS, budget // max(vocab, 1))
+    return max(1, min(rows, num_tokens))
+
+
+def _accumulate_outer(acc: torch.Tensor, dx: torch.Tensor, h: torch.Tensor) -> None:
+    """acc (fp32) += dx^T h, without a (V, D) temporary where the backend allows it."""
+    if dx.dtype == acc.dtype:
+        acc.addmm_(dx.t(), h)
+    elif acc.is_cuda and "dtype_out" in torch.ops.aten.addmm.overloads():
+        torch.addmm(acc, dx.t(), h, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(dx.t().to(acc.dtype), h.to(acc.dtype))
+
+
+def run_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    opts: LossOptions,
+    chunk_rows: int,
+    use_triton: bool,
+    coef: torch.Tensor | None,
+    need: tuple[bool, bool, bool],
+):
+    """hidden (n, D) and labels (n,) hold only non-ignored tokens.
+
+    coef (n,) fp32 per-token upstream coefficient, or None for the loss alone.
+    need = (dh, dW, db). Returns token_loss (n,), stats (n, 3), dh, dW (fp32), db (fp32).
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    acc_dtype = _acc_dtype(hidden)
+    token_loss = torch.empty(n, dtype=acc_dtype, device=hidden.device)
+    stats = torch.empty(n, 3, dtype=acc_dtype, device=hidden.device)
+    grads = coef is not None
+    dh = torch.empty_like(hidden) if grads and need[0] else None
+    dw = torch.zeros(v, d, dtype=acc_dtype, device=hidden.device) if grads and need[1] else None
+    db = torch.zeros(v, dtype=acc_dtype, device=hidden.device) if grads and need[2] else None
+    if use_triton:
+        from .kernels.rows import dft_rows
+
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        h_c, y_c = hidden[start:stop], labels[start:stop]
+        c_c = coef[start:stop] if grads else None
+        x = torch.addmm(bias, h_c, weight.t()) if bias is not None else h_c @ weight.t()
+        if use_triton:
+            loss_c, stats_c = dft_rows(x, y_c, c_c, opts)
+        else:
+            x = x.to(acc_dtype)  # no copy for fp32/fp64 inputs
+            loss_c, stats_c = rows_loss_and_grad_torch(x, y_c, c_c, opts)
+        token_loss[start:stop] = loss_c
+        stats[start:stop] = stats_c
+        if not grads:
+            continue
+        dx = x.to(hidden.dtype)
+        if dh is not None:
+            torch.mm(dx, weight, out=dh[start:stop])
+        if dw is not None:
+            _accumulate_outer(dw, dx, h_c)
+        if db is not None:
+            db += dx.sum(0, dtype=acc_dtype)
+        del x, dx
+    return token_loss, stats, dh, dw, db
+
+
+def rows_loss_and_grad_torch(x, labels, coef, opts):
+    from .rows_torch import rows_loss_and_grad
+
+    return rows_loss_and_grad(x, labels, coef, opts)
+
+
+class ChunkedDFTFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, opts: LossOptions, chunk_rows, use_triton):
+        n_all = hidden.shape[0]
+        valid_idx = (labels != opts.ignore_index).nonzero().squeeze(1)
+        num_valid = valid_idx.numel()
+        h_v = hidden.index_select(0, valid_idx)
+        y_v = labels.index_select(0, valid_idx)
+        need = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+        )
+        grads_now = any(need) and opts.reduction != "none"
+        coef = None
+        if grads_now:
+            scale = 1.0 / max(num_valid, 1) if opts.reduction == "mean" else 1.0
+            coef = torch.full((num_valid,), scale, dtype=_acc_dtype(hidden), device=hidden.device)
+        token_loss, stats, dh_v, dw, db = run_chunks(
+            h_v, weight, bias, y_v, opts, chunk_rows, use_triton, coef, need
+        )
+
+        if opts.reduction == "none":
+            loss = token_loss.new_zeros(n_all).index_copy_(0, valid_idx, token_loss)
+        elif opts.reduction == "sum":
+            loss = token_loss.sum()
+        else:
+            loss = token_loss.sum() / max(num_valid, 1)
+        stat_sums = stats.sum(0).float()
+        num_valid_t = torch.tensor(num_valid, device=hidden.device)
+
+        ctx.opts, ctx.chunk_rows, ctx.use_triton, ctx.need = opts, chunk_rows, use_triton, need
+        ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
+        if grads_now:
+            ctx.precomputed = (dh_v, dw, db)
+            ctx.save_for_backward(valid_idx)
+        elif any(need):
+            ctx.precomputed = None
+            ctx.save_for_backward(valid_idx, hidden, weight, bias, labels)
+        ctx.mark_non_differentiable(stat_sums, num_valid_t)
+        return loss, stat_sums, num_valid_t
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats, _grad_num):
+        opts, need = ctx.opts, ctx.need
+        hidden_shape, hidden_dtype, weight_dtype = ctx.shapes
+        if opts.reduction == "none":
+            valid_idx, hidden, weight, bias, labels = ctx.saved_tensors
+            h_v = hidden.index_select(0, valid_idx)
+            y_v = labels.index_select(0, valid_idx)
+            coef = grad_loss.index_select(0, valid_idx).to(_acc_dtype(hidden))
+            _, _, dh_v, dw, db = run_chunks(
+                h_v, weight, bias, y_v, opts, ctx.chunk_rows, ctx.use_triton, coef, need
+            )
+        else:
+            if ctx.precomputed is None:
+                raise RuntimeError(
+                    "fused_dft: backward through the same graph twice is not supported with "
+                    "reduction='mean'/'sum' (gradients are computed in the forward pass and "
+                    "consumed); use reduction='none' or recompute the loss"
+                )
+            (valid_idx,) = ctx.saved_tensors
+            dh_v, dw, db = ctx.precomputed
+            ctx.precomputed = None
+            # gradients were computed for an upstream gradient of 1; scale in place otherwise
+            if not bool(grad_loss == 1):
+                for g in (dh_v, dw, db):
+                    if g is not None:
+                        g.mul_(grad_loss.to(g.dtype))
+        dh = None
+        if dh_v is not None:
+            dh = dh_v.new_zeros(hidden_shape).index_copy_(0, valid_idx, dh_v)
+        dw = dw.to(weight_dtype) if dw is not None else None
+        db = db.to(weight_dtype) if db is not None else None
+        return dh, dw, db, None, None, None, None
+
+
+def chunked_loss(hidden, weight, labels, bias, opts, chunk_size, use_triton):
+    """hidden (N, D), labels (N,). Returns (loss, stat sums (3,), number of valid tokens)."""
+    rows = chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
+    rows = max(1, min(rows, max(hidden.shape[0], 1)))
+    return ChunkedDFTFunction.apply(hidden, weight, bias, labels, opts, rows, use_triton)
