@@ -1,0 +1,82 @@
+"""Autograd Function around the fused Triton kernels (kernels/fused_fwd.py, kernels/fused_bwd.py).
+
+Forward keeps, per non-ignored token, lse and p_y (8 bytes); backward recomputes the logit tiles
+with coef = upstream gradient * w (w = p_y for dft, 1 for ce), so any per-token upstream gradient
+(reduction="none") is honoured exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .options import LossOptions
+
+
+class FusedLinearDFTFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, opts: LossOptions, config):
+        from .kernels.fused_fwd import dft_fwd
+
+        n_all = hidden.shape[0]
+        valid_idx = (labels != opts.ignore_index).nonzero().squeeze(1)
+        num_valid = valid_idx.numel()
+        h_v = hidden.index_select(0, valid_idx)
+        y_v = labels.index_select(0, valid_idx)
+        if num_valid > 0:
+            lse, z_y, row_max, entropy = dft_fwd(h_v, weight, bias, y_v, opts, config)
+        else:
+            lse = z_y = row_max = entropy = hidden.new_zeros(0, dtype=torch.float32)
+        logp_y = z_y - lse
+        p_y = logp_y.exp()
+        token_loss = -p_y * logp_y if opts.is_dft else -logp_y
+
+        if opts.reduction == "none":
+            loss = token_loss.new_zeros(n_all).index_copy_(0, valid_idx, token_loss)
+        elif opts.reduction == "sum":
+            loss = token_loss.sum()
+        else:
+            loss = token_loss.sum() / max(num_valid, 1)
+        stat_sums = torch.stack(
+            [-logp_y.sum(), entropy.sum(), (z_y >= row_max).float().sum()]
+        ).float()
+        num_valid_t = torch.tensor(num_valid, device=hidden.device)
+
+        ctx.opts, ctx.config, ctx.num_valid = opts, config, num_valid
+        ctx.hidden_shape = hidden.shape
+        ctx.save_for_backward(hidden, weight, bias, labels, valid_idx, lse, p_y)
+        ctx.mark_non_differentiable(stat_sums, num_valid_t)
+        return loss, stat_sums, num_valid_t
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats, _grad_num):
+        from .kernels.fused_bwd import dft_bwd
+
+        opts = ctx.opts
+        hidden, weight, bias, labels, valid_idx, lse, p_y = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        if opts.reduction == "none":
+            coef = grad_loss.index_select(0, valid_idx).float()
+        else:
+            scale = 1.0 / max(ctx.num_valid, 1) if opts.reduction == "mean" else 1.0
+            coef = (grad_loss.float() * scale).expand(ctx.num_valid)
+        if opts.is_dft:
+            coef = coef * p_y
+        coef = coef.contiguous()
+        h_v = hidden.index_select(0, valid_idx)
+        y_v = labels.index_select(0, valid_idx)
+        dh_v, dw, db = dft_bwd(h_v, weight, bias, y_v, lse, coef, opts, need, ctx.config)
+        dh = None
+        if dh_v is not None:
+            dh = hidden.new_zeros(ctx.hidden_shape).index_copy_(0, valid_idx, dh_v.to(hidden.dtype))
+        dw = dw.to(weight.dtype) if dw is not None else None
+        db = db.to(bias.dtype) if db is not None else None
+        return dh, dw, db, None, None, None
+
+
+def fused_loss(hidden, weight, labels, bias, opts, config=None):
+    """hidden (N, D), labels (N,). Returns (loss, stat sums (3,), number of valid tokens)."""
+    from .kernels.fused_fwd import DEFAULT_CONFIG
+
+    return FusedLinearDFTFunction.apply(
+        hidden, weight, bias, labels, opts, config or DEFAULT_CONFIG
+    )

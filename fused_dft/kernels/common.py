@@ -1,0 +1,34 @@
+"""Small @triton.jit helpers shared by the kernel files, and launch-time facts."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..runtime import interpreted
+
+
+@triton.jit
+def tanh(x):
+    # libdevice's tanh does not run in the interpreter; tanh(x) = 2 * sigmoid(2x) - 1
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def transform_logits(x, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """z = logit_scale * x; z = softcap * tanh(z / softcap). Returns (z, tanh value or 0)."""
+    if HAS_SCALE:
+        x = x * logit_scale
+    th = tl.zeros_like(x)
+    if HAS_SOFTCAP:
+        th = tanh(x / softcap)
+        x = softcap * th
+    return x, th
+
+
+def upcast_for_interpreter(*tensors: torch.Tensor) -> bool:
+    """bf16 arithmetic is wrong in Triton's interpreter: there, kernels upcast tiles right after
+    loading. On a GPU the flag is off and bf16 tiles go to tl.dot natively."""
+    t = tensors[0]
+    return interpreted(t.device) and t.dtype == torch.bfloat16

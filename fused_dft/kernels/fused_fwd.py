@@ -1,0 +1,200 @@
+"""Fused forward: logit tiles from tl.dot, an online log-sum-exp, the target logit; no logits in memory.
+
+Grid (token blocks, vocab splits). A program owns BLOCK_N tokens and a contiguous range of vocab
+tiles; for each tile it computes x = h W_tile^T (+ b) over D in BLOCK_D steps, z = transform(x), and
+updates per token
+    m = running max,  s = sum exp(z - m),  t = sum exp(z - m) * z,  z_y (when y is in the tile).
+Partials (m, s, t, z_y) per split are merged on the host side in O(N * splits):
+    lse = logsumexp_k(m_k + log s_k);  E[z] = sum_k t_k exp(m_k - lse);  entropy = lse - E[z].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..options import LossOptions
+from .common import transform_logits, upcast_for_interpreter
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """Tile sizes of the fused kernels (powers of two, >= 16 for tl.dot)."""
+
+    block_n: int = 64
+    block_v: int = 128
+    block_d: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+    # forward: programs per token block along the vocabulary (partials merged on the host)
+    vocab_splits: int = 8
+
+
+DEFAULT_CONFIG = FusedConfig()
+
+
+@triton.jit
+def logits_tile(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    D,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FP32_IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """x = h[rows] W[cols]^T (+ b[cols]) as a (BLOCK_N, BLOCK_V) fp32 tile."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d_start in range(0, D, BLOCK_D):
+        ds = d_start + offs_d
+        d_mask = ds < D
+        h = tl.load(
+            h_ptr + rows[:, None] * stride_hn + ds[None, :] * stride_hd,
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
+            mask=col_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        if FP32_IEEE:
+            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _dft_fwd_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    labels_ptr,
+    part_ptr,
+    N,
+    V,
+    D,
+    tiles_per_split,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    logit_scale,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FP32_IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    y = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    t = tl.zeros([BLOCK_N], tl.float32)
+    z_y = tl.zeros([BLOCK_N], tl.float32)
+    v_begin = split * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+    offs_v = tl.arange(0, BLOCK_V)
+    for v_start in range(v_begin, v_end, BLOCK_V):
+        cols = v_start + offs_v
+        col_mask = cols < V
+        # 1. logits tile, kept in registers
+        x = logits_tile(
+            h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
+            stride_hn, stride_hd, stride_wv, stride_wd,
+            HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
+        z, _ = transform_logits(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+        # 2. online log-sum-exp; every tile has >= 1 valid column, so m_new is finite (or nan)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 1))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])
+        s = s * alpha + tl.sum(e, 1)
+        t = t * alpha + tl.sum(e * tl.where(col_mask[None, :], z, 0.0), 1)
+        # 3. target logit: only the tile holding y contributes
+        z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
+        m = m_new
+
+    base = part_ptr + split * N + rows
+    plane = num_splits * N
+    tl.store(base, m, mask=row_mask)
+    tl.store(base + plane, s, mask=row_mask)
+    tl.store(base + 2 * plane, t, mask=row_mask)
+    tl.store(base + 3 * plane, z_y, mask=row_mask)
+
+
+def dft_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    opts: LossOptions,
+    config: FusedConfig = DEFAULT_CONFIG,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (n, D), labels (n,) in [0, V). Returns fp32 (lse, z_y, row max, entropy), each (n,)."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    n_tiles = triton.cdiv(v, config.block_v)
+    splits = min(config.vocab_splits, n_tiles)
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)  # every split owns >= 1 tile
+    part = torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device)
+    grid = (triton.cdiv(n, config.block_n), splits)
+    _dft_fwd_kernel[grid](
+        hidden, weight, bias if bias is not None else weight, labels, part,
+        n, v, d, tiles_per_split,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        float(opts.logit_scale), float(opts.softcap or 1.0),
+        HAS_BIAS=bias is not None,
+        HAS_SCALE=opts.logit_scale != 1.0,
+        HAS_SOFTCAP=opts.softcap is not None,
+        UPCAST=upcast_for_interpreter(hidden),
+        FP32_IEEE=fp32_ieee(hidden),
+        BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    m_k, s_k, t_k, z_y_k = part.unbind(0)
+    # merge the vocab splits
+    m = m_k.amax(0)
+    w_k = torch.exp(m_k - m)
+    s = (s_k * w_k).sum(0)
+    lse = m + s.log()
+    entropy = lse - (t_k * w_k).sum(0) / s
+    return lse, z_y_k.sum(0), m, entropy
+
+
+def fp32_ieee(t: torch.Tensor) -> bool:
+    """fp32 tl.dot in full precision unless torch itself allows TF32 for matmuls (interpreter: exact
+    either way)."""
+    return t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
