@@ -8,6 +8,16 @@ import triton.language as tl
 
 from ..runtime import interpreted
 
+# Tests set this so that outputs a kernel should fully write start as NaN: an element the kernel
+# forgets to write then fails the comparison instead of passing with stale memory.
+POISON_OUTPUTS = False
+
+
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
 
 @triton.jit
 def tanh(x):

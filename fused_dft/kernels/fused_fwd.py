@@ -1,11 +1,12 @@
-"""Fused forward: logit tiles from tl.dot, an online log-sum-exp, the target logit; no logits in memory.
+"""Fused forward: logit tiles from tl.dot, online log-sum-exp, target logit; no logits in memory.
 
 Grid (token blocks, vocab splits). A program owns BLOCK_N tokens and a contiguous range of vocab
 tiles; for each tile it computes x = h W_tile^T (+ b) over D in BLOCK_D steps, z = transform(x), and
 updates per token
-    m = running max,  s = sum exp(z - m),  t = sum exp(z - m) * z,  z_y (when y is in the tile).
-Partials (m, s, t, z_y) per split are merged on the host side in O(N * splits):
-    lse = logsumexp_k(m_k + log s_k);  E[z] = sum_k t_k exp(m_k - lse);  entropy = lse - E[z].
+    m = running max,  s = sum exp(z - m),  t = sum exp(z - m) (z - m),  z_y (when y is in the tile);
+on a new max m': s <- s exp(m - m'), t <- exp(m - m') (t + (m - m') s).
+Partials (m, s, t, z_y) per split are merged on the host side the same way, in O(N * splits):
+    lse = m* + log s*;  entropy = lse - E[z] = log s* - t* / s*.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..options import LossOptions
-from .common import transform_logits, upcast_for_interpreter
+from .common import new_output, transform_logits, upcast_for_interpreter
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,10 @@ def _dft_fwd_kernel(
         m_new = tl.maximum(m, tl.max(z, 1))
         alpha = tl.exp(m - m_new)
         e = tl.exp(z - m_new[:, None])
+        # t relative to the running max: sum e * (z - m), no cancellation at |z| >> 1
+        t = alpha * (t + tl.where(m > float("-inf"), m - m_new, 0.0) * s)
+        t += tl.sum(e * tl.where(col_mask[None, :], z - m_new[:, None], 0.0), 1)
         s = s * alpha + tl.sum(e, 1)
-        t = t * alpha + tl.sum(e * tl.where(col_mask[None, :], z, 0.0), 1)
         # 3. target logit: only the tile holding y contributes
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
         m = m_new
@@ -162,14 +165,14 @@ def dft_fwd(
     opts: LossOptions,
     config: FusedConfig = DEFAULT_CONFIG,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (n, D), labels (n,) in [0, V). Returns fp32 (lse, z_y, row max, entropy), each (n,)."""
+    """hidden (n, D), labels (n,) in [0, V). Returns fp32 (n,) lse, z_y, row max, entropy."""
     n, d = hidden.shape
     v = weight.shape[0]
     n_tiles = triton.cdiv(v, config.block_v)
     splits = min(config.vocab_splits, n_tiles)
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)  # every split owns >= 1 tile
-    part = torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device)
+    part = new_output((4, splits, n), torch.float32, hidden.device)
     grid = (triton.cdiv(n, config.block_n), splits)
     _dft_fwd_kernel[grid](
         hidden, weight, bias if bias is not None else weight, labels, part,
@@ -189,8 +192,10 @@ def dft_fwd(
     m = m_k.amax(0)
     w_k = torch.exp(m_k - m)
     s = (s_k * w_k).sum(0)
-    lse = m + s.log()
-    entropy = lse - (t_k * w_k).sum(0) / s
+    t = (w_k * (t_k + (m_k - m) * s_k)).sum(0)
+    log_s = s.log()
+    lse = m + log_s
+    entropy = log_s - t / s
     return lse, z_y_k.sum(0), m, entropy
 
 

@@ -1,9 +1,9 @@
 """Row kernel of the chunked path: loss, statistics and logit gradient of a (n, V) logits chunk.
 
 One program per row, two sweeps over the vocabulary in BLOCK_V tiles:
-  1. online log-sum-exp: per lane m (running max), s = sum exp(z - m), t = sum exp(z - m) * z;
-     lanes are merged at the end: lse = m* + log(sum s exp(m - m*)),
-     E[z] = sum t exp(m - m*) / sum s exp(m - m*), entropy = lse - E[z];
+  1. online log-sum-exp: per lane m (running max), s = sum exp(z - m), t = sum exp(z - m) (z - m);
+     on a new max m': s <- s exp(m - m'), t <- exp(m - m') (t + (m - m') s). Lanes merge the same
+     way into the row's m*, s*, t*; lse = m* + log s*, entropy = lse - E[z] = log s* - t* / s*;
      log p_y = z_y - lse, p_y = exp(log p_y); loss = -log p_y (ce) or -p_y log p_y (dft).
   2. (COMPUTE_GRAD) dz = coef * w * (exp(z - lse) - onehot(y)), w = p_y (dft) or 1 (ce),
      times (1 - tanh^2) for softcap and logit_scale, stored in place over the raw logits.
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..options import LossOptions
-from .common import transform_logits
+from .common import new_output, transform_logits
 
 DEFAULT_BLOCK_V = 4096
 NUM_WARPS = 8
@@ -61,14 +61,18 @@ def _dft_rows_kernel(
         m_shift = tl.where(m_new > float("-inf"), m_new, 0.0)
         alpha = tl.exp(m - m_shift)
         e = tl.exp(z - m_shift)
+        # t is kept relative to the running max (sum e * (z - m)): no cancellation at |z| >> 1
+        t = alpha * (t + tl.where(m > float("-inf"), m - m_shift, 0.0) * s)
+        t += e * tl.where(mask, z - m_shift, 0.0)
         s = s * alpha + e
-        t = t * alpha + e * tl.where(mask, z, 0.0)
         m = m_new
     m_row = tl.max(m, 0)
-    lane_scale = tl.where(m > float("-inf"), tl.exp(m - m_row), 0.0)
+    seen = m > float("-inf")
+    lane_scale = tl.where(seen, tl.exp(m - m_row), 0.0)
     s_row = tl.sum(s * lane_scale, 0)
-    t_row = tl.sum(t * lane_scale, 0)
-    lse = m_row + tl.log(s_row)
+    t_row = tl.sum(lane_scale * (t + tl.where(seen, m - m_row, 0.0) * s), 0)
+    log_s = tl.log(s_row)
+    lse = m_row + log_s
 
     # 2. target logit, loss, statistics
     x_y = tl.load(x_row + y).to(tl.float32)
@@ -81,7 +85,7 @@ def _dft_rows_kernel(
         loss = -logp_y
     tl.store(loss_ptr + row, loss)
     tl.store(stats_ptr + row * 3 + 0, -logp_y)
-    tl.store(stats_ptr + row * 3 + 1, lse - t_row / s_row)
+    tl.store(stats_ptr + row * 3 + 1, log_s - t_row / s_row)
     tl.store(stats_ptr + row * 3 + 2, (z_y >= m_row).to(tl.float32))
 
     # 3. gradient w.r.t. the raw logits, in place
@@ -115,8 +119,8 @@ def dft_rows(
     """
     n, v = x.shape
     assert x.stride(1) == 1, "logits chunk must be contiguous along the vocabulary"
-    loss = torch.empty(n, dtype=torch.float32, device=x.device)
-    stats = torch.empty(n, 3, dtype=torch.float32, device=x.device)
+    loss = new_output((n,), torch.float32, x.device)
+    stats = new_output((n, 3), torch.float32, x.device)
     if n == 0:
         return loss, stats
     block = block_v or min(DEFAULT_BLOCK_V, triton.next_power_of_2(v))

@@ -1,0 +1,90 @@
+"""Shared test helpers: the float64 oracle and comparisons that say where and by how much."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_dft
+from fused_dft.kernels import fused_fwd, rows
+
+# impl cases: the public impls, plus the Triton kernels with tiles small enough that the test
+# shapes span several tiles along every axis (loops, masks and split-merging are exercised)
+IMPL_CASES = ["auto", "chunked", "chunked_small_tiles", "fused", "fused_small_tiles"]
+SMALL_FUSED = fused_fwd.FusedConfig(
+    block_n=16, block_v=32, block_d=16, num_warps=4, num_stages=1, vocab_splits=2
+)
+
+
+def use_impl(case: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Configure tile sizes for `case` and return the public impl name to pass."""
+    if case == "chunked_small_tiles":
+        monkeypatch.setattr(rows, "DEFAULT_BLOCK_V", 32)
+        return "chunked"
+    if case == "fused_small_tiles":
+        monkeypatch.setattr(fused_fwd, "DEFAULT_CONFIG", SMALL_FUSED)
+        return "fused"
+    return case
+
+
+def make_inputs(n, d, v, dtype=torch.float32, bias=False, ignore_frac=0.3, ignore_index=-100,
+                lead=None, scale=1.0):  # fmt: skip
+    shape = lead if lead is not None else (n,)
+    hidden = torch.randn(*shape, d, dtype=torch.float64) * scale
+    weight = torch.randn(v, d, dtype=torch.float64) / d**0.5
+    b = torch.randn(v, dtype=torch.float64) * 0.5 if bias else None
+    labels = torch.randint(0, v, shape)
+    labels[torch.rand(shape) < ignore_frac] = ignore_index
+    return hidden.to(dtype), weight.to(dtype), labels, b.to(dtype) if b is not None else None
+
+
+def run(impl, hidden, weight, labels, bias=None, upstream=None, **opts):
+    """Loss, gradients (w.r.t. the inputs that require grad) and stats of one call."""
+    leaves = []
+    for t in (hidden, weight, bias):
+        if t is not None and t.is_floating_point():
+            t = t.detach().clone().requires_grad_(True)
+        leaves.append(t)
+    h, w, b = leaves
+    loss, stats = fused_dft.fused_linear_dft_loss(
+        h, w, labels, b, impl=impl, return_stats=True, **opts
+    )
+    if upstream is None:
+        upstream = torch.randn(loss.shape, dtype=torch.float64)
+    inputs = [t for t in (h, w, b) if t is not None]
+    grads = torch.autograd.grad(loss, inputs, upstream.to(loss.dtype))
+    return loss.detach(), list(grads), stats, upstream
+
+
+def truth(hidden, weight, labels, bias=None, upstream=None, **opts):
+    """The float64 reference on the same values."""
+    return run(
+        "reference",
+        hidden.double(),
+        weight.double(),
+        labels,
+        bias.double() if bias is not None else None,
+        upstream,
+        **opts,
+    )
+
+
+def assert_close(actual, expected, name, rtol=1e-4, atol_frac=1e-5):
+    """|a - e| <= rtol |e| + atol_frac * max|e| elementwise; reports the first mismatch."""
+    actual = actual.detach().double()
+    expected = expected.detach().double()
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    atol = atol_frac * float(expected.abs().max()) if expected.numel() else 0.0
+    atol = max(atol, 1e-12)
+    bad = ~((actual - expected).abs() <= rtol * expected.abs() + atol)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.numel()} elements differ; first at {idx}: "
+            f"got {float(actual[idx])!r}, expected {float(expected[idx])!r} "
+            f"(atol {atol:.3g}, rtol {rtol:g})"
+        )
+
+
+def max_err(actual, expected) -> float:
+    return float((actual.detach().double() - expected.detach().double()).abs().max())

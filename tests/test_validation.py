@@ -1,0 +1,96 @@
+"""Bad input: a clear error naming the argument, raised before any kernel or matmul runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_dft
+from fused_dft import chunked, function, reference
+
+N, D, V = 6, 8, 10
+
+
+@pytest.fixture(autouse=True)
+def no_compute(monkeypatch):
+    """Any computation reached during these tests is a failure: errors must come first."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("computation started before the argument error")
+
+    monkeypatch.setattr(chunked, "chunked_loss", forbidden)
+    monkeypatch.setattr(function, "fused_loss", forbidden)
+    monkeypatch.setattr(reference, "reference_loss", forbidden)
+
+
+def args(**over):
+    base = dict(
+        hidden=torch.randn(N, D),
+        weight=torch.randn(V, D),
+        labels=torch.randint(0, V, (N,)),
+        bias=None,
+    )
+    base.update(over)
+    return base
+
+
+def call(impl="auto", **over):
+    a = args(**{k: v for k, v in over.items() if k in ("hidden", "weight", "labels", "bias")})
+    opts = {k: v for k, v in over.items() if k not in a}
+    return fused_dft.fused_linear_dft_loss(
+        a["hidden"], a["weight"], a["labels"], a["bias"], impl=impl, **opts
+    )
+
+
+@pytest.mark.parametrize(
+    "over, error, pattern",
+    [
+        (dict(hidden=torch.randn(N, D).long()), TypeError, "hidden must be float16, bfloat16"),
+        (dict(weight=torch.randn(V, D).double()), TypeError, "weight dtype torch.float64 must"),
+        (dict(bias=torch.randn(V).half()), TypeError, "bias dtype torch.float16 must match"),
+        (dict(labels=torch.zeros(N)), TypeError, "labels must be an integer tensor"),
+        (dict(labels=torch.zeros(N, dtype=torch.bool)), TypeError, "labels must be an integer"),
+        (dict(hidden=[[1.0]]), TypeError, "hidden must be a torch.Tensor"),
+        (dict(weight=torch.randn(V * D)), ValueError, r"weight must have shape \(V, D\)"),
+        (dict(weight=torch.randn(V, D + 1)), ValueError, "D = hidden.shape\\[-1\\] = 8"),
+        (dict(weight=torch.randn(0, D)), ValueError, "weight must have at least one row"),
+        (dict(labels=torch.zeros(N + 1, dtype=torch.long)), ValueError, "labels must have"),
+        (dict(labels=torch.zeros(2, 3, dtype=torch.long)), ValueError, "leading shape \\(6,\\)"),
+        (dict(bias=torch.randn(V + 1)), ValueError, r"bias must have shape \(V,\) = \(10,\)"),
+        (dict(labels=torch.tensor([0, 1, 2, 10, 3, 4])), ValueError, r"\[0, 10\).*\[3\] = 10"),
+        (dict(labels=torch.tensor([0, -5, 2, 1, 3, 4])), ValueError, r"\[1\] = -5"),
+        (dict(labels=torch.tensor([0, -100, 2, 1, 3, 4]), ignore_index=-1), ValueError, "-100"),
+        (dict(hidden=torch.randn(N, D, device="meta")), ValueError, "all tensors must be on one"),
+        (dict(loss_type="sft"), ValueError, "loss_type must be one of"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(ignore_index=-1.0), TypeError, "ignore_index must be an int"),
+        (dict(logit_scale=float("nan")), ValueError, "logit_scale must be a finite number"),
+        (dict(logit_scale=0.0), ValueError, "logit_scale must be non-zero"),
+        (dict(softcap=0.0), ValueError, "softcap must be None or a positive"),
+        (dict(softcap=-3.0), ValueError, "softcap must be None or a positive"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be None or a positive int"),
+    ],
+)
+def test_bad_input(over, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call(**over)
+
+
+def test_unknown_impl():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        call(impl="cuda")
+
+
+def test_fused_without_triton_says_what_would_make_it_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="impl='fused' cannot run here.*TRITON_INTERPRET=1"):
+        call(impl="fused")
+
+
+def test_fused_float64_is_a_type_error():
+    with pytest.raises(TypeError, match="impl='fused' supports float16, bfloat16 and float32"):
+        call(
+            impl="fused",
+            hidden=torch.randn(N, D, dtype=torch.float64),
+            weight=torch.randn(V, D, dtype=torch.float64),
+        )
