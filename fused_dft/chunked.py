@@ -13,6 +13,8 @@ Ignored tokens are dropped before any matmul.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .options import LossOptions
@@ -28,6 +30,13 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def default_chunk_rows(num_tokens: int, vocab: int, device: torch.device) -> int:
+    """Tokens per chunk: FUSED_DFT_CHUNK_SIZE if set, else a logits buffer of about
+    _CHUNK_ELEMENTS elements for this device type."""
+    env = os.environ.get("FUSED_DFT_CHUNK_SIZE")
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"FUSED_DFT_CHUNK_SIZE must be a positive integer, got {env!r}")
+        return max(1, min(int(env), num_tokens))
     budget = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cpu"])
     rows = max(_MIN_CHUNK_ROWS, budget // max(vocab, 1))
     return max(1, min(rows, num_tokens))

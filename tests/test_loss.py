@@ -286,3 +286,21 @@ def test_reference_dft_gradient_is_probability_weighted_ce_gradient():
     grads_ce = torch.autograd.grad(ce, inputs, upstream * torch.exp(-ce.detach()))
     for name, g_dft, g_ce in zip(("dh", "dW", "db"), grads_dft, grads_ce):
         assert_close(g_dft, g_ce, name, rtol=1e-10)
+
+
+def test_chunk_size_from_environment(monkeypatch):
+    seen = []
+    real_mm = torch.Tensor.__matmul__
+
+    def counting_matmul(a, b):
+        seen.append(a.shape[0])
+        return real_mm(a, b)
+
+    hidden, weight, labels, _ = make_inputs(N, D, V, ignore_frac=0.0)
+    monkeypatch.setenv("FUSED_DFT_CHUNK_SIZE", "10")
+    monkeypatch.setattr(torch.Tensor, "__matmul__", counting_matmul)
+    fused_dft.fused_linear_dft_loss(hidden, weight, labels)
+    assert seen == [10, 10, 10, 7]
+    monkeypatch.setenv("FUSED_DFT_CHUNK_SIZE", "ten")
+    with pytest.raises(ValueError, match="FUSED_DFT_CHUNK_SIZE must be a positive integer"):
+        fused_dft.fused_linear_dft_loss(hidden, weight, labels)

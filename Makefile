@@ -1,0 +1,31 @@
+# The targets CI and the README use. PIP_FLAGS picks up the local torch CPU wheel where it exists.
+PYTHON ?= python
+PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+TORCH ?= torch==2.13.0
+
+.PHONY: install-test install-bench test lint bench check format
+
+install-test:
+	$(PYTHON) -m pip install -q $(PIP_FLAGS) "$(TORCH)"
+	$(PYTHON) -m pip install -q $(PIP_FLAGS) -e ".[test]"
+
+install-bench:
+	$(PYTHON) -m pip install -q $(PIP_FLAGS) "$(TORCH)"
+	$(PYTHON) -m pip install -q $(PIP_FLAGS) -e ".[bench]"
+
+lint:
+	$(PYTHON) -m ruff check fused_dft tests bench examples
+	$(PYTHON) -m ruff format --check fused_dft tests bench examples
+
+test: install-test lint
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q
+
+bench: install-bench
+	fused-dft bench
+
+check: install-bench
+	fused-dft check
+
+format:
+	$(PYTHON) -m ruff format fused_dft tests bench examples
+	$(PYTHON) -m ruff check --fix fused_dft tests bench examples
