@@ -42,14 +42,26 @@ def default_chunk_rows(num_tokens: int, vocab: int, device: torch.device) -> int
     return max(1, min(rows, num_tokens))
 
 
+# whether torch.addmm(fp32 acc, bf16/fp16 a, b, out_dtype=fp32, out=acc) works here (CUDA only);
+# turned off for the process the first time it raises
+_mixed_addmm = {"ok": "dtype_out" in torch.ops.aten.addmm.overloads()}
+
+
 def _accumulate_outer(acc: torch.Tensor, dx: torch.Tensor, h: torch.Tensor) -> None:
-    """acc (fp32) += dx^T h, without a (V, D) temporary where the backend allows it."""
+    """acc (fp32) += dx^T h with fp32 accumulation, avoiding a (V, D) temporary where possible."""
     if dx.dtype == acc.dtype:
         acc.addmm_(dx.t(), h)
-    elif acc.is_cuda and "dtype_out" in torch.ops.aten.addmm.overloads():
-        torch.addmm(acc, dx.t(), h, out_dtype=acc.dtype, out=acc)
-    else:
-        acc.addmm_(dx.t().to(acc.dtype), h.to(acc.dtype))
+        return
+    if acc.is_cuda:
+        if _mixed_addmm["ok"]:
+            try:
+                torch.addmm(acc, dx.t(), h, out_dtype=acc.dtype, out=acc)
+                return
+            except (RuntimeError, TypeError):
+                _mixed_addmm["ok"] = False
+        acc.add_(dx.t() @ h)  # (V, D) temporary in the input dtype
+        return
+    acc.addmm_(dx.t().to(acc.dtype), h.to(acc.dtype))  # CPU: (n, V) fp32 temporary
 
 
 def run_chunks(
