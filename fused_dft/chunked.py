@@ -68,6 +68,7 @@ def run_chunks(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    row_idx: torch.Tensor,
     labels: torch.Tensor,
     opts: LossOptions,
     chunk_rows: int,
@@ -75,26 +76,29 @@ def run_chunks(
     coef: torch.Tensor | None,
     need: tuple[bool, bool, bool],
 ):
-    """hidden (n, D) and labels (n,) hold only non-ignored tokens.
+    """hidden (N, D); row_idx (n,) the rows of hidden that are non-ignored tokens, labels (n,)
+    theirs. Only one chunk of rows is gathered at a time.
 
-    coef (n,) fp32 per-token upstream coefficient, or None for the loss alone.
-    need = (dh, dW, db). Returns token_loss (n,), stats (n, 3), dh, dW (fp32), db (fp32).
+    coef (n,) per-token upstream coefficient, or None for the loss alone. need = (dh, dW, db).
+    Returns token_loss (n,), stats (n, 3), dh (N, D; zero at other rows), dW and db (fp32).
     """
-    n, d = hidden.shape
+    n, d = row_idx.shape[0], hidden.shape[1]
     v = weight.shape[0]
     acc_dtype = _acc_dtype(hidden)
-    token_loss = torch.empty(n, dtype=acc_dtype, device=hidden.device)
-    stats = torch.empty(n, 3, dtype=acc_dtype, device=hidden.device)
+    dev = hidden.device
+    token_loss = torch.empty(n, dtype=acc_dtype, device=dev)
+    stats = torch.empty(n, 3, dtype=acc_dtype, device=dev)
     grads = coef is not None
-    dh = torch.empty_like(hidden) if grads and need[0] else None
-    dw = torch.zeros(v, d, dtype=acc_dtype, device=hidden.device) if grads and need[1] else None
-    db = torch.zeros(v, dtype=acc_dtype, device=hidden.device) if grads and need[2] else None
+    dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if grads and need[0] else None
+    dw = torch.zeros(v, d, dtype=acc_dtype, device=dev) if grads and need[1] else None
+    db = torch.zeros(v, dtype=acc_dtype, device=dev) if grads and need[2] else None
     if use_triton:
         from .kernels.rows import dft_rows
 
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
-        h_c, y_c = hidden[start:stop], labels[start:stop]
+        idx_c, y_c = row_idx[start:stop], labels[start:stop]
+        h_c = hidden.index_select(0, idx_c)
         c_c = coef[start:stop] if grads else None
         x = torch.addmm(bias, h_c, weight.t()) if bias is not None else h_c @ weight.t()
         if use_triton:
@@ -108,7 +112,7 @@ def run_chunks(
             continue
         dx = x.to(hidden.dtype)
         if dh is not None:
-            torch.mm(dx, weight, out=dh[start:stop])
+            dh.index_copy_(0, idx_c, dx @ weight)
         if dw is not None:
             _accumulate_outer(dw, dx, h_c)
         if db is not None:
@@ -129,7 +133,6 @@ class ChunkedDFTFunction(torch.autograd.Function):
         n_all = hidden.shape[0]
         valid_idx = (labels != opts.ignore_index).nonzero().squeeze(1)
         num_valid = valid_idx.numel()
-        h_v = hidden.index_select(0, valid_idx)
         y_v = labels.index_select(0, valid_idx)
         need = (
             ctx.needs_input_grad[0],
@@ -141,8 +144,8 @@ class ChunkedDFTFunction(torch.autograd.Function):
         if grads_now:
             scale = 1.0 / max(num_valid, 1) if opts.reduction == "mean" else 1.0
             coef = torch.full((num_valid,), scale, dtype=_acc_dtype(hidden), device=hidden.device)
-        token_loss, stats, dh_v, dw, db = run_chunks(
-            h_v, weight, bias, y_v, opts, chunk_rows, use_triton, coef, need
+        token_loss, stats, dh, dw, db = run_chunks(
+            hidden, weight, bias, valid_idx, y_v, opts, chunk_rows, use_triton, coef, need
         )
 
         if opts.reduction == "none":
@@ -155,27 +158,33 @@ class ChunkedDFTFunction(torch.autograd.Function):
         num_valid_t = torch.tensor(num_valid, device=hidden.device)
 
         ctx.opts, ctx.chunk_rows, ctx.use_triton, ctx.need = opts, chunk_rows, use_triton, need
-        ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
+        ctx.weight_dtype = weight.dtype
         if grads_now:
-            ctx.precomputed = (dh_v, dw, db)
-            ctx.save_for_backward(valid_idx)
+            ctx.precomputed = (dh, dw, db)
         elif any(need):
             ctx.precomputed = None
-            ctx.save_for_backward(valid_idx, hidden, weight, bias, labels)
+            ctx.save_for_backward(valid_idx, hidden, weight, bias, y_v)
         ctx.mark_non_differentiable(stat_sums, num_valid_t)
         return loss, stat_sums, num_valid_t
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats, _grad_num):
         opts, need = ctx.opts, ctx.need
-        hidden_shape, hidden_dtype, weight_dtype = ctx.shapes
+        weight_dtype = ctx.weight_dtype
         if opts.reduction == "none":
-            valid_idx, hidden, weight, bias, labels = ctx.saved_tensors
-            h_v = hidden.index_select(0, valid_idx)
-            y_v = labels.index_select(0, valid_idx)
+            valid_idx, hidden, weight, bias, y_v = ctx.saved_tensors
             coef = grad_loss.index_select(0, valid_idx).to(_acc_dtype(hidden))
-            _, _, dh_v, dw, db = run_chunks(
-                h_v, weight, bias, y_v, opts, ctx.chunk_rows, ctx.use_triton, coef, need
+            _, _, dh, dw, db = run_chunks(
+                hidden,
+                weight,
+                bias,
+                valid_idx,
+                y_v,
+                opts,
+                ctx.chunk_rows,
+                ctx.use_triton,
+                coef,
+                need,
             )
         else:
             if ctx.precomputed is None:
@@ -184,17 +193,13 @@ class ChunkedDFTFunction(torch.autograd.Function):
                     "reduction='mean'/'sum' (gradients are computed in the forward pass and "
                     "consumed); use reduction='none' or recompute the loss"
                 )
-            (valid_idx,) = ctx.saved_tensors
-            dh_v, dw, db = ctx.precomputed
+            dh, dw, db = ctx.precomputed
             ctx.precomputed = None
             # gradients were computed for an upstream gradient of 1; scale in place otherwise
             if not bool(grad_loss == 1):
-                for g in (dh_v, dw, db):
+                for g in (dh, dw, db):
                     if g is not None:
                         g.mul_(grad_loss.to(g.dtype))
-        dh = None
-        if dh_v is not None:
-            dh = dh_v.new_zeros(hidden_shape).index_copy_(0, valid_idx, dh_v)
         dw = dw.to(weight_dtype) if dw is not None else None
         db = db.to(weight_dtype) if db is not None else None
         return dh, dw, db, None, None, None, None

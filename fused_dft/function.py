@@ -1,5 +1,6 @@
 """Autograd Function around the fused Triton kernels (kernels/fused_fwd.py, kernels/fused_bwd.py).
 
+The kernels read the non-ignored rows of hidden in place through an index (no gathered copy).
 Forward keeps, per non-ignored token, lse and p_y (8 bytes); backward recomputes the logit tiles
 with coef = upstream gradient * w (w = p_y for dft, 1 for ce), so any per-token upstream gradient
 (reduction="none") is honoured exactly.
@@ -20,10 +21,9 @@ class FusedLinearDFTFunction(torch.autograd.Function):
         n_all = hidden.shape[0]
         valid_idx = (labels != opts.ignore_index).nonzero().squeeze(1)
         num_valid = valid_idx.numel()
-        h_v = hidden.index_select(0, valid_idx)
         y_v = labels.index_select(0, valid_idx)
         if num_valid > 0:
-            lse, z_y, row_max, entropy = dft_fwd(h_v, weight, bias, y_v, opts, config)
+            lse, z_y, row_max, entropy = dft_fwd(hidden, weight, bias, valid_idx, y_v, opts, config)
         else:
             lse = z_y = row_max = entropy = hidden.new_zeros(0, dtype=torch.float32)
         logp_y = z_y - lse
@@ -42,8 +42,7 @@ class FusedLinearDFTFunction(torch.autograd.Function):
         num_valid_t = torch.tensor(num_valid, device=hidden.device)
 
         ctx.opts, ctx.config, ctx.num_valid = opts, config, num_valid
-        ctx.hidden_shape = hidden.shape
-        ctx.save_for_backward(hidden, weight, bias, labels, valid_idx, lse, p_y)
+        ctx.save_for_backward(hidden, weight, bias, y_v, valid_idx, lse, p_y)
         ctx.mark_non_differentiable(stat_sums, num_valid_t)
         return loss, stat_sums, num_valid_t
 
@@ -52,7 +51,7 @@ class FusedLinearDFTFunction(torch.autograd.Function):
         from .kernels.fused_bwd import dft_bwd
 
         opts = ctx.opts
-        hidden, weight, bias, labels, valid_idx, lse, p_y = ctx.saved_tensors
+        hidden, weight, bias, y_v, valid_idx, lse, p_y = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         if opts.reduction == "none":
             coef = grad_loss.index_select(0, valid_idx).float()
@@ -62,12 +61,9 @@ class FusedLinearDFTFunction(torch.autograd.Function):
         if opts.is_dft:
             coef = coef * p_y
         coef = coef.contiguous()
-        h_v = hidden.index_select(0, valid_idx)
-        y_v = labels.index_select(0, valid_idx)
-        dh_v, dw, db = dft_bwd(h_v, weight, bias, y_v, lse, coef, opts, need, ctx.config)
-        dh = None
-        if dh_v is not None:
-            dh = hidden.new_zeros(ctx.hidden_shape).index_copy_(0, valid_idx, dh_v.to(hidden.dtype))
+        dh, dw, db = dft_bwd(
+            hidden, weight, bias, valid_idx, y_v, lse, coef, opts, need, ctx.config
+        )
         dw = dw.to(weight.dtype) if dw is not None else None
         db = db.to(bias.dtype) if db is not None else None
         return dh, dw, db, None, None, None

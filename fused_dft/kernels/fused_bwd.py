@@ -25,6 +25,7 @@ def _dft_bwd_kernel(
     h_ptr,
     w_ptr,
     b_ptr,
+    idx_ptr,
     labels_ptr,
     lse_ptr,
     coef_ptr,
@@ -56,10 +57,11 @@ def _dft_bwd_kernel(
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
+    src_rows = tl.load(idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
 
     # 1. recompute the logits tile
     x = logits_tile(
-        h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
+        h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, D,
         stride_hn, stride_hd, stride_wv, stride_wd,
         HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
     )  # fmt: skip
@@ -105,7 +107,7 @@ def _dft_bwd_kernel(
             )
         if COMPUTE_DW:
             h = tl.load(
-                h_ptr + rows[:, None] * stride_hn + ds[None, :] * stride_hd,
+                h_ptr + src_rows[:, None] * stride_hn + ds[None, :] * stride_hd,
                 mask=row_mask[:, None] & d_mask[None, :],
                 other=0.0,
             )
@@ -122,10 +124,16 @@ def _dft_bwd_kernel(
             )
 
 
+# fp32 scratch for dh is bounded to this many elements (64 MB): tokens are processed in chunks
+# and each chunk's dh is cast into the output before the next one starts
+DH_SCRATCH_ELEMENTS = 16 * 2**20
+
+
 def dft_bwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    row_idx: torch.Tensor,
     labels: torch.Tensor,
     lse: torch.Tensor,
     coef: torch.Tensor,
@@ -133,34 +141,45 @@ def dft_bwd(
     need: tuple[bool, bool, bool],
     config: FusedConfig = DEFAULT_CONFIG,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """hidden (n, D), labels (n,), lse and coef fp32 (n,). need = (dh, dW, db).
+    """hidden (N, D) any strides; row_idx (n,) int64 rows of hidden that are non-ignored tokens;
+    labels, lse and coef (n,) per such token. need = (dh, dW, db).
 
-    Returns fp32 (dh (n, D), dW (V, D), db (V,)), None where not needed.
+    Returns dh (N, D) in hidden's dtype (zero at rows not in row_idx), dW (V, D) fp32, db (V,)
+    fp32; None where not needed.
     """
-    n, d = hidden.shape
+    n, d = row_idx.shape[0], hidden.shape[1]
     v = weight.shape[0]
     dev = hidden.device
-    dh = torch.zeros(n, d, dtype=torch.float32, device=dev) if need[0] else None
+    dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need[0] else None
     dw = torch.zeros(v, d, dtype=torch.float32, device=dev) if need[1] else None
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need[2] else None
     if n == 0 or not any(need):
         return dh, dw, db
-    dummy = lse
-    grid = (triton.cdiv(n, config.block_n), triton.cdiv(v, config.block_v))
-    _dft_bwd_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, labels, lse, coef,
-        dh if dh is not None else dummy, dw if dw is not None else dummy,
-        db if db is not None else dummy,
-        n, v, d,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        float(opts.logit_scale), float(opts.softcap or 1.0),
-        HAS_BIAS=bias is not None,
-        HAS_SCALE=opts.logit_scale != 1.0,
-        HAS_SOFTCAP=opts.softcap is not None,
-        COMPUTE_DH=need[0], COMPUTE_DW=need[1], COMPUTE_DB=need[2],
-        UPCAST=upcast_for_interpreter(hidden),
-        FP32_IEEE=fp32_ieee(hidden),
-        BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+    block_n = config.block_n
+    chunk = max(block_n, DH_SCRATCH_ELEMENTS // max(d, 1) // block_n * block_n)
+    chunk = min(chunk, n)
+    scratch = torch.empty(chunk, d, dtype=torch.float32, device=dev) if need[0] else None
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        dh_c = scratch[: stop - start].zero_() if scratch is not None else None
+        grid = (triton.cdiv(stop - start, block_n), triton.cdiv(v, config.block_v))
+        _dft_bwd_kernel[grid](
+            hidden, weight, bias if bias is not None else weight,
+            row_idx[start:stop], labels[start:stop], lse[start:stop], coef[start:stop],
+            dh_c if dh_c is not None else lse, dw if dw is not None else lse,
+            db if db is not None else lse,
+            stop - start, v, d,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            float(opts.logit_scale), float(opts.softcap or 1.0),
+            HAS_BIAS=bias is not None,
+            HAS_SCALE=opts.logit_scale != 1.0,
+            HAS_SOFTCAP=opts.softcap is not None,
+            COMPUTE_DH=need[0], COMPUTE_DW=need[1], COMPUTE_DB=need[2],
+            UPCAST=upcast_for_interpreter(hidden),
+            FP32_IEEE=fp32_ieee(hidden),
+            BLOCK_N=block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+        if dh is not None:
+            dh.index_copy_(0, row_idx[start:stop], dh_c.to(dh.dtype))
     return dh, dw, db

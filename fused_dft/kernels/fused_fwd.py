@@ -42,7 +42,7 @@ def logits_tile(
     h_ptr,
     w_ptr,
     b_ptr,
-    rows,
+    src_rows,
     cols,
     row_mask,
     col_mask,
@@ -58,14 +58,14 @@ def logits_tile(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """x = h[rows] W[cols]^T (+ b[cols]) as a (BLOCK_N, BLOCK_V) fp32 tile."""
+    """x = h[src_rows] W[cols]^T (+ b[cols]) as a (BLOCK_N, BLOCK_V) fp32 tile."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
     for d_start in range(0, D, BLOCK_D):
         ds = d_start + offs_d
         d_mask = ds < D
         h = tl.load(
-            h_ptr + rows[:, None] * stride_hn + ds[None, :] * stride_hd,
+            h_ptr + src_rows[:, None] * stride_hn + ds[None, :] * stride_hd,
             mask=row_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
@@ -91,6 +91,7 @@ def _dft_fwd_kernel(
     h_ptr,
     w_ptr,
     b_ptr,
+    idx_ptr,
     labels_ptr,
     part_ptr,
     N,
@@ -117,6 +118,7 @@ def _dft_fwd_kernel(
     num_splits = tl.num_programs(1)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    src_rows = tl.load(idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     y = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
 
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -131,7 +133,7 @@ def _dft_fwd_kernel(
         col_mask = cols < V
         # 1. logits tile, kept in registers
         x = logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
+            h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, D,
             stride_hn, stride_hd, stride_wv, stride_wd,
             HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
         )  # fmt: skip
@@ -161,12 +163,16 @@ def dft_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    row_idx: torch.Tensor,
     labels: torch.Tensor,
     opts: LossOptions,
     config: FusedConfig = DEFAULT_CONFIG,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (n, D), labels (n,) in [0, V). Returns fp32 (n,) lse, z_y, row max, entropy."""
-    n, d = hidden.shape
+    """hidden (N, D) any strides; row_idx (n,) int64 rows of hidden to use (the non-ignored
+    tokens; read in place, no gathered copy); labels (n,) in [0, V).
+
+    Returns fp32 (n,) lse, z_y, row max, entropy."""
+    n, d = row_idx.shape[0], hidden.shape[1]
     v = weight.shape[0]
     n_tiles = triton.cdiv(v, config.block_v)
     splits = min(config.vocab_splits, n_tiles)
@@ -175,7 +181,7 @@ def dft_fwd(
     part = new_output((4, splits, n), torch.float32, hidden.device)
     grid = (triton.cdiv(n, config.block_n), splits)
     _dft_fwd_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, labels, part,
+        hidden, weight, bias if bias is not None else weight, row_idx, labels, part,
         n, v, d, tiles_per_split,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         float(opts.logit_scale), float(opts.softcap or 1.0),
