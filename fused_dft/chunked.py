@@ -18,6 +18,7 @@ import os
 import torch
 
 from .options import LossOptions
+from .reduction import mean_scale, reduce_token_loss, select_valid
 
 # Elements of one chunk's logits buffer: 32M (128 MB in fp32) on the CPU, 256M on CUDA.
 _CHUNK_ELEMENTS = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
@@ -130,10 +131,8 @@ def rows_loss_and_grad_torch(x, labels, coef, opts):
 class ChunkedDFTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, opts: LossOptions, chunk_rows, use_triton):
-        n_all = hidden.shape[0]
-        valid_idx = (labels != opts.ignore_index).nonzero().squeeze(1)
+        valid_idx, y_v = select_valid(labels, opts)
         num_valid = valid_idx.numel()
-        y_v = labels.index_select(0, valid_idx)
         need = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
@@ -142,18 +141,17 @@ class ChunkedDFTFunction(torch.autograd.Function):
         grads_now = any(need) and opts.reduction != "none"
         coef = None
         if grads_now:
-            scale = 1.0 / max(num_valid, 1) if opts.reduction == "mean" else 1.0
-            coef = torch.full((num_valid,), scale, dtype=_acc_dtype(hidden), device=hidden.device)
+            coef = torch.full(
+                (num_valid,),
+                mean_scale(opts, num_valid),
+                dtype=_acc_dtype(hidden),
+                device=hidden.device,
+            )
         token_loss, stats, dh, dw, db = run_chunks(
             hidden, weight, bias, valid_idx, y_v, opts, chunk_rows, use_triton, coef, need
         )
 
-        if opts.reduction == "none":
-            loss = token_loss.new_zeros(n_all).index_copy_(0, valid_idx, token_loss)
-        elif opts.reduction == "sum":
-            loss = token_loss.sum()
-        else:
-            loss = token_loss.sum() / max(num_valid, 1)
+        loss = reduce_token_loss(token_loss, valid_idx, hidden.shape[0], opts)
         stat_sums = stats.sum(0).float()
         num_valid_t = torch.tensor(num_valid, device=hidden.device)
 

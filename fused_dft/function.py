@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .options import LossOptions
+from .reduction import mean_scale, reduce_token_loss, select_valid
 
 
 class FusedLinearDFTFunction(torch.autograd.Function):
@@ -18,10 +19,8 @@ class FusedLinearDFTFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, opts: LossOptions, config):
         from .kernels.fused_fwd import dft_fwd
 
-        n_all = hidden.shape[0]
-        valid_idx = (labels != opts.ignore_index).nonzero().squeeze(1)
+        valid_idx, y_v = select_valid(labels, opts)
         num_valid = valid_idx.numel()
-        y_v = labels.index_select(0, valid_idx)
         if num_valid > 0:
             lse, z_y, row_max, entropy = dft_fwd(hidden, weight, bias, valid_idx, y_v, opts, config)
         else:
@@ -30,12 +29,7 @@ class FusedLinearDFTFunction(torch.autograd.Function):
         p_y = logp_y.exp()
         token_loss = -p_y * logp_y if opts.is_dft else -logp_y
 
-        if opts.reduction == "none":
-            loss = token_loss.new_zeros(n_all).index_copy_(0, valid_idx, token_loss)
-        elif opts.reduction == "sum":
-            loss = token_loss.sum()
-        else:
-            loss = token_loss.sum() / max(num_valid, 1)
+        loss = reduce_token_loss(token_loss, valid_idx, hidden.shape[0], opts)
         stat_sums = torch.stack(
             [-logp_y.sum(), entropy.sum(), (z_y >= row_max).float().sum()]
         ).float()
@@ -56,8 +50,7 @@ class FusedLinearDFTFunction(torch.autograd.Function):
         if opts.reduction == "none":
             coef = grad_loss.index_select(0, valid_idx).float()
         else:
-            scale = 1.0 / max(ctx.num_valid, 1) if opts.reduction == "mean" else 1.0
-            coef = (grad_loss.float() * scale).expand(ctx.num_valid)
+            coef = (grad_loss.float() * mean_scale(opts, ctx.num_valid)).expand(ctx.num_valid)
         if opts.is_dft:
             coef = coef * p_y
         coef = coef.contiguous()

@@ -153,19 +153,25 @@ def test_frozen_weight_skips_weight_gradient_matmul(monkeypatch):
     assert h.grad is not None
 
 
-def test_ignored_tokens_cost_no_matmul_rows(monkeypatch):
-    """The logits matmul sees only non-ignored tokens."""
+@pytest.fixture
+def matmul_rows(monkeypatch):
+    """Records the row count of every `a @ b` (the chunked path's logits matmul)."""
     seen = []
-    real_mm = torch.Tensor.__matmul__
+    real_matmul = torch.Tensor.__matmul__
 
     def counting_matmul(a, b):
         seen.append(a.shape[0])
-        return real_mm(a, b)
+        return real_matmul(a, b)
 
-    hidden, weight, labels, _ = make_inputs(N, D, V, ignore_frac=0.5)
     monkeypatch.setattr(torch.Tensor, "__matmul__", counting_matmul)
+    return seen
+
+
+def test_ignored_tokens_cost_no_matmul_rows(matmul_rows):
+    """The logits matmul sees only non-ignored tokens."""
+    hidden, weight, labels, _ = make_inputs(N, D, V, ignore_frac=0.5)
     fused_dft.fused_linear_dft_loss(hidden, weight, labels, chunk_size=1000)
-    assert seen == [int((labels != -100).sum())]
+    assert matmul_rows == [int((labels != -100).sum())]
 
 
 # "none": each token's upstream gradient is honoured; a scalar upstream != 1 for mean/sum
@@ -288,19 +294,11 @@ def test_reference_dft_gradient_is_probability_weighted_ce_gradient():
         assert_close(g_dft, g_ce, name, rtol=1e-10)
 
 
-def test_chunk_size_from_environment(monkeypatch):
-    seen = []
-    real_mm = torch.Tensor.__matmul__
-
-    def counting_matmul(a, b):
-        seen.append(a.shape[0])
-        return real_mm(a, b)
-
+def test_chunk_size_from_environment(monkeypatch, matmul_rows):
     hidden, weight, labels, _ = make_inputs(N, D, V, ignore_frac=0.0)
     monkeypatch.setenv("FUSED_DFT_CHUNK_SIZE", "10")
-    monkeypatch.setattr(torch.Tensor, "__matmul__", counting_matmul)
     fused_dft.fused_linear_dft_loss(hidden, weight, labels)
-    assert seen == [10, 10, 10, 7]
+    assert matmul_rows == [10, 10, 10, 7]
     monkeypatch.setenv("FUSED_DFT_CHUNK_SIZE", "ten")
     with pytest.raises(ValueError, match="FUSED_DFT_CHUNK_SIZE must be a positive integer"):
         fused_dft.fused_linear_dft_loss(hidden, weight, labels)
