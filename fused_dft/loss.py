@@ -61,6 +61,7 @@ def fused_linear_dft_loss(
         return_stats=return_stats,
     )
     validate_options(opts, impl, chunk_size)
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     validate_tensors(hidden, weight, labels, bias)
     impl = resolve_impl(impl, hidden)
 
@@ -133,6 +134,24 @@ _KEYWORDS = (
     "return_stats",
     "chunk_size",
 )
+
+
+def autocast_inputs(hidden, weight, bias):
+    """Under torch.autocast, cast the floating inputs to the autocast dtype, as the LM head's
+    F.linear would (fp32 master weights with bf16 compute); gradients flow back through the cast."""
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        return hidden, weight, bias
+    device_type = hidden.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            return t.to(dtype)
+        return t
+
+    return cast(hidden), cast(weight), cast(bias)
 
 
 def validate_options(opts: LossOptions, impl: str, chunk_size: int | None) -> None:

@@ -302,3 +302,18 @@ def test_chunk_size_from_environment(monkeypatch, matmul_rows):
     monkeypatch.setenv("FUSED_DFT_CHUNK_SIZE", "ten")
     with pytest.raises(ValueError, match="FUSED_DFT_CHUNK_SIZE must be a positive integer"):
         fused_dft.fused_linear_dft_loss(hidden, weight, labels)
+
+
+def test_autocast_casts_like_the_lm_head_would():
+    """fp32 master weights under bf16 autocast: computed in bf16, gradients back in fp32."""
+    hidden, weight, labels, bias = make_inputs(N, D, V, bias=True)
+    w = weight.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_dft.fused_linear_dft_loss(hidden, w, labels, bias)
+    loss.backward()
+    assert w.grad.dtype == torch.float32
+    w_bf16 = weight.bfloat16().requires_grad_(True)
+    expected = fused_dft.fused_linear_dft_loss(hidden.bfloat16(), w_bf16, labels, bias.bfloat16())
+    expected.backward()
+    assert torch.equal(loss, expected)
+    assert torch.equal(w.grad, w_bf16.grad.float())
