@@ -20,12 +20,20 @@ def unpatch_model(model):
     return _unpatch(model)
 
 
+def is_patched(model) -> bool:
+    """Whether patch_model is in effect on that instance (or on a PEFT model's base model)."""
+    from .transformers import is_patched as _is_patched
+
+    return _is_patched(model)
+
+
 __all__ = [
     "FusedLinearDFTLoss",
     "LossOptions",
     "LossStats",
     "__version__",
     "fused_linear_dft_loss",
+    "is_patched",
     "patch_model",
     "unpatch_model",
 ]
