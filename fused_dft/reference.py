@@ -49,15 +49,10 @@ def reference_loss(
     token_loss = torch.where(valid, token_loss, zero)
     num_valid = valid.sum()
 
-    with torch.no_grad():
-        # clamp keeps 0 * log 0 = 0 for underflowed probabilities while NaN still propagates
-        entropy = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
-        z_y = z.gather(-1, safe_labels[:, None]).squeeze(-1)
-        correct = (z_y >= z.max(-1).values).to(logp.dtype)
-        per_token = torch.stack([-logp_y.detach(), entropy, correct], dim=-1)
-        per_token = torch.where(valid[:, None], per_token, zero)
-        stat_sums = per_token.sum(0).float()
-
+    if not opts.return_stats:
+        stat_sums = torch.zeros(3, dtype=torch.float32, device=z.device)
+    else:
+        stat_sums = _stat_sums(z, logp, logp_y, safe_labels, valid)
     if opts.reduction == "none":
         loss = token_loss
     elif opts.reduction == "sum":
@@ -65,3 +60,15 @@ def reference_loss(
     else:
         loss = token_loss.sum() / num_valid.clamp(min=1)
     return loss, stat_sums, num_valid
+
+
+@torch.no_grad()
+def _stat_sums(z, logp, logp_y, safe_labels, valid):
+    """fp32 (3,): sums over valid tokens of -log p_y, entropy, and label logit == row max."""
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    # clamp keeps 0 * log 0 = 0 for underflowed probabilities while NaN still propagates
+    entropy = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
+    z_y = z.gather(-1, safe_labels[:, None]).squeeze(-1)
+    correct = (z_y >= z.max(-1).values).to(logp.dtype)
+    per_token = torch.stack([-logp_y.detach(), entropy, correct], dim=-1)
+    return torch.where(valid[:, None], per_token, zero).sum(0).float()
