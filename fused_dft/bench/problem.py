@@ -1,0 +1,128 @@
+"""One benchmark problem: shapes, seeded inputs, the float64 reference and error measures.
+
+Inputs are drawn on the CPU from a fixed seed, so every worker process builds the same tensors:
+W ~ N(0, 1/D) (rows of norm ~1, logits of std ~1), labels uniform in [0, V), and
+h = N(0, 1) + s * u * W[label] with u ~ U(0, 1), s = 12, so that p(label) spreads from ~0 to ~1
+as in a partly trained model (with pure noise every DFT weight exp(-ce) would be ~1/V).
+About a fraction `ignore_frac` of the labels (chosen at random) is set to ignore_index.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+LABEL_BOOST = 12.0
+
+# (hidden size D, vocabulary size V) of real models' LM heads
+PRESETS: dict[str, tuple[int, int]] = {
+    "llama3-8b": (4096, 128256),
+    "qwen2.5-1.5b": (1536, 151936),
+    "qwen2.5-7b": (3584, 152064),
+    "gemma2-2b": (2304, 256000),
+}
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """tokens N, hidden D, vocab V; dtype as a torch name ("float32"); loss_type "dft" or "ce"."""
+
+    tokens: int
+    hidden: int
+    vocab: int
+    dtype: str = "float32"
+    device: str = "cpu"
+    loss_type: str = "dft"
+    ignore_frac: float = 0.3
+    seed: int = 0
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {"tokens": self.tokens, "hidden": self.hidden, "vocab": self.vocab}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_inputs(problem: Problem, requires_grad: bool = True):
+    """(hidden (N, D), weight (V, D), labels (N,)) on problem.device; hidden and weight are leaves
+    that require grad. The same problem gives the same tensors in every process."""
+    n, d, v = problem.tokens, problem.hidden, problem.vocab
+    gen_w = torch.Generator().manual_seed(problem.seed)
+    weight = torch.randn(v, d, generator=gen_w) / math.sqrt(d)
+    gen_t = torch.Generator().manual_seed(problem.seed + 1)
+    labels = torch.randint(0, v, (n,), generator=gen_t)
+    boost = torch.rand(n, generator=gen_t) * LABEL_BOOST
+    hidden = torch.randn(n, d, generator=gen_t)
+    hidden.add_(boost[:, None] * weight[labels])
+    gen_m = torch.Generator().manual_seed(problem.seed + 2)
+    ignored = torch.rand(n, generator=gen_m) < problem.ignore_frac
+    labels[ignored] = IGNORE_INDEX
+
+    dtype, device = problem.torch_dtype, torch.device(problem.device)
+    hidden = hidden.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    weight = weight.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    return hidden, weight, labels.to(device)
+
+
+def reference_float64(hidden, weight, labels, loss_type: str, bias=None, **options):
+    """Loss and gradients in float64 via fused_dft's plain-torch reference: (loss, dh, dW, db)."""
+    from fused_dft import fused_linear_dft_loss
+
+    h = hidden.detach().double().requires_grad_(True)
+    w = weight.detach().double().requires_grad_(True)
+    b = None if bias is None else bias.detach().double().requires_grad_(True)
+    loss = fused_linear_dft_loss(
+        h, w, labels, b, loss_type=loss_type, ignore_index=IGNORE_INDEX, impl="reference", **options
+    )
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, None if b is None else b.grad
+
+
+def rel_error(x: torch.Tensor | None, ref: torch.Tensor) -> float:
+    """max |x - ref| / max |ref| (normalised max error; inf when x is missing or not finite)."""
+    if x is None:
+        return math.inf
+    x = x.detach().double()
+    ref = ref.detach().double().to(x.device)
+    if not bool(torch.isfinite(x).all()):
+        return math.inf
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    diff = (x - ref).abs().max().item() if ref.numel() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def tolerance(dtype: str, device: str, torch_error: float | None = None) -> float:
+    """Error allowed for a fused result: the dtype's floor, or 4x plain torch's own error.
+
+    fp32 on CUDA allows TF32-sized errors: Triton's fp32 tl.dot uses TF32 by default there.
+    """
+    floors = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2, "float64": 1e-10}
+    floor = floors[canonical_dtype(dtype)]
+    if canonical_dtype(dtype) == "float32" and device.startswith("cuda"):
+        floor = 5e-3
+    if torch_error is not None and math.isfinite(torch_error):
+        return max(floor, 4 * torch_error)
+    return floor
+
+
+def canonical_dtype(name: str) -> str:
+    return str(DTYPES[name]).removeprefix("torch.")

@@ -1,0 +1,231 @@
+"""The losses `fused-dft bench` compares: each maps (hidden, weight, labels) to a scalar loss.
+
+Every provider computes the same number: the mean over non-ignored tokens of
+  dft: -sg(p_t) * log p_t      ce: -log p_t
+so their times, memory and errors can be put side by side. A provider that cannot run says why
+(`unavailable`), and the bench lists it as skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from .problem import IGNORE_INDEX, Problem
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Triton's interpreter costs ~2 ms per tile iteration: past this N*D*V a run takes minutes
+INTERPRETER_MAX_WORK = 5e8
+
+
+@dataclass(frozen=True)
+class Provider:
+    key: str  # what --providers takes
+    label: str  # what tables and plots show
+    unavailable: Callable[[Problem], str | None]
+    build: Callable[[Problem], LossFn]
+
+
+def dft_mean(token_ce: torch.Tensor, labels: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """Mean over valid tokens of ce (ce) or ce * exp(-ce).detach() (dft), from per-token CE."""
+    valid = labels != IGNORE_INDEX
+    token_ce = torch.where(valid, token_ce, torch.zeros_like(token_ce))
+    if loss_type == "dft":
+        token_ce = token_ce * torch.exp(-token_ce).detach()
+    return token_ce.sum() / valid.sum().clamp(min=1)
+
+
+# -- naive: what TRL's DFT loss and the official DFT code do ------------------------------------
+
+
+def _naive(problem: Problem) -> LossFn:
+    def loss_fn(hidden, weight, labels):
+        logits = hidden @ weight.T  # in the input dtype, like the model's lm_head
+        if logits.dtype != torch.float64:
+            logits = logits.float()
+        ce = F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE_INDEX)
+        return dft_mean(ce, labels, problem.loss_type)
+
+    return loss_fn
+
+
+# -- fused_dft -----------------------------------------------------------------------------------
+
+_IMPL_MODULES = {"chunked": "fused_dft.chunked", "fused": "fused_dft.function"}
+
+
+def _fused_dft_unavailable(impl: str) -> Callable[[Problem], str | None]:
+    def reason(problem: Problem) -> str | None:
+        from fused_dft.runtime import interpreter_enabled, triton_unavailable_reason
+
+        module = _IMPL_MODULES.get("chunked" if impl == "auto" else impl)
+        if module is not None and importlib.util.find_spec(module) is None:
+            return f"{module} is missing from this installation of fused_dft"
+        if impl != "fused":
+            return None
+        device = torch.device(problem.device)
+        why = triton_unavailable_reason(device)
+        if why is not None:
+            return why
+        if problem.dtype == "float64":
+            return "impl='fused' supports float16, bfloat16 and float32 only"
+        work = problem.tokens * problem.hidden * problem.vocab
+        if device.type == "cpu" and interpreter_enabled() and work > INTERPRETER_MAX_WORK:
+            return (
+                f"Triton's interpreter (TRITON_INTERPRET=1) would take many minutes at "
+                f"N*D*V = {work:.1e}; run it on a CUDA device or on a smaller shape"
+            )
+        return None
+
+    return reason
+
+
+def _fused_dft(impl: str) -> Callable[[Problem], LossFn]:
+    def build(problem: Problem) -> LossFn:
+        from fused_dft import fused_linear_dft_loss
+
+        def loss_fn(hidden, weight, labels):
+            return fused_linear_dft_loss(
+                hidden,
+                weight,
+                labels,
+                loss_type=problem.loss_type,
+                ignore_index=IGNORE_INDEX,
+                impl=impl,
+            )
+
+        return loss_fn
+
+    return build
+
+
+def resolved_impl(impl: str, problem: Problem) -> str:
+    """What fused_dft runs for `impl` on this problem's device and dtype (auto -> chunked...)."""
+    from fused_dft.loss import TRITON_DTYPES, resolve_impl
+    from fused_dft.runtime import can_run_triton
+
+    if impl in ("fused", "reference"):
+        return impl
+    device = torch.device(problem.device)
+    # resolve_impl reads only .device and .dtype: no tensor, so no CUDA context in the parent
+    like_hidden = SimpleNamespace(device=device, dtype=problem.torch_dtype)
+    name = resolve_impl(impl, like_hidden)
+    if name == "chunked":
+        triton = can_run_triton(device) and problem.torch_dtype in TRITON_DTYPES
+        name = "chunked+triton" if triton else "chunked_torch"
+    return name
+
+
+# -- other libraries -----------------------------------------------------------------------------
+
+
+def _needs_cuda(package: str, pip_name: str, what: str) -> Callable[[Problem], str | None]:
+    def reason(problem: Problem) -> str | None:
+        if importlib.util.find_spec(package) is None:
+            return f"{package} is not importable (pip install {pip_name})"
+        if not problem.device.startswith("cuda"):
+            return f"{what} needs a CUDA device"
+        return None
+
+    return reason
+
+
+def _liger(problem: Problem) -> LossFn:
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    module = LigerFusedLinearCrossEntropyLoss(
+        ignore_index=IGNORE_INDEX,
+        reduction="mean",
+        use_token_scaling=problem.loss_type == "dft",
+    )
+    return lambda hidden, weight, labels: module(weight, hidden, labels)  # weight first
+
+
+def _torch_unavailable(problem: Problem) -> str | None:
+    if not hasattr(F, "linear_cross_entropy"):
+        return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy"
+    return None
+
+
+def _torch_lce(problem: Problem) -> LossFn:
+    # options=LinearCrossEntropyOptions() selects torch's chunked path; None would materialize
+    options = (
+        torch.nn.LinearCrossEntropyOptions()
+        if hasattr(torch.nn, "LinearCrossEntropyOptions")
+        else None
+    )
+
+    def loss_fn(hidden, weight, labels):
+        ce = F.linear_cross_entropy(
+            hidden, weight, labels, reduction="none", ignore_index=IGNORE_INDEX, options=options
+        )
+        return dft_mean(ce.float(), labels, problem.loss_type)
+
+    return loss_fn
+
+
+def _cce(problem: Problem) -> LossFn:
+    from cut_cross_entropy import linear_cross_entropy
+
+    def loss_fn(hidden, weight, labels):
+        ce = linear_cross_entropy(
+            hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        return dft_mean(ce.float(), labels, problem.loss_type)
+
+    return loss_fn
+
+
+def _always(problem: Problem) -> str | None:
+    return None
+
+
+PROVIDERS: dict[str, Provider] = {
+    p.key: p
+    for p in (
+        Provider("naive", "naive (TRL / DFT code)", _always, _naive),
+        Provider("auto", "fused_dft auto", _fused_dft_unavailable("auto"), _fused_dft("auto")),
+        Provider(
+            "chunked", "fused_dft chunked", _fused_dft_unavailable("chunked"), _fused_dft("chunked")
+        ),
+        Provider("fused", "fused_dft fused", _fused_dft_unavailable("fused"), _fused_dft("fused")),
+        Provider(
+            "reference",
+            "fused_dft reference",
+            _fused_dft_unavailable("reference"),
+            _fused_dft("reference"),
+        ),
+        Provider(
+            "liger",
+            "Liger FLCE (token scaling)",
+            _needs_cuda("liger_kernel", "liger-kernel", "Liger-Kernel's Triton kernels"),
+            _liger,
+        ),
+        Provider("torch", "torch linear_cross_entropy", _torch_unavailable, _torch_lce),
+        Provider(
+            "cce",
+            "Cut Cross-Entropy",
+            _needs_cuda("cut_cross_entropy", "cut-cross-entropy", "Cut Cross-Entropy's kernels"),
+            _cce,
+        ),
+    )
+}
+
+FUSED_DFT_KEYS = ("auto", "chunked", "fused", "reference")
+
+
+def parse_providers(text: str | None) -> list[str]:
+    """'naive,auto' -> ['naive', 'auto']; None or 'all' -> every provider. Unknown keys raise."""
+    if text is None or text.strip() == "all":
+        return list(PROVIDERS)
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in PROVIDERS]
+    if unknown or not keys:
+        raise ValueError(f"unknown provider(s) {unknown}; choose from {', '.join(PROVIDERS)}")
+    return keys

@@ -1,0 +1,146 @@
+"""`fused-dft bench`: every shape x provider, each provider in its own worker process.
+
+A fresh process per provider gives each its own peak-memory window (on the CPU the peak
+resident size belongs to the whole process) and keeps one provider's caches, compiled kernels
+or crash away from the next. Providers that cannot run are recorded as skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .problem import Problem, canonical_dtype, tolerance
+from .providers import PROVIDERS, resolved_impl
+from .worker import RESULT_PREFIX
+
+
+@dataclass
+class BenchConfig:
+    problems: list[Problem]  # one per shape; more than one when a size is swept
+    providers: list[str]
+    repeats: int = 3
+    warmup: int = 1
+    check_tokens: int = 256
+    timeout_s: float | None = None
+    sweep: str | None = None  # "tokens", "hidden" or "vocab" when one is swept
+    extra: dict = field(default_factory=dict)
+
+
+def run_bench(config: BenchConfig, progress: bool = True) -> list[dict]:
+    """One record per (problem, provider), in order; ratios to naive filled in per problem."""
+    from tqdm import tqdm
+
+    jobs = [(p, key) for p in config.problems for key in config.providers]
+    records = []
+    bar = tqdm(jobs, desc="bench", unit="run", file=sys.stderr, disable=not progress)
+    for problem, key in bar:
+        shape = f"{problem.tokens}x{problem.hidden}x{problem.vocab}"
+        bar.set_postfix_str(f"{key} @ {shape}")
+        records.append(run_one(config, problem, key))
+    bar.close()
+    for problem in config.problems:
+        add_ratios([r for r in records if r["problem"] == problem.as_dict()], problem)
+    return records
+
+
+def run_one(config: BenchConfig, problem: Problem, key: str) -> dict:
+    provider = PROVIDERS[key]
+    record = {"provider": key, "label": provider.label, "problem": problem.as_dict()}
+    if key in ("auto", "chunked", "fused", "reference"):
+        record["runs_as"] = resolved_impl(key, problem)
+    reason = provider.unavailable(problem)
+    if reason is not None:
+        return {**record, "status": "skipped", "reason": reason}
+    request = {
+        "provider": key,
+        "problem": problem.as_dict(),
+        "repeats": config.repeats,
+        "warmup": config.warmup,
+        "check_tokens": config.check_tokens,
+    }
+    return {**record, **run_worker(request, config.timeout_s)}
+
+
+def worker_env() -> dict[str, str]:
+    """This environment, with the directory holding this fused_dft first on PYTHONPATH.
+
+    glibc serves allocations above a threshold that grows to 32 MB from the heap and keeps them
+    when freed, so the resident size would hide a later peak made of reused blocks. A fixed
+    1 MiB mmap threshold makes the resident size follow the live tensors (same for every
+    provider; unless the caller set MALLOC_MMAP_THRESHOLD_ already).
+    """
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
+    return env
+
+
+def run_worker(request: dict, timeout_s: float | None) -> dict:
+    cmd = [sys.executable, "-m", "fused_dft.bench.worker", json.dumps(request)]
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout_s, env=worker_env()
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "reason": f"timed out after {timeout_s:g} s (--timeout)"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :])
+    if proc.returncode == -signal.SIGKILL:
+        reason = "killed by SIGKILL (out of memory?)"
+    else:
+        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:]
+        reason = f"worker exited with code {proc.returncode}: {' '.join(tail) or 'no output'}"
+    return {"status": "failed", "reason": reason}
+
+
+def add_ratios(records: list[dict], problem: Problem) -> None:
+    """time/memory ratios to naive, and whether each error is within tolerance."""
+    naive = next((r for r in records if r["provider"] == "naive" and r["status"] == "ok"), None)
+    naive_error = max(naive["errors"].values()) if naive else None
+    tol = tolerance(problem.dtype, problem.device, naive_error)
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        r["max_error"] = max(r["errors"].values())
+        r["tolerance"] = tol
+        r["error_ok"] = bool(r["max_error"] <= tol)
+        if naive is not None:
+            r["time_ratio"] = _ratio(r["time_s"], naive["time_s"])
+            r["mem_ratio"] = _ratio(r["peak_mem_bytes"], naive["peak_mem_bytes"])
+
+
+def _ratio(x: float, base: float) -> float | None:
+    return x / base if base and math.isfinite(base) else None
+
+
+def describe_problems(config: BenchConfig) -> str:
+    p = config.problems[0]
+    sizes = {
+        name: sorted({getattr(q, name) for q in config.problems})
+        for name in ("tokens", "hidden", "vocab")
+    }
+    shape = ", ".join(
+        f"{'N D V'.split()[i]}={','.join(map(str, sizes[name]))}"
+        for i, name in enumerate(("tokens", "hidden", "vocab"))
+    )
+    return (
+        f"device {p.device}, {canonical_dtype(p.dtype)}, loss {p.loss_type}, {shape}, "
+        f"{p.ignore_frac:.0%} of labels ignored, median of {config.repeats} "
+        f"(+{config.warmup} warm-up)"
+    )
+
+
+def with_sizes(base: Problem, tokens: list[int], hidden: list[int], vocab: list[int]):
+    """The problems of a run: the product of the given sizes (at most one list is longer)."""
+    return [
+        replace(base, tokens=n, hidden=d, vocab=v) for n in tokens for d in hidden for v in vocab
+    ]

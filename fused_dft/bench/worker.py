@@ -1,0 +1,38 @@
+"""Measure one provider in this (fresh) process: `python -m fused_dft.bench.worker '<json>'`.
+
+The JSON argument holds {"provider", "problem" (Problem fields), "repeats", "warmup",
+"check_tokens"}. The result is printed as one line `RESULT_PREFIX<json>` on stdout; any other
+output (warnings, library chatter) is ignored by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+RESULT_PREFIX = "FUSED_DFT_BENCH_RESULT "
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    try:
+        from .measure import measure
+        from .problem import Problem
+
+        result = measure(
+            args["provider"],
+            Problem(**args["problem"]),
+            repeats=args["repeats"],
+            warmup=args["warmup"],
+            check_tokens=args["check_tokens"],
+        )
+    except Exception as exc:
+        traceback.print_exc()
+        result = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

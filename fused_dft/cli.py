@@ -1,0 +1,305 @@
+"""The command line: `fused-dft bench` and `fused-dft check` (also `python -m fused_dft ...`).
+
+bench  measures every provider (the naive loss, each fused_dft impl that runs on the device, and
+       Liger-Kernel / torch / Cut Cross-Entropy when they can run) for time, peak memory and
+       error, and writes a table, JSON, Markdown and a PNG plot to --output.
+check  runs every impl on a small problem against the float64 reference and prints PASS/FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+DEFAULT_SHAPE = {"tokens": 1024, "hidden": 1024, "vocab": 32000}
+SMOKE_SHAPE = {"tokens": 64, "hidden": 32, "vocab": 500}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bench.check import CHECK_SHAPE
+    from .bench.problem import PRESETS
+    from .bench.providers import PROVIDERS
+
+    parser = argparse.ArgumentParser(
+        prog="fused-dft", description="fused_dft: benchmark and self-check of the fused DFT loss."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{bench,check}")
+
+    bench = sub.add_parser(
+        "bench",
+        help="time and peak memory of fused_dft against the naive loss and other libraries",
+        description="Forward+backward time, peak memory above the inputs and error against the "
+        "float64 reference for each provider, each in its own process. Writes bench.json, "
+        "bench.md and bench.png to --output.",
+    )
+    bench.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
+    bench.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, float64")
+    bench.add_argument("--loss-type", default="dft", choices=("dft", "ce"))
+    bench.add_argument("--preset", help=f"D and V of a real model: {', '.join(PRESETS)}")
+    size = "; comma-separated values sweep it (one size at a time)"
+    bench.add_argument("--tokens", help=f"N, tokens (default {DEFAULT_SHAPE['tokens']}){size}")
+    bench.add_argument("--hidden", help=f"D, hidden size (default {DEFAULT_SHAPE['hidden']}){size}")
+    bench.add_argument("--vocab", help=f"V, vocabulary (default {DEFAULT_SHAPE['vocab']}){size}")
+    bench.add_argument(
+        "--ignore-frac",
+        type=float,
+        default=0.3,
+        help="fraction of labels set to ignore_index, like masked prompts (default 0.3)",
+    )
+    bench.add_argument("--repeats", type=int, help="timed runs; the median is shown (default 3)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    bench.add_argument(
+        "--check-tokens",
+        type=int,
+        help="tokens for the error check against float64 (default 256; 0 = all)",
+    )
+    bench.add_argument(
+        "--providers",
+        default="all",
+        help=f"comma-separated subset of: {', '.join(PROVIDERS)} (default all)",
+    )
+    bench.add_argument("--output", default="bench_results", help="folder for the results")
+    bench.add_argument("--timeout", type=float, help="seconds allowed per provider and shape")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"tiny problem, one repeat ({SMOKE_SHAPE}): checks the set-up in seconds",
+    )
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    check = sub.add_parser(
+        "check",
+        help="every impl on a small problem against the float64 reference: PASS or FAIL",
+        description="Run after installing on a new machine. Exit status 1 when an impl fails. "
+        "On a CPU, set TRITON_INTERPRET=1 to check the Triton kernels too (slow).",
+    )
+    check.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
+    check.add_argument(
+        "--dtype", help="comma-separated dtypes (default float32 on cpu, float32,bfloat16 on cuda)"
+    )
+    for name, value in CHECK_SHAPE.items():
+        check.add_argument(f"--{name}", type=int, default=value, help=f"default {value}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench_main(args, parser, argv)
+    if args.command == "check":
+        return check_main(args, parser)
+    parser.print_help()
+    return 2
+
+
+# -- argument checks: each error names the option -----------------------------------------------
+
+
+def resolve_device(text: str | None, parser: argparse.ArgumentParser) -> str:
+    import torch
+
+    if text is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        parser.error(f"--device {text!r}: {exc}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            parser.error(
+                f"--device {text}: CUDA is not available (torch {torch.__version__}, {build}, "
+                f"{torch.cuda.device_count()} GPUs visible); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(
+                f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    elif device.type != "cpu":
+        parser.error(f"--device {text}: the bench and check support cpu and cuda only")
+    return str(device)
+
+
+def resolve_dtype(text: str, device: str, parser: argparse.ArgumentParser) -> str:
+    from .bench.problem import DTYPES, canonical_dtype
+
+    if text not in DTYPES:
+        parser.error(f"--dtype {text!r}: choose from float32, bfloat16, float16, float64")
+    dtype = canonical_dtype(text)
+    if dtype == "float16" and device == "cpu":
+        print(
+            "note: --dtype float16 on the CPU: torch's fp16 matmuls are slow there", file=sys.stderr
+        )
+    return dtype
+
+
+def parse_sizes(option: str, text: str | None, default: int, parser) -> list[int]:
+    if text is None:
+        return [default]
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"{option} {text!r}: expected a positive integer or a comma-separated list")
+    if not values or any(v < 1 for v in values):
+        parser.error(f"{option} {text!r}: sizes must be positive integers")
+    return values
+
+
+# -- bench ---------------------------------------------------------------------------------------
+
+
+def bench_main(args, parser, argv: list[str]) -> int:
+    from .bench import plot, report
+    from .bench.problem import PRESETS, Problem
+    from .bench.providers import parse_providers
+    from .bench.runner import BenchConfig, describe_problems, run_bench, with_sizes
+
+    device = resolve_device(args.device, parser)
+    dtype = resolve_dtype(args.dtype, device, parser)
+    shape = dict(SMOKE_SHAPE if args.smoke else DEFAULT_SHAPE)
+    if args.preset is not None:
+        if args.preset not in PRESETS:
+            parser.error(f"--preset {args.preset!r}: unknown; choose from {', '.join(PRESETS)}")
+        shape["hidden"], shape["vocab"] = PRESETS[args.preset]
+    sizes = {
+        name: parse_sizes(f"--{name}", getattr(args, name), shape[name], parser)
+        for name in ("tokens", "hidden", "vocab")
+    }
+    swept = [name for name, values in sizes.items() if len(values) > 1]
+    if len(swept) > 1:
+        parser.error(f"--{' and --'.join(swept)}: sweep one size at a time")
+    if not 0 <= args.ignore_frac < 1:
+        parser.error(f"--ignore-frac {args.ignore_frac}: must be in [0, 1)")
+    repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 3)
+    if repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    check_tokens = args.check_tokens
+    if check_tokens is None:
+        check_tokens = 0 if args.smoke else 256
+    try:
+        providers = parse_providers(args.providers)
+    except ValueError as exc:
+        parser.error(f"--providers: {exc}")
+
+    base = Problem(
+        **DEFAULT_SHAPE,
+        dtype=dtype,
+        device=device,
+        loss_type=args.loss_type,
+        ignore_frac=args.ignore_frac,
+        seed=args.seed,
+    )
+    config = BenchConfig(
+        problems=with_sizes(base, sizes["tokens"], sizes["hidden"], sizes["vocab"]),
+        providers=providers,
+        repeats=repeats,
+        warmup=args.warmup,
+        check_tokens=check_tokens,
+        timeout_s=args.timeout,
+        sweep=swept[0] if swept else None,
+    )
+    info = report.machine_info(device)
+    description = describe_problems(config) + (f", preset {args.preset}" if args.preset else "")
+    print(f"fused-dft bench: {description}")
+    print(f"machine: {report.machine_line(info)}")
+    if device == "cpu" and info["TRITON_INTERPRET"] == "1":
+        print(
+            "note: TRITON_INTERPRET=1: Triton paths run in the interpreter; their times are "
+            "not representative"
+        )
+    load = info.get("load_average_1min", 0.0)
+    if device == "cpu" and load > 0.5:
+        print(
+            f"note: load average {load} before starting: other processes are using the CPU, "
+            "so times may be inflated"
+        )
+    sys.stdout.flush()
+
+    records = run_bench(config, progress=not args.no_progress)
+
+    check_text = "all tokens" if check_tokens == 0 else f"the first min(N, {check_tokens}) tokens"
+    meta = {
+        "command": "fused-dft " + shlex.join(argv),
+        "description": description,
+        "machine": info,
+        "repeats": repeats,
+        "warmup": args.warmup,
+        "check_tokens": check_text,
+        "sweep": config.sweep,
+        "preset": args.preset,
+    }
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out / "bench.json",
+        "markdown": out / "bench.md",
+        "plot": out / "bench.png",
+    }
+    paths["json"].write_text(report.to_json(records, meta))
+    paths["markdown"].write_text(report.markdown(records, meta, config.sweep))
+    title = f"fused-dft bench: {description}"
+    plot.plot(records, paths["plot"], _wrap(title), report.machine_line(info), config.sweep)
+
+    print()
+    print(report.terminal_table(records, config.sweep))
+    print()
+    for kind, path in paths.items():
+        print(f"{kind:<9} {path}")
+    bad = [
+        r
+        for r in records
+        if (r["status"] == "ok" and not r["error_ok"])
+        or (r["status"] == "failed" and r["provider"] in ("naive", "auto", "chunked", "fused"))
+    ]
+    for r in bad:
+        print(
+            f"problem: {r['label']}: {r.get('reason') or 'error above tolerance'}", file=sys.stderr
+        )
+    return 1 if bad else 0
+
+
+def _wrap(text: str, width: int = 110) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+# -- check ---------------------------------------------------------------------------------------
+
+
+def check_main(args, parser) -> int:
+    import torch
+
+    from .bench import report
+    from .bench.check import run_check
+
+    device = resolve_device(args.device, parser)
+    shape = {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab}
+    for name, value in shape.items():
+        if value < 1:
+            parser.error(f"--{name} {value}: must be a positive integer")
+    default = "float32,bfloat16" if device.startswith("cuda") else "float32"
+    dtypes = [resolve_dtype(d.strip(), device, parser) for d in (args.dtype or default).split(",")]
+    info = report.machine_info(device)
+    print(
+        f"fused-dft check: device {device}, N={args.tokens} D={args.hidden} V={args.vocab}, "
+        "~30% of labels ignored"
+    )
+    print(
+        f"machine: {report.machine_line(info)}; "
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+    )
+    sys.stdout.flush()
+    torch.manual_seed(0)
+    results = run_check(device, dtypes, shape)
+    for r in results:
+        print(r.line())
+    counts = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
+    print(f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped")
+    return 1 if counts["FAIL"] else 0
