@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from ..options import LossOptions
-from .common import transform_logits, upcast_for_interpreter
-from .fused_fwd import DEFAULT_CONFIG, FusedConfig, fp32_ieee, logits_tile
+from .common import transform_logits
+from .fused_fwd import DEFAULT_CONFIG, FusedConfig, launch_flags, logits_tile
 
 
 @triton.jit
@@ -171,14 +171,8 @@ def dft_bwd(
             stop - start, v, d,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             float(opts.logit_scale), float(opts.softcap or 1.0),
-            HAS_BIAS=bias is not None,
-            HAS_SCALE=opts.logit_scale != 1.0,
-            HAS_SOFTCAP=opts.softcap is not None,
             COMPUTE_DH=need[0], COMPUTE_DW=need[1], COMPUTE_DB=need[2],
-            UPCAST=upcast_for_interpreter(hidden),
-            FP32_IEEE=fp32_ieee(hidden),
-            BLOCK_N=block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            **launch_flags(hidden, bias, opts, config),
         )  # fmt: skip
         if dh is not None:
             dh.index_copy_(0, row_idx[start:stop], dh_c.to(dh.dtype))

@@ -185,13 +185,7 @@ def dft_fwd(
         n, v, d, tiles_per_split,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         float(opts.logit_scale), float(opts.softcap or 1.0),
-        HAS_BIAS=bias is not None,
-        HAS_SCALE=opts.logit_scale != 1.0,
-        HAS_SOFTCAP=opts.softcap is not None,
-        UPCAST=upcast_for_interpreter(hidden),
-        FP32_IEEE=fp32_ieee(hidden),
-        BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        **launch_flags(hidden, bias, opts, config),
     )  # fmt: skip
     m_k, s_k, t_k, z_y_k = part.unbind(0)
     # merge the vocab splits
@@ -203,6 +197,22 @@ def dft_fwd(
     lse = m + log_s
     entropy = log_s - t / s
     return lse, z_y_k.sum(0), m, entropy
+
+
+def launch_flags(hidden, bias, opts: LossOptions, config: FusedConfig) -> dict:
+    """Compile-time flags and launch options shared by the fused forward and backward kernels."""
+    return dict(
+        HAS_BIAS=bias is not None,
+        HAS_SCALE=opts.logit_scale != 1.0,
+        HAS_SOFTCAP=opts.softcap is not None,
+        UPCAST=upcast_for_interpreter(hidden),
+        FP32_IEEE=fp32_ieee(hidden),
+        BLOCK_N=config.block_n,
+        BLOCK_V=config.block_v,
+        BLOCK_D=config.block_d,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
 
 
 def fp32_ieee(t: torch.Tensor) -> bool:
