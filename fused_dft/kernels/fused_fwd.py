@@ -129,7 +129,8 @@ def _dft_fwd_kernel(
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
     offs_v = tl.arange(0, BLOCK_V)
     for v_start in range(v_begin, v_end, BLOCK_V):
-        cols = v_start + offs_v
+        # int64: cols * stride_wv passes 2^31 once V * D does (e.g. 256k x 8k)
+        cols = offs_v.to(tl.int64) + v_start
         col_mask = cols < V
         # 1. logits tile, kept in registers
         x = logits_tile(
