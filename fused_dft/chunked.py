@@ -19,6 +19,7 @@ import torch
 
 from .options import LossOptions
 from .reduction import mean_scale, reduce_token_loss, select_valid
+from .rows_torch import rows_loss_and_grad
 
 # Elements of one chunk's logits buffer: 32M (128 MB in fp32) on the CPU, 256M on CUDA.
 _CHUNK_ELEMENTS = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
@@ -106,7 +107,7 @@ def run_chunks(
             loss_c, stats_c = dft_rows(x, y_c, c_c, opts)
         else:
             x = x.to(acc_dtype)  # no copy for fp32/fp64 inputs
-            loss_c, stats_c = rows_loss_and_grad_torch(x, y_c, c_c, opts)
+            loss_c, stats_c = rows_loss_and_grad(x, y_c, c_c, opts)
         token_loss[start:stop] = loss_c
         stats[start:stop] = stats_c
         if not grads:
@@ -120,12 +121,6 @@ def run_chunks(
             db += dx.sum(0, dtype=acc_dtype)
         del x, dx
     return token_loss, stats, dh, dw, db
-
-
-def rows_loss_and_grad_torch(x, labels, coef, opts):
-    from .rows_torch import rows_loss_and_grad
-
-    return rows_loss_and_grad(x, labels, coef, opts)
 
 
 class ChunkedDFTFunction(torch.autograd.Function):
