@@ -31,17 +31,16 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def default_chunk_rows(num_tokens: int, vocab: int, device: torch.device) -> int:
+def default_chunk_rows(vocab: int, device: torch.device) -> int:
     """Tokens per chunk: FUSED_DFT_CHUNK_SIZE if set, else a logits buffer of about
     _CHUNK_ELEMENTS elements for this device type."""
     env = os.environ.get("FUSED_DFT_CHUNK_SIZE")
     if env:
         if not env.isdigit() or int(env) < 1:
             raise ValueError(f"FUSED_DFT_CHUNK_SIZE must be a positive integer, got {env!r}")
-        return max(1, min(int(env), num_tokens))
+        return int(env)
     budget = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cpu"])
-    rows = max(_MIN_CHUNK_ROWS, budget // max(vocab, 1))
-    return max(1, min(rows, num_tokens))
+    return max(_MIN_CHUNK_ROWS, budget // max(vocab, 1))
 
 
 # whether torch.addmm(fp32 acc, bf16/fp16 a, b, out_dtype=fp32, out=acc) works here (CUDA only);
@@ -200,6 +199,6 @@ class ChunkedDFTFunction(torch.autograd.Function):
 
 def chunked_loss(hidden, weight, labels, bias, opts, chunk_size, use_triton):
     """hidden (N, D), labels (N,). Returns (loss, stat sums (3,), number of valid tokens)."""
-    rows = chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
-    rows = max(1, min(rows, max(hidden.shape[0], 1)))
+    rows = chunk_size or default_chunk_rows(weight.shape[0], hidden.device)
+    rows = max(1, min(rows, hidden.shape[0]))  # a chunk never exceeds the tokens there are
     return ChunkedDFTFunction.apply(hidden, weight, bias, labels, opts, rows, use_triton)

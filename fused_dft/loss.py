@@ -74,18 +74,14 @@ def fused_linear_dft_loss(
         from .reference import reference_loss
 
         loss, stat_sums, num_valid = reference_loss(hidden_2d, weight, labels_1d, bias, opts)
-    elif impl == "chunked":
+    elif impl in ("chunked", "chunked_torch"):
         from .chunked import chunked_loss
 
-        use_triton = can_run_triton(hidden.device) and hidden.dtype in TRITON_DTYPES
+        use_triton = (
+            impl == "chunked" and can_run_triton(hidden.device) and hidden.dtype in TRITON_DTYPES
+        )
         loss, stat_sums, num_valid = chunked_loss(
             hidden_2d, weight, labels_1d, bias, opts, chunk_size, use_triton
-        )
-    elif impl == "chunked_torch":
-        from .chunked import chunked_loss
-
-        loss, stat_sums, num_valid = chunked_loss(
-            hidden_2d, weight, labels_1d, bias, opts, chunk_size, False
         )
     else:
         from .function import fused_loss
