@@ -279,8 +279,11 @@ def test_without_labels_runs_stock_forward():
     a, b = stock(**inputs), patched(**inputs)
     assert b.loss is None and not hasattr(b, "ce_loss")
     torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=0)
-    b = patched(**inputs, logits_to_keep=1)
-    torch.testing.assert_close(b.logits, a.logits[:, -1:], rtol=0, atol=0)
+    # the stock model run the same way: a GEMM over one position may round differently from a
+    # slice of the GEMM over all positions (it does on AMD EPYC), so compare like with like
+    a, b = stock(**inputs, logits_to_keep=1), patched(**inputs, logits_to_keep=1)
+    assert b.logits.shape[1] == 1
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=0)
 
 
 # Eval with labels: the loss is still the fused DFT; logits are returned as the stock forward
