@@ -1,32 +1,38 @@
 """The chunked path: one chunk of tokens at a time, logits from a torch matmul.
 
-For each chunk of non-ignored tokens:
+For each chunk of non-ignored tokens (rows of hidden h_c):
     x = h_c W^T (+ b)                      (n, V) logits: the only large temporary
-    rows: loss, stats, and dx = d(coef * loss)/dx written into x in place
+    partials of x (partials.py)            Triton row kernel on CUDA, torch ops on the CPU
+    [vocab parallel: partials merged across the ranks' shards]
+    lse, log p, entropy -> loss and coefficients (a, b, u) of each token (weights.py)
+    dx = c * (a softmax - b onehot - u), chain rule of softcap / scale, written into x in place
     dh_c = dx W;  dW += dx^T h_c (fp32);  db += sum_rows(dx) (fp32)
 With reduction "mean"/"sum" the gradients are computed in the forward pass (6*N*D*V matmul FLOPs in
-all) and backward only scales them by the upstream scalar. With reduction "none" the upstream
-gradient differs per token, which a precomputed dW cannot honour, so the forward computes only the
-loss and backward recomputes each chunk's logits with the per-token coefficients (8*N*D*V FLOPs).
-Ignored tokens are dropped before any matmul.
+all) with c = the mean scale, and backward only scales them by the upstream scalar. With reduction
+"none" the upstream gradient differs per token, which a precomputed dW cannot honour, so the
+forward keeps each token's lse and (a, b, u) and backward recomputes each chunk's logits and
+applies c = the token's upstream gradient (8*N*D*V FLOPs).
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
+from . import partials as P
 from .options import LossOptions
-from .reduction import mean_scale, reduce_token_loss, select_valid
-from .rows_torch import rows_loss_and_grad
+from .reduction import Rows, mean_scale, reduce_token_loss, scatter_rows, select_rows
+from .rows_torch import rows_grad_, rows_grad_from_logits_, rows_partials_, transform_
+from .weights import token_terms
 
 # Elements of one chunk's logits buffer: 32M (128 MB in fp32) on the CPU, 256M on CUDA.
 _CHUNK_ELEMENTS = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
 _MIN_CHUNK_ROWS = 16
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
     """Accumulation dtype: fp32, or fp64 for fp64 inputs."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -65,119 +71,184 @@ def _accumulate_outer(acc: torch.Tensor, dx: torch.Tensor, h: torch.Tensor) -> N
     acc.addmm_(dx.t().to(acc.dtype), h.to(acc.dtype))  # CPU: (n, V) fp32 temporary
 
 
-def run_chunks(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    row_idx: torch.Tensor,
-    labels: torch.Tensor,
-    opts: LossOptions,
-    chunk_rows: int,
-    use_triton: bool,
-    coef: torch.Tensor | None,
-    need: tuple[bool, bool, bool],
-):
-    """hidden (N, D); row_idx (n,) the rows of hidden that are non-ignored tokens, labels (n,)
-    theirs. Only one chunk of rows is gathered at a time.
+class Shard(NamedTuple):
+    """This rank's slice of a vocab-parallel LM head (None on one device).
 
-    coef (n,) per-token upstream coefficient, or None for the loss alone. need = (dh, dW, db).
-    Returns token_loss (n,), stats (n, 3), dh (N, D; zero at other rows), dW and db (fp32).
+    offset: first vocab id of the shard; vocab: the full V; merge: partials (5, n) of the shard
+    -> partials of the whole vocabulary (a collective across the ranks)."""
+
+    offset: int
+    vocab: int
+    merge: object
+
+
+class Saved(NamedTuple):
+    """What reduction="none" keeps for backward, per selected token: lse and (a, b, u)."""
+
+    lse: torch.Tensor
+    coefs: torch.Tensor
+
+
+def _logits(h_c, weight, bias):
+    return torch.addmm(bias, h_c, weight.t()) if bias is not None else h_c @ weight.t()
+
+
+def _apply_dx(dx, h_c, idx_c, weight, dh, dw, db):
+    """dh[rows] = dx W; dW += dx^T h_c; db += sum_rows dx (the ones not None)."""
+    if dh is not None:
+        dh.index_copy_(0, idx_c, dx @ weight)
+    if dw is not None:
+        _accumulate_outer(dw, dx, h_c)
+    if db is not None:
+        db += dx.sum(0, dtype=db.dtype)
+
+
+def _new_grads(hidden, weight, need):
+    acc, dev = acc_dtype(hidden), hidden.device
+    return (
+        torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need[0] else None,
+        torch.zeros(weight.shape, dtype=acc, device=dev) if need[1] else None,
+        torch.zeros(weight.shape[0], dtype=acc, device=dev) if need[2] else None,
+    )
+
+
+def forward_chunks(hidden, weight, bias, rows: Rows, opts: LossOptions, chunk_rows: int,
+                   use_triton: bool, grad_scale, need, shard: Shard | None = None):  # fmt: skip
+    """hidden (N, D); rows: the selected tokens (only one chunk of them is gathered at a time).
+
+    grad_scale: None (loss only), or the device scalar c of "mean"/"sum" (gradients now).
+    Returns token_loss (n,), logp (n,), stat sums (4,), Saved (for reduction "none" with
+    gradients needed, else None), and dh (N, D; zero at other rows), dW, db (fp32) or None.
     """
-    n, d = row_idx.shape[0], hidden.shape[1]
-    v = weight.shape[0]
-    acc_dtype = _acc_dtype(hidden)
-    dev = hidden.device
-    token_loss = torch.empty(n, dtype=acc_dtype, device=dev)
-    stats = torch.empty(n, 3, dtype=acc_dtype, device=dev)
-    grads = coef is not None
-    dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if grads and need[0] else None
-    dw = torch.zeros(v, d, dtype=acc_dtype, device=dev) if grads and need[1] else None
-    db = torch.zeros(v, dtype=acc_dtype, device=dev) if grads and need[2] else None
+    n = rows.n
+    acc = acc_dtype(hidden)
+    vocab = shard.vocab if shard is not None else weight.shape[0]
+    labels = rows.labels - shard.offset if shard is not None else rows.labels
+    token_loss = torch.empty(n, dtype=acc, device=hidden.device)
+    logp = torch.empty(n, dtype=acc, device=hidden.device)
+    sums = torch.zeros(4, dtype=torch.float32, device=hidden.device)
+    grads_now = grad_scale is not None
+    keep = not grads_now and any(need)
+    saved = Saved(torch.empty_like(logp), torch.empty(3, n, dtype=acc, device=hidden.device))
+    dh, dw, db = _new_grads(hidden, weight, need) if grads_now else (None, None, None)
     if use_triton:
-        from .kernels.rows import dft_rows
+        from .kernels import rows as rows_triton
 
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
-        idx_c, y_c = row_idx[start:stop], labels[start:stop]
+        idx_c, y_c = rows.idx[start:stop], labels[start:stop]
         h_c = hidden.index_select(0, idx_c)
-        c_c = coef[start:stop] if grads else None
-        x = torch.addmm(bias, h_c, weight.t()) if bias is not None else h_c @ weight.t()
+        x = _logits(h_c, weight, bias)
+        # 1. partials of this shard's vocabulary, merged across shards, per-token figures
         if use_triton:
-            loss_c, stats_c = dft_rows(x, y_c, c_c, opts)
+            part = rows_triton.rows_partials(x, y_c, opts)
         else:
-            x = x.to(acc_dtype)  # no copy for fp32/fp64 inputs
-            loss_c, stats_c = rows_loss_and_grad(x, y_c, c_c, opts)
-        token_loss[start:stop] = loss_c
-        stats[start:stop] = stats_c
-        if not grads:
+            x = x.to(acc)  # no copy for fp32/fp64 inputs
+            dtanh = transform_(x, opts, keep_dtanh=grads_now)
+            part = rows_partials_(x, y_c, opts)  # x now holds exp(z - m_local)
+            m_local = part[P.M].clone()
+        if shard is not None:
+            part = shard.merge(part)
+        stats = P.finalize(part.to(acc))
+        terms = token_terms(
+            stats, opts, vocab,
+            None if rows.token_weights is None else rows.token_weights[start:stop],
+            None if rows.old_logprobs is None else rows.old_logprobs[start:stop],
+        )  # fmt: skip
+        token_loss[start:stop] = terms.loss
+        logp[start:stop] = stats.logp
+        sums += P.stat_sums(stats)
+        if keep:
+            saved.lse[start:stop] = stats.lse
+            saved.coefs[:, start:stop] = terms.scaled(1)
+        if not grads_now:
             continue
-        dx = x.to(hidden.dtype)
-        if dh is not None:
-            dh.index_copy_(0, idx_c, dx @ weight)
-        if dw is not None:
-            _accumulate_outer(dw, dx, h_c)
-        if db is not None:
-            db += dx.sum(0, dtype=acc_dtype)
-        del x, dx
-    return token_loss, stats, dh, dw, db
+        # 2. dx in place of the logits, then the gradient matmuls
+        coefs = terms.scaled(grad_scale)
+        if use_triton:
+            rows_triton.rows_grad_(x, y_c, stats.lse, coefs, opts)
+        else:
+            rows_grad_(x, y_c, torch.exp(m_local - stats.lse), coefs, dtanh, opts)
+        _apply_dx(x.to(hidden.dtype), h_c, idx_c, weight, dh, dw, db)
+        del x
+    return token_loss, logp, sums, (saved if keep else None), (dh, dw, db)
+
+
+def backward_chunks(hidden, weight, bias, rows: Rows, saved: Saved, grad_tokens, opts,
+                    chunk_rows: int, use_triton: bool, need, shard: Shard | None = None):  # fmt: skip
+    """reduction "none": grad_tokens (n,) upstream gradient of each selected token. Recomputes
+    each chunk's logits and returns dh, dW, db (fp32) or None."""
+    dh, dw, db = _new_grads(hidden, weight, need)
+    labels = rows.labels - shard.offset if shard is not None else rows.labels
+    coefs_all = saved.coefs * grad_tokens.to(saved.coefs.dtype)
+    if use_triton:
+        from .kernels import rows as rows_triton
+    for start in range(0, rows.n, chunk_rows):
+        stop = min(start + chunk_rows, rows.n)
+        idx_c, y_c = rows.idx[start:stop], labels[start:stop]
+        h_c = hidden.index_select(0, idx_c)
+        x = _logits(h_c, weight, bias)
+        lse, coefs = saved.lse[start:stop], coefs_all[:, start:stop]
+        if use_triton:
+            rows_triton.rows_grad_(x, y_c, lse, coefs, opts)
+        else:
+            x = rows_grad_from_logits_(x.to(acc_dtype(hidden)), y_c, lse, coefs, opts)
+        _apply_dx(x.to(hidden.dtype), h_c, idx_c, weight, dh, dw, db)
+        del x
+    return dh, dw, db
+
+
+def scale_precomputed(grads, grad_loss):
+    """Precomputed gradients (for an upstream gradient of 1) times the upstream scalar, in place,
+    the product in fp32 (a bf16 dh is rounded once, not scaled by a bf16-rounded factor)."""
+    if grad_loss.device.type == "cpu" and bool(grad_loss == 1):
+        return grads  # the common case; a free check on the CPU
+    factor = grad_loss.float() if grad_loss.dtype != torch.float64 else grad_loss
+    for g in grads:
+        if g is not None:
+            g.mul_(factor)
+    return grads
 
 
 class ChunkedDFTFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, opts: LossOptions, chunk_rows, use_triton):
-        valid_idx, y_v = select_valid(labels, opts)
-        num_valid = valid_idx.numel()
+    def forward(ctx, hidden, weight, bias, labels, token_weights, old_logprobs, opts: LossOptions,
+                chunk_rows, use_triton):  # fmt: skip
+        acc = acc_dtype(hidden)
+        rows = select_rows(labels, opts, token_weights, old_logprobs, acc)
         need = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
             bias is not None and ctx.needs_input_grad[2],
         )
         grads_now = any(need) and opts.reduction != "none"
-        coef = None
-        if grads_now:
-            coef = torch.full(
-                (num_valid,),
-                mean_scale(opts, num_valid),
-                dtype=_acc_dtype(hidden),
-                device=hidden.device,
-            )
-        token_loss, stats, dh, dw, db = run_chunks(
-            hidden, weight, bias, valid_idx, y_v, opts, chunk_rows, use_triton, coef, need
+        grad_scale = mean_scale(opts, rows, acc) if grads_now else None
+        token_loss, logp, sums, saved, grads = forward_chunks(
+            hidden, weight, bias, rows, opts, chunk_rows, use_triton, grad_scale, need
         )
-
-        loss = reduce_token_loss(token_loss, valid_idx, hidden.shape[0], opts)
-        stat_sums = stats.sum(0).float()
-        num_valid_t = torch.tensor(num_valid, device=hidden.device)
+        loss = reduce_token_loss(token_loss, rows, hidden.shape[0], opts)
+        logprobs = scatter_rows(logp, rows, hidden.shape[0])
 
         ctx.opts, ctx.chunk_rows, ctx.use_triton, ctx.need = opts, chunk_rows, use_triton, need
         ctx.weight_dtype = weight.dtype
-        if grads_now:
-            ctx.precomputed = (dh, dw, db)
-        elif any(need):
-            ctx.precomputed = None
-            ctx.save_for_backward(valid_idx, hidden, weight, bias, y_v)
-        ctx.mark_non_differentiable(stat_sums, num_valid_t)
-        return loss, stat_sums, num_valid_t
+        ctx.rows = rows
+        ctx.precomputed = grads if grads_now else None
+        ctx.saved = saved
+        if saved is not None:
+            ctx.save_for_backward(hidden, weight, bias)
+        ctx.mark_non_differentiable(sums, rows.num_valid, logprobs)
+        return loss, sums, rows.num_valid, logprobs
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_stats, _grad_num):
-        opts, need = ctx.opts, ctx.need
-        weight_dtype = ctx.weight_dtype
+    def backward(ctx, grad_loss, _grad_sums, _grad_num, _grad_logprobs):
+        opts, need, rows = ctx.opts, ctx.need, ctx.rows
         if opts.reduction == "none":
-            valid_idx, hidden, weight, bias, y_v = ctx.saved_tensors
-            coef = grad_loss.index_select(0, valid_idx).to(_acc_dtype(hidden))
-            _, _, dh, dw, db = run_chunks(
-                hidden,
-                weight,
-                bias,
-                valid_idx,
-                y_v,
-                opts,
-                ctx.chunk_rows,
-                ctx.use_triton,
-                coef,
-                need,
-            )
+            hidden, weight, bias = ctx.saved_tensors
+            grad_tokens = grad_loss.index_select(0, rows.idx)
+            dh, dw, db = backward_chunks(
+                hidden, weight, bias, rows, ctx.saved, grad_tokens, opts,
+                ctx.chunk_rows, ctx.use_triton, need,
+            )  # fmt: skip
         else:
             if ctx.precomputed is None:
                 raise RuntimeError(
@@ -185,20 +256,19 @@ class ChunkedDFTFunction(torch.autograd.Function):
                     "reduction='mean'/'sum' (gradients are computed in the forward pass and "
                     "consumed); use reduction='none' or recompute the loss"
                 )
-            dh, dw, db = ctx.precomputed
+            dh, dw, db = scale_precomputed(ctx.precomputed, grad_loss)
             ctx.precomputed = None
-            # gradients were computed for an upstream gradient of 1; scale in place otherwise
-            if not bool(grad_loss == 1):
-                for g in (dh, dw, db):
-                    if g is not None:
-                        g.mul_(grad_loss.to(g.dtype))
-        dw = dw.to(weight_dtype) if dw is not None else None
-        db = db.to(weight_dtype) if db is not None else None
-        return dh, dw, db, None, None, None, None
+        dw = dw.to(ctx.weight_dtype) if dw is not None else None
+        db = db.to(ctx.weight_dtype) if db is not None else None
+        return dh, dw, db, None, None, None, None, None, None
 
 
-def chunked_loss(hidden, weight, labels, bias, opts, chunk_size, use_triton):
-    """hidden (N, D), labels (N,). Returns (loss, stat sums (3,), number of valid tokens)."""
+def chunked_loss(hidden, weight, labels, bias, opts, chunk_size, use_triton,
+                 token_weights=None, old_logprobs=None):  # fmt: skip
+    """hidden (N, D), labels (N,). Returns (loss, stat sums (4,), number of valid tokens,
+    per-token log p_y (N,))."""
     rows = chunk_size or default_chunk_rows(weight.shape[0], hidden.device)
     rows = max(1, min(rows, hidden.shape[0]))  # a chunk never exceeds the tokens there are
-    return ChunkedDFTFunction.apply(hidden, weight, bias, labels, opts, rows, use_triton)
+    return ChunkedDFTFunction.apply(
+        hidden, weight, bias, labels, token_weights, old_logprobs, opts, rows, use_triton
+    )

@@ -1,10 +1,13 @@
 """The plain-torch definition of the loss: materializes all logits. The oracle of the tests.
 
 Logits are computed with F.linear in the input dtype (as a model's lm_head does) and upcast to
-fp32 (float64 inputs stay float64); everything after that is in that precision.
+fp32 (float64 inputs stay float64); everything after that is in that precision, and every
+gradient comes from torch autograd through the definitions below (sg = .detach()).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -21,17 +24,41 @@ def transform_logits(z: torch.Tensor, opts: LossOptions) -> torch.Tensor:
     return z
 
 
+def family_loss(logp_y, logp, opts: LossOptions, old_logprobs):
+    """Per-token loss of the loss_type from log p_y (n,) and the log-softmax (n, V)."""
+    if opts.loss_type == "ce":
+        return -logp_y
+    if opts.loss_type == "dft":
+        return -logp_y.detach().exp() * logp_y
+    if opts.loss_type == "power":
+        return -torch.expm1(opts.power_q * logp_y) / opts.power_q  # (1 - p^q) / q
+    if opts.loss_type == "eaft":
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(-1)
+            vocab = logp.shape[-1]
+            w = (entropy.clamp(min=0) / (math.log(vocab) if vocab > 1 else 1.0)) ** opts.eaft_alpha
+        return -w * logp_y
+    if opts.loss_type == "psft":
+        ratio = torch.exp(logp_y - old_logprobs)
+        eps = opts.clip_eps
+        return -torch.minimum(ratio, ratio.clamp(1 - eps, 1 + eps))
+    raise AssertionError(f"unhandled loss_type {opts.loss_type!r}")
+
+
 def reference_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: torch.Tensor | None,
     opts: LossOptions,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (N, D), weight (V, D), labels (N,), bias (V,) or None.
+    token_weights: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (N, D), weight (V, D), labels (N,), bias (V,) or None; token_weights and
+    old_logprobs (N,) or None.
 
-    Returns (loss reduced per opts.reduction, stat sums fp32 (3,), number of valid tokens).
-    Differentiable through torch autograd.
+    Returns (loss reduced per opts.reduction, stat sums fp32 (4,), number of valid tokens,
+    per-token log p_y (N,), 0 at ignored tokens). Differentiable through torch autograd.
     """
     logits = F.linear(hidden, weight, bias)
     if logits.dtype != torch.float64:
@@ -41,34 +68,45 @@ def reference_loss(
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
     logp = torch.log_softmax(z, dim=-1)
     logp_y = logp.gather(-1, safe_labels[:, None]).squeeze(-1)
-    if opts.is_dft:
-        token_loss = -logp_y.detach().exp() * logp_y
-    else:
-        token_loss = -logp_y
-    zero = torch.zeros((), dtype=token_loss.dtype, device=token_loss.device)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    # per-token inputs at ignored positions may hold any filler; keep it out of every gradient
+    if old_logprobs is not None:
+        old_logprobs = torch.where(valid, old_logprobs.to(logp.dtype), zero)
+    if token_weights is not None:
+        token_weights = torch.where(valid, token_weights.to(logp.dtype), zero)
+    token_loss = family_loss(logp_y, logp, opts, old_logprobs)
+    lse = torch.logsumexp(z, dim=-1)
+    if opts.label_smoothing > 0:
+        uniform_nll = -logp.mean(-1)  # -(1/V) sum_j log p_j
+        token_loss = (1 - opts.label_smoothing) * token_loss + opts.label_smoothing * uniform_nll
+    if opts.z_loss > 0:
+        token_loss = token_loss + opts.z_loss * lse.square()
+    if token_weights is not None:
+        token_loss = token_loss * token_weights
     token_loss = torch.where(valid, token_loss, zero)
     num_valid = valid.sum()
 
-    if not opts.return_stats:
-        stat_sums = torch.zeros(3, dtype=torch.float32, device=z.device)
-    else:
-        stat_sums = _stat_sums(z, logp, logp_y, safe_labels, valid)
+    if opts.return_stats:
+        stat_sums = _stat_sums(z, logp, logp_y, lse, safe_labels, valid)
+    else:  # no extra logits-sized temporaries when not asked
+        stat_sums = torch.zeros(4, dtype=torch.float32, device=z.device)
     if opts.reduction == "none":
         loss = token_loss
     elif opts.reduction == "sum":
         loss = token_loss.sum()
     else:
         loss = token_loss.sum() / num_valid.clamp(min=1)
-    return loss, stat_sums, num_valid
+    logprobs = torch.where(valid, logp_y.detach(), zero)
+    return loss, stat_sums, num_valid, logprobs
 
 
 @torch.no_grad()
-def _stat_sums(z, logp, logp_y, safe_labels, valid):
-    """fp32 (3,): sums over valid tokens of -log p_y, entropy, and label logit == row max."""
+def _stat_sums(z, logp, logp_y, lse, safe_labels, valid):
+    """fp32 (4,): sums over valid tokens of -log p_y, entropy, label logit == row max, lse."""
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     # clamp keeps 0 * log 0 = 0 for underflowed probabilities while NaN still propagates
     entropy = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
     z_y = z.gather(-1, safe_labels[:, None]).squeeze(-1)
     correct = (z_y >= z.max(-1).values).to(logp.dtype)
-    per_token = torch.stack([-logp_y.detach(), entropy, correct], dim=-1)
+    per_token = torch.stack([-logp_y.detach(), entropy, correct, lse], dim=-1)
     return torch.where(valid[:, None], per_token, zero).sum(0).float()

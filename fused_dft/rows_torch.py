@@ -1,15 +1,15 @@
-"""Per-row loss, statistics and logit gradient in torch ops: the chunked path's CPU backend.
+"""Row statistics and logit gradients of a logits chunk in torch ops: the chunked path's CPU backend.
 
-Given a chunk of raw logits x (n, V) in fp32/fp64, for each row:
-    z = transform(x)                      (logit_scale, then softcap)
-    m = max(z); e = exp(z - m); s = sum(e); lse = m + log(s)
-    log p_y = z_y - lse;  p_y = exp(log p_y)
-    loss = -log p_y (ce)  or  -p_y * log p_y (dft)
-    entropy = lse - sum(softmax(z) * z) = log(s) - sum(e * (z - m)) / s
-and, when coef is given, the gradient of coef * loss w.r.t. the raw logits, written into x:
-    dz = coef * w * (softmax(z) - onehot(y)),  w = p_y (dft) or 1 (ce)
-    dx = dz * (1 - tanh^2) * logit_scale     (the softcap and scale chain rule)
-Every step works in place on x so a chunk costs one (n, V) buffer (two with softcap).
+Two steps over a chunk of raw logits x (n, V) in fp32/fp64, both in place on x so a chunk costs
+one (n, V) buffer (two with softcap, which keeps 1 - tanh^2 for the chain rule):
+
+  rows_partials_: z = transform(x); the partials of partials.py (m, s, t, z_y, sum_z) per row;
+                  x is left holding e = exp(z - m).
+  rows_grad_:     from e (or from raw logits with rows_grad_from_logits_), given the row's global
+                  lse and coefficients (a, b, u) of weights.py:
+                      dz = a * exp(z - lse) - b * onehot(y) - u
+                      dx = dz * (1 - tanh^2 if softcap) * logit_scale    written into x.
+Labels outside [0, V) (a vocab shard that does not hold the label) give z_y = 0 and no one-hot.
 """
 
 from __future__ import annotations
@@ -21,55 +21,73 @@ from .options import LossOptions
 _ENTROPY_ROWS = 64  # rows per temporary when summing e * (z - m) for the entropy
 
 
-def rows_loss_and_grad(
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    coef: torch.Tensor | None,
-    opts: LossOptions,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (n, V) float, overwritten; labels (n,) in [0, V); coef (n,) or None.
-
-    Returns (token_loss (n,), per-row stats (n, 3) = [-log p_y, entropy, correct]); the entropy
-    (one more pass over x) is computed only when opts.return_stats is set, else it is 0.
-    """
-    # 1. logit transforms; keep 1 - tanh^2 for the softcap chain rule
+def transform_(x: torch.Tensor, opts: LossOptions, keep_dtanh: bool) -> torch.Tensor | None:
+    """x <- softcap * tanh(logit_scale * x / softcap) in place; returns 1 - tanh^2 if asked."""
     if opts.logit_scale != 1.0:
         x.mul_(opts.logit_scale)
     dtanh = None
     if opts.softcap is not None:
         x.div_(opts.softcap).tanh_()
-        if coef is not None:
+        if keep_dtanh:
             dtanh = 1.0 - x * x
         x.mul_(opts.softcap)
-    # 2. target logit, row max (also gives accuracy: ties count as correct)
-    z_y = x.gather(1, labels[:, None]).squeeze(1)
+    return dtanh
+
+
+def _in_range(labels: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask of labels inside [0, vocab), those labels with the others replaced by 0)."""
+    inside = (labels >= 0) & (labels < vocab)
+    return inside, torch.where(inside, labels, torch.zeros_like(labels))
+
+
+def rows_partials_(x: torch.Tensor, labels: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+    """x (n, V) transformed logits, overwritten with exp(z - m). Returns partials (5, n)."""
+    inside, safe = _in_range(labels, x.shape[1])
+    z_y = torch.where(inside, x.gather(1, safe[:, None]).squeeze(1), torch.zeros_like(x[:, 0]))
+    sum_z = x.sum(1) if opts.needs_logit_sum else torch.zeros_like(z_y)
     m = x.amax(1)
-    correct = (z_y >= m).to(x.dtype)
-    # 3. shift, then sum e * (z - m) in row blocks for the entropy, then exponentiate in place
     x.sub_(m[:, None])
-    e_dot_t = None
-    if opts.return_stats:
-        e_dot_t = torch.empty_like(m)
+    t = torch.zeros_like(m)
+    if opts.needs_entropy:
         for r in range(0, x.shape[0], _ENTROPY_ROWS):
-            t = x[r : r + _ENTROPY_ROWS]
-            e_dot_t[r : r + _ENTROPY_ROWS] = (t.exp() * t).sum(1)
+            block = x[r : r + _ENTROPY_ROWS]
+            t[r : r + _ENTROPY_ROWS] = (block.exp() * block).sum(1)
     x.exp_()
     s = x.sum(1)
-    log_s = s.log()
-    lse = m + log_s
-    logp_y = z_y - lse
-    p_y = logp_y.exp()
-    token_loss = -p_y * logp_y if opts.is_dft else -logp_y
-    entropy = log_s - e_dot_t / s if e_dot_t is not None else torch.zeros_like(s)
-    stats = torch.stack([-logp_y, entropy, correct], dim=1)
+    return torch.stack([m, s, t, z_y, sum_z])
 
-    # 4. gradient w.r.t. the raw logits, in place
-    if coef is not None:
-        w = coef.to(x.dtype) * p_y if opts.is_dft else coef.to(x.dtype)
-        x.mul_((w / s)[:, None])
-        x.scatter_add_(1, labels[:, None], -w[:, None])
-        if dtanh is not None:
-            x.mul_(dtanh)
-        if opts.logit_scale != 1.0:
-            x.mul_(opts.logit_scale)
-    return token_loss, stats
+
+def rows_grad_(
+    e: torch.Tensor,
+    labels: torch.Tensor,
+    softmax_scale: torch.Tensor,
+    coefs: torch.Tensor,
+    dtanh: torch.Tensor | None,
+    opts: LossOptions,
+) -> torch.Tensor:
+    """e (n, V) = exp(z - c_row) for any per-row shift c_row, with softmax = e * softmax_scale
+    (softmax_scale = exp(c_row - lse)); coefs (3, n) = (a, b, u). Writes dx into e, returns it."""
+    a, b, u = coefs.to(e.dtype).unbind(0)
+    e.mul_((a * softmax_scale.to(e.dtype))[:, None])
+    inside, safe = _in_range(labels, e.shape[1])
+    e.scatter_add_(1, safe[:, None], torch.where(inside, -b, torch.zeros_like(b))[:, None])
+    if opts.label_smoothing > 0:
+        e.sub_(u[:, None])
+    if dtanh is not None:
+        e.mul_(dtanh)
+    if opts.logit_scale != 1.0:
+        e.mul_(opts.logit_scale)
+    return e
+
+
+def rows_grad_from_logits_(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    coefs: torch.Tensor,
+    opts: LossOptions,
+) -> torch.Tensor:
+    """x (n, V) raw logits (fp32/fp64), overwritten with dx given each row's lse and coefs."""
+    dtanh = transform_(x, opts, keep_dtanh=True)
+    x.sub_(lse.to(x.dtype)[:, None]).exp_()
+    return rows_grad_(x, labels, torch.ones_like(lse), coefs, dtanh, opts)

@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loss import fused_linear_dft_loss, validate_options
-from .options import LossOptions
+from .loss import fused_linear_dft_loss, make_options, validate_impl
 
 STATE_ATTR = "_fused_dft_patch"
 # Batch figures of the fused pass attached to the output (detached; means over the valid tokens).
@@ -135,7 +134,8 @@ def patch_model(
         )
     chunk_size = loss_options.get("chunk_size")
     ignore_index = loss_options.get("ignore_index", -100)
-    validate_options(LossOptions(loss_type=loss_type, ignore_index=ignore_index), impl, chunk_size)
+    make_options(loss_type=loss_type, ignore_index=ignore_index)
+    validate_impl(impl, chunk_size)
 
     target = _causal_lm(model)
     if is_patched(target):

@@ -1,8 +1,8 @@
 """Fused backward: recompute each logits tile, form its gradient in registers, accumulate dh and dW.
 
 Grid (token blocks, vocab tiles). A program recomputes x = h W_tile^T (+ b), z = transform(x), and
-    dz = coef * (exp(z - lse) - onehot(y)) * (1 - tanh^2 if softcap) * logit_scale
-with coef = upstream gradient * (p_y for dft, 1 for ce) per token. Then, over D in BLOCK_D steps,
+    dz = (a * exp(z - lse) - b * onehot(y) - u) * (1 - tanh^2 if softcap) * logit_scale
+with the per-token coefficients (a, b, u) of weights.py times the upstream gradient. Then, over D in BLOCK_D steps,
     dh[rows, d]  += dz   @ W[cols, d]     (atomic, fp32)
     dW[cols, d]  += dz^T @ h[rows, d]     (atomic, fp32)
     db[cols]     += sum_rows dz           (atomic, fp32)
@@ -29,6 +29,7 @@ def _dft_bwd_kernel(
     labels_ptr,
     lse_ptr,
     coef_ptr,
+    n_coef,
     dh_ptr,
     dw_ptr,
     db_ptr,
@@ -47,6 +48,7 @@ def _dft_bwd_kernel(
     COMPUTE_DH: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
+    HAS_UNIFORM: tl.constexpr,
     UPCAST: tl.constexpr,
     FP32_IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -70,9 +72,13 @@ def _dft_bwd_kernel(
     # 2. gradient of the tile; rows past N and columns past V are zeroed
     y = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
-    onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
-    dz = coef[:, None] * (tl.exp(z - lse[:, None]) - onehot)
+    a = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
+    b = tl.load(coef_ptr + n_coef + rows, mask=row_mask, other=0.0)
+    dz = a[:, None] * tl.exp(z - lse[:, None])
+    dz -= tl.where(cols[None, :] == y[:, None], b[:, None], 0.0)
+    if HAS_UNIFORM:
+        u = tl.load(coef_ptr + 2 * n_coef + rows, mask=row_mask, other=0.0)
+        dz -= u[:, None]
     if HAS_SOFTCAP:
         dz = dz * (1.0 - th * th)
     if HAS_SCALE:
@@ -136,13 +142,14 @@ def dft_bwd(
     row_idx: torch.Tensor,
     labels: torch.Tensor,
     lse: torch.Tensor,
-    coef: torch.Tensor,
+    coefs: torch.Tensor,
     opts: LossOptions,
     need: tuple[bool, bool, bool],
     config: FusedConfig = DEFAULT_CONFIG,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """hidden (N, D) any strides; row_idx (n,) int64 rows of hidden that are non-ignored tokens;
-    labels, lse and coef (n,) per such token. need = (dh, dW, db).
+    labels and lse (n,) per such token, coefs (3, n) their (a, b, u) times the upstream gradient.
+    need = (dh, dW, db).
 
     Returns dh (N, D) in hidden's dtype (zero at rows not in row_idx), dW (V, D) fp32, db (V,)
     fp32; None where not needed.
@@ -165,13 +172,14 @@ def dft_bwd(
         grid = (triton.cdiv(stop - start, block_n), triton.cdiv(v, config.block_v))
         _dft_bwd_kernel[grid](
             hidden, weight, bias if bias is not None else weight,
-            row_idx[start:stop], labels[start:stop], lse[start:stop], coef[start:stop],
+            row_idx[start:stop], labels[start:stop], lse[start:stop], coefs[:, start:stop], n,
             dh_c if dh_c is not None else lse, dw if dw is not None else lse,
             db if db is not None else lse,
             stop - start, v, d,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             float(opts.logit_scale), float(opts.softcap or 1.0),
             COMPUTE_DH=need[0], COMPUTE_DW=need[1], COMPUTE_DB=need[2],
+            HAS_UNIFORM=opts.label_smoothing > 0,
             **launch_flags(hidden, bias, opts, config),
         )  # fmt: skip
         if dh is not None:

@@ -5,8 +5,8 @@ tiles; for each tile it computes x = h W_tile^T (+ b) over D in BLOCK_D steps, z
 updates per token
     m = running max,  s = sum exp(z - m),  t = sum exp(z - m) (z - m),  z_y (when y is in the tile);
 on a new max m': s <- s exp(m - m'), t <- exp(m - m') (t + (m - m') s).
-Partials (m, s, t, z_y) per split are merged on the host side the same way, in O(N * splits):
-    lse = m* + log s*;  entropy = lse - E[z] = log s* - t* / s*.
+Partials (m, s, t, z_y, sum z) per split are merged on the host side the same way, in
+O(N * splits) (partials.merge): lse = m* + log s*;  entropy = lse - E[z] = log s* - t* / s*.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ..options import LossOptions
+from ..partials import NUM_PARTIALS, merge
 from .common import new_output, transform_logits, upcast_for_interpreter
 
 
@@ -109,6 +110,7 @@ def _dft_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     FP32_IEEE: tl.constexpr,
+    NEED_SUM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -125,6 +127,7 @@ def _dft_fwd_kernel(
     s = tl.zeros([BLOCK_N], tl.float32)
     t = tl.zeros([BLOCK_N], tl.float32)
     z_y = tl.zeros([BLOCK_N], tl.float32)
+    sum_z = tl.zeros([BLOCK_N], tl.float32)
     v_begin = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
     offs_v = tl.arange(0, BLOCK_V)
@@ -148,8 +151,10 @@ def _dft_fwd_kernel(
         t = alpha * (t + tl.where(m > float("-inf"), m - m_new, 0.0) * s)
         t += tl.sum(e * tl.where(col_mask[None, :], z - m_new[:, None], 0.0), 1)
         s = s * alpha + tl.sum(e, 1)
-        # 3. target logit: only the tile holding y contributes
+        # 3. target logit: only the tile holding y contributes; sum of z for label smoothing
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
+        if NEED_SUM:
+            sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
         m = m_new
 
     base = part_ptr + split * N + rows
@@ -158,6 +163,7 @@ def _dft_fwd_kernel(
     tl.store(base + plane, s, mask=row_mask)
     tl.store(base + 2 * plane, t, mask=row_mask)
     tl.store(base + 3 * plane, z_y, mask=row_mask)
+    tl.store(base + 4 * plane, sum_z, mask=row_mask)
 
 
 def dft_fwd(
@@ -168,36 +174,30 @@ def dft_fwd(
     labels: torch.Tensor,
     opts: LossOptions,
     config: FusedConfig = DEFAULT_CONFIG,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """hidden (N, D) any strides; row_idx (n,) int64 rows of hidden to use (the non-ignored
-    tokens; read in place, no gathered copy); labels (n,) in [0, V).
+    tokens; read in place, no gathered copy); labels (n,) (outside [0, V): no label logit).
 
-    Returns fp32 (n,) lse, z_y, row max, entropy."""
+    Returns fp32 partials (5, n) over the whole of weight's vocabulary (partials.py)."""
     n, d = row_idx.shape[0], hidden.shape[1]
     v = weight.shape[0]
     n_tiles = triton.cdiv(v, config.block_v)
     splits = min(config.vocab_splits, n_tiles)
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)  # every split owns >= 1 tile
-    part = new_output((4, splits, n), torch.float32, hidden.device)
+    part = new_output((NUM_PARTIALS, splits, n), torch.float32, hidden.device)
+    if n == 0:
+        return part[:, 0]
     grid = (triton.cdiv(n, config.block_n), splits)
     _dft_fwd_kernel[grid](
         hidden, weight, bias if bias is not None else weight, row_idx, labels, part,
         n, v, d, tiles_per_split,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         float(opts.logit_scale), float(opts.softcap or 1.0),
+        NEED_SUM=opts.needs_logit_sum,
         **launch_flags(hidden, bias, opts, config),
     )  # fmt: skip
-    m_k, s_k, t_k, z_y_k = part.unbind(0)
-    # merge the vocab splits
-    m = m_k.amax(0)
-    w_k = torch.exp(m_k - m)
-    s = (s_k * w_k).sum(0)
-    t = (w_k * (t_k + (m_k - m) * s_k)).sum(0)
-    log_s = s.log()
-    lse = m + log_s
-    entropy = log_s - t / s
-    return lse, z_y_k.sum(0), m, entropy
+    return merge(part, dim=1)
 
 
 def launch_flags(hidden, bias, opts: LossOptions, config: FusedConfig) -> dict:

@@ -1,0 +1,73 @@
+"""Per-token statistics of one vocabulary range, and how the ranges' statistics merge.
+
+Every backend reduces a token's logits z (after logit_scale / softcap) over a range of the
+vocabulary (a vocab tile of a kernel, a vocab split, a rank's shard) to five numbers:
+
+    m = max_j z_j                          s = sum_j exp(z_j - m)
+    t = sum_j exp(z_j - m) (z_j - m)       z_y = z at the label (0 if the label is not in range)
+    sum_z = sum_j z_j                      (only needed for label smoothing; 0 otherwise)
+
+Two ranges merge exactly (the online log-sum-exp): with M = max(m1, m2), a_k = exp(m_k - M),
+    s = a1 s1 + a2 s2,   t = a1 (t1 + (m1 - M) s1) + a2 (t2 + (m2 - M) s2),
+    z_y = z_y1 + z_y2,   sum_z = sum_z1 + sum_z2.
+Keeping t relative to the running max avoids the cancellation of sum e z - m sum e at |z| >> 1.
+From the whole vocabulary:
+    lse = m + log s,  log p_y = z_y - lse,  entropy H = lse - E[z] = log s - t / s,
+    correct = (z_y >= m) (the label logit is the maximum; ties count as correct).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# row order of a partials tensor (5, ...)
+M, S, T, ZY, SUMZ = range(5)
+NUM_PARTIALS = 5
+
+
+class TokenStats(NamedTuple):
+    """Per-token figures over the whole vocabulary (fp32 or fp64), from finalize()."""
+
+    lse: torch.Tensor
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    correct: torch.Tensor
+    sum_z: torch.Tensor
+    row_max: torch.Tensor
+
+
+def merge(part: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """part (5, ..., k, ...) partials of k disjoint ranges along `dim` -> (5, ...) merged."""
+    m_k, s_k, t_k, zy_k, sumz_k = part.unbind(0)
+    dim = dim - 1 if dim > 0 else dim  # dims of the unbound planes
+    m = m_k.amax(dim, keepdim=True)
+    # a range whose max is -inf has s = t = 0; shift it by 0 so exp(-inf - -inf) never appears
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    shift = m_k - m_safe
+    a_k = torch.exp(shift)
+    s = (a_k * s_k).sum(dim)
+    t = (a_k * (t_k + torch.where(s_k > 0, shift, torch.zeros_like(shift)) * s_k)).sum(dim)
+    return torch.stack([m.squeeze(dim), s, t, zy_k.sum(dim), sumz_k.sum(dim)])
+
+
+def finalize(part: torch.Tensor) -> TokenStats:
+    """part (5, n) over the whole vocabulary -> TokenStats of the n tokens."""
+    m, s, t, z_y, sum_z = part.unbind(0)
+    log_s = s.log()
+    lse = m + log_s
+    return TokenStats(
+        lse=lse,
+        logp=z_y - lse,
+        entropy=log_s - t / s,
+        correct=(z_y >= m).to(part.dtype),
+        sum_z=sum_z,
+        row_max=m,
+    )
+
+
+def stat_sums(stats: TokenStats) -> torch.Tensor:
+    """fp32 (4,): sums over the given tokens of -log p_y, entropy, correct, lse (LossStats)."""
+    per_token = torch.stack([-stats.logp, stats.entropy, stats.correct, stats.lse])
+    return per_token.sum(1).float()
