@@ -175,7 +175,7 @@ def forward_chunks(hidden, weight, bias, rows: Rows, opts: LossOptions, chunk_ro
 
 
 def backward_chunks(hidden, weight, bias, rows: Rows, saved: Saved, grad_tokens, opts,
-                    chunk_rows: int, use_triton: bool, need, shard: Shard | None = None):  # fmt: skip
+                    chunk_rows: int, use_triton: bool, need, shard: Shard | None = None):  # noqa: E501  # fmt: skip
     """reduction "none": grad_tokens (n,) upstream gradient of each selected token. Recomputes
     each chunk's logits and returns dh, dW, db (fp32) or None."""
     dh, dw, db = _new_grads(hidden, weight, need)

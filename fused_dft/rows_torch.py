@@ -1,4 +1,4 @@
-"""Row statistics and logit gradients of a logits chunk in torch ops: the chunked path's CPU backend.
+"""Row statistics and logit gradients of a logits chunk in torch ops (the chunked CPU backend).
 
 Two steps over a chunk of raw logits x (n, V) in fp32/fp64, both in place on x so a chunk costs
 one (n, V) buffer (two with softcap, which keeps 1 - tanh^2 for the chain rule):

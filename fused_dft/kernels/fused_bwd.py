@@ -2,7 +2,8 @@
 
 Grid (token blocks, vocab tiles). A program recomputes x = h W_tile^T (+ b), z = transform(x), and
     dz = (a * exp(z - lse) - b * onehot(y) - u) * (1 - tanh^2 if softcap) * logit_scale
-with the per-token coefficients (a, b, u) of weights.py times the upstream gradient. Then, over D in BLOCK_D steps,
+with the per-token coefficients (a, b, u) of weights.py times the upstream gradient. Then, over D
+in BLOCK_D steps,
     dh[rows, d]  += dz   @ W[cols, d]     (atomic, fp32)
     dW[cols, d]  += dz^T @ h[rows, d]     (atomic, fp32)
     db[cols]     += sum_rows dz           (atomic, fp32)
