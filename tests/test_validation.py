@@ -69,11 +69,99 @@ def call(impl="auto", **over):
         (dict(softcap=0.0), ValueError, "softcap must be None or a positive"),
         (dict(softcap=-3.0), ValueError, "softcap must be None or a positive"),
         (dict(chunk_size=0), ValueError, "chunk_size must be None or a positive int"),
+        # the family's parameters
+        (dict(loss_type="power", power_q=0.0), ValueError, "power_q must be > 0"),
+        (dict(loss_type="power", power_q=-1), ValueError, "power_q must be > 0"),
+        (dict(loss_type="power", power_q=float("inf")), ValueError, "power_q must be a finite"),
+        (dict(loss_type="eaft", eaft_alpha=-0.5), ValueError, "eaft_alpha must be >= 0"),
+        (
+            dict(loss_type="psft", clip_eps=0.0, old_logprobs=-torch.rand(N)),
+            ValueError,
+            "clip_eps must be > 0",
+        ),
+        (dict(z_loss=-1e-4), ValueError, "z_loss must be >= 0"),
+        (dict(z_loss=float("nan")), ValueError, "z_loss must be a finite number"),
+        (
+            dict(loss_type="ce", label_smoothing=1.0),
+            ValueError,
+            r"label_smoothing must be in \[0, 1\)",
+        ),
+        (dict(loss_type="ce", label_smoothing=-0.1), ValueError, "label_smoothing must be in"),
+        (
+            dict(label_smoothing=0.1),
+            ValueError,
+            "label_smoothing is only defined for loss_type='ce'",
+        ),
+        (
+            dict(power_q=2.0),
+            ValueError,
+            "power_q is a parameter of loss_type 'power', not of 'dft'",
+        ),
+        (
+            dict(loss_type="eaft", clip_eps=0.1),
+            ValueError,
+            "clip_eps is a parameter of loss_type 'psft'",
+        ),
+        (dict(loss_type="psft"), ValueError, "loss_type='psft' requires old_logprobs"),
+        (
+            dict(old_logprobs=-torch.rand(N)),
+            ValueError,
+            "old_logprobs is only used by loss_type='psft'",
+        ),
+        # per-token tensors
+        (
+            dict(token_weights=torch.ones(N + 1)),
+            ValueError,
+            r"token_weights must be shaped like labels \(6,\)",
+        ),
+        (
+            dict(token_weights=torch.ones(N, dtype=torch.long)),
+            TypeError,
+            "token_weights must be a floating",
+        ),
+        (
+            dict(token_weights=torch.ones(N, device="meta")),
+            ValueError,
+            "token_weights must be on labels' device",
+        ),
+        (
+            dict(token_weights=torch.ones(N).requires_grad_()),
+            ValueError,
+            "token_weights requires grad",
+        ),
+        (
+            dict(token_weights=torch.tensor([1.0, 1, float("nan"), 1, 1, 1])),
+            ValueError,
+            r"token_weights must be finite at non-ignored tokens; .*view\(-1\)\[2\] = nan",
+        ),
+        (dict(token_weights=[1.0] * N), TypeError, "token_weights must be a torch.Tensor or None"),
+        (
+            dict(loss_type="psft", old_logprobs=torch.zeros(2, 3)),
+            ValueError,
+            "old_logprobs must be shaped like labels",
+        ),
+        (
+            dict(loss_type="psft", old_logprobs=torch.tensor([0.0, -1, -1, float("-inf"), -1, -1])),
+            ValueError,
+            r"old_logprobs must be finite at non-ignored tokens; .*view\(-1\)\[3\] = -inf",
+        ),
+        (dict(return_logprobs=1), TypeError, "return_logprobs must be a bool"),
     ],
 )
 def test_bad_input(over, error, pattern):
     with pytest.raises(error, match=pattern):
         call(**over)
+
+
+def test_filler_at_ignored_tokens_is_allowed(monkeypatch):
+    """A NaN token weight or old log-prob at an ignored position is not an error (and the
+    computation starts: the no_compute fixture makes it raise its own AssertionError)."""
+    labels = torch.tensor([0, -100, 2, 1, 3, 4])
+    weights = torch.tensor([1.0, float("nan"), 1, 1, 1, 1])
+    with pytest.raises(AssertionError, match="computation started"):
+        call(labels=labels, token_weights=weights)
+    with pytest.raises(AssertionError, match="computation started"):
+        call(labels=labels, loss_type="psft", old_logprobs=-weights.abs())
 
 
 def test_unknown_impl():

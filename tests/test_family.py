@@ -1,0 +1,270 @@
+"""The reweighting family (power, eaft, psft, ce, dft) with token_weights, z_loss and label
+smoothing: every member x impl x reduction against a float64 oracle written here, independently of
+fused_dft's own reference (closed-form gradients, no autograd), and the reference against it too."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_dft
+
+from .helpers import IMPL_CASES, assert_close, make_inputs, use_impl
+
+# ragged, as in test_loss.py: 37 tokens x 40 features x 129 vocab, no dimension a tile multiple
+N, D, V = 37, 40, 129
+IGNORE = -1
+
+# each member with its parameters; psft's old log-probs are drawn around the current ones so that
+# ratios fall below, inside and above the clip range
+MEMBERS = {
+    "ce": {},
+    "ce_smoothed": {"loss_type": "ce", "label_smoothing": 0.15},
+    "dft": {},
+    "power_half": {"loss_type": "power", "power_q": 0.5},
+    "power_two": {"loss_type": "power", "power_q": 2.0},
+    "eaft": {"loss_type": "eaft", "eaft_alpha": 0.7},
+    "psft": {"loss_type": "psft", "clip_eps": 0.2},
+}
+
+
+def oracle(hidden, weight, labels, bias, upstream, *, loss_type="dft", reduction="mean",
+           logit_scale=1.0, softcap=None, token_weights=None, old_logprobs=None, power_q=1.0,
+           eaft_alpha=1.0, clip_eps=0.2, z_loss=0.0, label_smoothing=0.0,
+           ignore_index=IGNORE):  # fmt: skip
+    """float64 loss, (dh, dW, db), per-token log p and stats from the formulas of the issue."""
+    h, w = hidden.double(), weight.double()
+    x = h @ w.t() + (bias.double() if bias is not None else 0.0)
+    z = x * logit_scale
+    dz_dx = torch.full_like(z, logit_scale)
+    if softcap is not None:
+        th = torch.tanh(z / softcap)
+        z = softcap * th
+        dz_dx = dz_dx * (1 - th**2)
+    valid = labels != ignore_index
+    y = torch.where(valid, labels, 0)
+    lse = torch.logsumexp(z, 1)
+    soft = torch.exp(z - lse[:, None])
+    logp = z.gather(1, y[:, None]).squeeze(1) - lse
+    p = logp.exp()
+    entropy = lse - (soft * z).sum(1)
+    vocab = z.shape[1]
+    if loss_type == "ce":
+        loss, wt = -logp, torch.ones_like(p)
+    elif loss_type == "dft":
+        loss, wt = -p * logp, p
+    elif loss_type == "power":
+        loss, wt = (1 - p**power_q) / power_q, p**power_q
+    elif loss_type == "eaft":
+        wt = (entropy / math.log(vocab)) ** eaft_alpha
+        loss = -wt * logp
+    else:  # psft
+        r = p / old_logprobs.double().exp()
+        loss = -torch.minimum(r, r.clamp(1 - clip_eps, 1 + clip_eps))
+        wt = torch.where(r > 1 + clip_eps, 0.0, r)
+    onehot = F.one_hot(y, vocab).double()
+    # d loss / d z = wt (softmax - onehot) for the family member
+    dloss_dz = wt[:, None] * (soft - onehot)
+    if label_smoothing:
+        eps = label_smoothing
+        loss = (1 - eps) * loss + eps * (-(z - lse[:, None]).mean(1))
+        dloss_dz = (1 - eps) * dloss_dz + eps * (soft - 1.0 / vocab)
+    if z_loss:
+        loss = loss + z_loss * lse**2
+        dloss_dz = dloss_dz + 2 * z_loss * lse[:, None] * soft
+    tw = token_weights.double() if token_weights is not None else torch.ones_like(loss)
+    tw = torch.where(valid, tw, 0.0)
+    loss = torch.where(valid, loss * tw, 0.0)
+    count = max(int(valid.sum()), 1)
+    if reduction == "none":
+        total, c = loss, upstream.double()
+    elif reduction == "sum":
+        total, c = loss.sum(), upstream.double().expand(loss.shape)
+    else:
+        total, c = loss.sum() / count, upstream.double().expand(loss.shape) / count
+    dx = (c * tw)[:, None] * dloss_dz * dz_dx
+    grads = [dx @ w, dx.t() @ h] + ([dx.sum(0)] if bias is not None else [])
+    stats = {
+        "ce": (-logp)[valid].sum() / count,
+        "entropy": entropy[valid].sum() / count,
+        "lse": lse[valid].sum() / count,
+    }
+    return total, grads, torch.where(valid, logp, 0.0), stats
+
+
+def member_inputs(member, dtype=torch.float32):
+    hidden, weight, labels, bias = make_inputs(
+        N, D, V, dtype=dtype, bias=True, scale=2.0, ignore_index=IGNORE
+    )
+    opts = dict(MEMBERS[member])
+    opts.setdefault("loss_type", member)
+    extra = {
+        "token_weights": torch.rand(N, dtype=torch.float64).to(dtype) * 2,
+        "z_loss": 0.05,
+        "softcap": 3.0,
+        "logit_scale": 1.25,
+        "ignore_index": IGNORE,
+    }
+    extra["token_weights"][::5] = 0.0  # zero-weight tokens still count in the mean
+    if opts["loss_type"] == "psft":
+        ce_opts = {**extra, "loss_type": "ce"}
+        _, _, logp, _ = oracle(hidden, weight, labels, bias, torch.tensor(1.0), **ce_opts)
+        extra["old_logprobs"] = (logp + 0.4 * torch.randn(N, dtype=torch.float64)).to(dtype)
+    return hidden, weight, labels, bias, {**opts, **extra}
+
+
+def run_impl(impl, hidden, weight, labels, bias, upstream, opts):
+    h, w, b = (t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias))
+    loss, stats, logprobs = fused_dft.fused_linear_dft_loss(
+        h, w, labels, b, impl=impl, return_stats=True, return_logprobs=True, chunk_size=8, **opts
+    )
+    grads = torch.autograd.grad(loss, [h, w, b], upstream.to(loss.dtype))
+    return loss.detach(), grads, logprobs, stats
+
+
+@pytest.mark.parametrize("case", ["reference", *IMPL_CASES])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("member", list(MEMBERS))
+def test_member_matches_oracle(member, reduction, case, monkeypatch):
+    impl = use_impl(case, monkeypatch)
+    hidden, weight, labels, bias, opts = member_inputs(member)
+    upstream = torch.randn(N if reduction == "none" else (), dtype=torch.float64)
+    opts["reduction"] = reduction
+    loss, grads, logprobs, stats = run_impl(impl, hidden, weight, labels, bias, upstream, opts)
+    loss_t, grads_t, logp_t, stats_t = oracle(hidden, weight, labels, bias, upstream, **opts)
+    assert_close(loss, loss_t, "loss", rtol=1e-5, atol_frac=1e-6)
+    for name, g, g_t in zip(("dh", "dW", "db"), grads, grads_t):
+        assert_close(g, g_t, name)
+    assert_close(logprobs, logp_t, "logprobs", rtol=1e-5, atol_frac=1e-6)
+    assert bool((logprobs[labels == IGNORE] == 0).all())
+    for name in ("ce", "entropy", "lse"):
+        assert_close(getattr(stats, name), stats_t[name], f"stats.{name}", rtol=1e-4)
+
+
+# psft: the inputs must actually exercise both clip edges, or the test above proves little
+def test_psft_inputs_cross_both_clip_edges():
+    hidden, weight, labels, bias, opts = member_inputs("psft")
+    _, _, logp, _ = oracle(hidden, weight, labels, bias, torch.tensor(1.0), **opts)
+    valid = labels != IGNORE
+    ratio = (logp - opts["old_logprobs"].double()).exp()[valid]
+    assert bool((ratio > 1.2).any()) and bool((ratio < 0.8).any())
+    assert bool(((ratio > 0.8) & (ratio < 1.2)).any())
+
+
+# label smoothing is exactly torch's: loss and gradients of F.cross_entropy on the full logits
+@pytest.mark.parametrize("case", IMPL_CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_label_smoothing_is_torch_cross_entropy(case, reduction, monkeypatch):
+    impl = use_impl(case, monkeypatch)
+    hidden, weight, labels, bias = make_inputs(N, D, V, bias=True, ignore_index=IGNORE)
+    h, w, b = (t.double().requires_grad_(True) for t in (hidden, weight, bias))
+    expected = F.cross_entropy(
+        F.linear(h, w, b), labels, ignore_index=IGNORE, reduction=reduction, label_smoothing=0.3
+    )
+    upstream = torch.randn(expected.shape, dtype=torch.float64)
+    grads_t = torch.autograd.grad(expected, [h, w, b], upstream)
+    opts = dict(loss_type="ce", label_smoothing=0.3, ignore_index=IGNORE, reduction=reduction)
+    h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+    loss = fused_dft.fused_linear_dft_loss(h, w, labels, b, impl=impl, **opts)
+    grads = torch.autograd.grad(loss, [h, w, b], upstream.float())
+    assert_close(loss, expected, "loss", rtol=1e-5, atol_frac=1e-6)
+    for name, g, g_t in zip(("dh", "dW", "db"), grads, grads_t):
+        assert_close(g, g_t, name)
+
+
+# members whose loss has no stop-gradient are ordinary functions: finite differences check the
+# reference's autograd (dft and eaft are checked against the closed form above instead)
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(loss_type="ce", label_smoothing=0.2, z_loss=0.1),
+        dict(loss_type="power", power_q=0.7, softcap=2.0),
+        dict(loss_type="psft", clip_eps=0.3),
+    ],
+)
+def test_reference_gradcheck_float64(opts):
+    hidden, weight, labels, bias = make_inputs(7, 5, 11, dtype=torch.float64, bias=True)
+    extra = {"token_weights": torch.rand(7, dtype=torch.float64)}
+    if opts["loss_type"] == "psft":
+        extra["old_logprobs"] = -torch.rand(7, dtype=torch.float64) * 3
+    for reduction in ("mean", "none"):
+
+        def f(h, w, b, reduction=reduction):
+            return fused_dft.fused_linear_dft_loss(
+                h, w, labels, b, impl="reference", reduction=reduction, **opts, **extra
+            )
+
+        inputs = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_power_q_one_has_dft_gradient():
+    """power with q = 1 is loss 1 - p, whose gradient is DFT's."""
+    hidden, weight, labels, _ = make_inputs(N, D, V, dtype=torch.float64)
+    grads = []
+    for opts in (dict(loss_type="power", power_q=1.0), dict(loss_type="dft")):
+        w = weight.clone().requires_grad_(True)
+        loss = fused_dft.fused_linear_dft_loss(hidden, w, labels, **opts)
+        grads.append(torch.autograd.grad(loss, [w])[0])
+    assert_close(grads[0], grads[1], "power(q=1) vs dft dW", rtol=1e-10)
+
+
+def test_token_weights_scale_tokens_and_keep_the_mean_denominator():
+    hidden, weight, labels, _ = make_inputs(N, D, V, dtype=torch.float64)
+    tw = torch.rand(N, dtype=torch.float64)
+    tw[:4] = 0
+    per_token = fused_dft.fused_linear_dft_loss(hidden, weight, labels, reduction="none")
+    mean = fused_dft.fused_linear_dft_loss(hidden, weight, labels, token_weights=tw)
+    count = int((labels != -100).sum())
+    assert_close(mean, (per_token * tw).sum() / count, "weighted mean", rtol=1e-12)
+
+
+def test_returns_in_order_and_shapes():
+    hidden, weight, labels, _ = make_inputs(0, D, V, lead=(3, 11))
+    loss, logprobs = fused_dft.fused_linear_dft_loss(hidden, weight, labels, return_logprobs=True)
+    assert loss.shape == () and logprobs.shape == (3, 11) and not logprobs.requires_grad
+    loss, stats, logprobs = fused_dft.fused_linear_dft_loss(
+        hidden, weight, labels, return_stats=True, return_logprobs=True
+    )
+    assert int(stats.num_tokens) == int((labels != -100).sum())
+    assert float(stats.lse) > 0
+
+
+def test_patched_psft_round_trip_uses_returned_logprobs():
+    """The psft loop: this step's returned log-probs are next step's old_logprobs; at the same
+    parameters every ratio is 1, so the loss is -1 per token and the gradient is CE's."""
+    hidden, weight, labels, _ = make_inputs(N, D, V, dtype=torch.float64)
+    _, logprobs = fused_dft.fused_linear_dft_loss(hidden, weight, labels, return_logprobs=True)
+    w = weight.clone().requires_grad_(True)
+    loss = fused_dft.fused_linear_dft_loss(
+        hidden, w, labels, loss_type="psft", old_logprobs=logprobs
+    )
+    assert_close(loss, torch.tensor(-1.0, dtype=torch.float64), "psft loss", rtol=1e-12)
+    (dw,) = torch.autograd.grad(loss, [w])
+    w2 = weight.clone().requires_grad_(True)
+    ce = fused_dft.fused_linear_dft_loss(hidden, w2, labels, loss_type="ce")
+    (dw_ce,) = torch.autograd.grad(ce, [w2])
+    assert_close(dw, dw_ce, "psft dW at ratio 1 vs ce", rtol=1e-10)
+
+
+# bf16: each new member's error no worse than torch's own in bf16 (the reference run in bf16)
+@pytest.mark.parametrize("case", ["chunked", "fused"])
+@pytest.mark.parametrize("member", ["power_half", "eaft", "psft", "ce_smoothed"])
+def test_member_bf16_within_torch_error(member, case, monkeypatch):
+    impl = use_impl(case, monkeypatch)
+    hidden, weight, labels, bias, opts = member_inputs(member, dtype=torch.bfloat16)
+    opts["reduction"] = "sum"
+    upstream = torch.tensor(1.0, dtype=torch.float64)
+    loss, grads, _, _ = run_impl(impl, hidden, weight, labels, bias, upstream, opts)
+    loss_ref, grads_ref, _, _ = run_impl("reference", hidden, weight, labels, bias, upstream, opts)
+    loss_t, grads_t, _, _ = oracle(hidden, weight, labels, bias, upstream, **opts)
+    margin = 2**-8
+    err, err_torch = float((loss - loss_t).abs()), float((loss_ref - loss_t).abs())
+    assert err <= 2 * err_torch + margin * float(loss_t.abs()), (err, err_torch)
+    for name, g, g_ref, g_t in zip(("dh", "dW", "db"), grads, grads_ref, grads_t):
+        err = float((g.double() - g_t).abs().max())
+        err_torch = float((g_ref.double() - g_t).abs().max())
+        assert err <= 2 * err_torch + margin * float(g_t.abs().max()), (name, err, err_torch)
