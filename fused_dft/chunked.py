@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from . import partials as P
+from .matmul import addmm_fp32_
 from .options import LossOptions
 from .reduction import Rows, mean_scale, reduce_token_loss, scatter_rows, select_rows
 from .rows_torch import rows_grad_, rows_grad_from_logits_, rows_partials_, transform_
@@ -49,26 +50,9 @@ def default_chunk_rows(vocab: int, device: torch.device) -> int:
     return max(_MIN_CHUNK_ROWS, budget // max(vocab, 1))
 
 
-# whether torch.addmm(fp32 acc, bf16/fp16 a, b, out_dtype=fp32, out=acc) works here (CUDA only);
-# turned off for the process the first time it raises
-_mixed_addmm = {"ok": "dtype_out" in torch.ops.aten.addmm.overloads()}
-
-
 def _accumulate_outer(acc: torch.Tensor, dx: torch.Tensor, h: torch.Tensor) -> None:
-    """acc (fp32) += dx^T h with fp32 accumulation, avoiding a (V, D) temporary where possible."""
-    if dx.dtype == acc.dtype:
-        acc.addmm_(dx.t(), h)
-        return
-    if acc.is_cuda:
-        if _mixed_addmm["ok"]:
-            try:
-                torch.addmm(acc, dx.t(), h, out_dtype=acc.dtype, out=acc)
-                return
-            except (RuntimeError, TypeError):
-                _mixed_addmm["ok"] = False
-        acc.add_(dx.t() @ h)  # (V, D) temporary in the input dtype
-        return
-    acc.addmm_(dx.t().to(acc.dtype), h.to(acc.dtype))  # CPU: (n, V) fp32 temporary
+    """acc (fp32) += dx^T h with fp32 accumulation (the weight gradient of a chunk)."""
+    addmm_fp32_(acc, dx.t(), h)
 
 
 class Shard(NamedTuple):

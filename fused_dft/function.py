@@ -1,11 +1,19 @@
 """Autograd Function around the fused Triton kernels (kernels/fused_fwd.py, kernels/fused_bwd.py).
 
-The kernels read the non-ignored rows of hidden in place through an index (no gathered copy).
-Forward reduces each token's logits to its partials (partials.py) without storing any logits,
-then computes the loss and the gradient coefficients (a, b, u) in torch (weights.py); it keeps,
-per non-ignored token, lse and (a, b, u) (16 bytes). Backward recomputes the logit tiles and
-applies the coefficients times the upstream gradient, so any per-token upstream gradient
-(reduction="none") is honoured exactly.
+Forward (2*N*D*V FLOPs): the kernel reduces each non-ignored token's logits to its partials
+(partials.py) without storing any logits, reading the rows of hidden in place through an index;
+then the loss and the gradient coefficients (a, b, u) in torch (weights.py). It keeps, per
+non-ignored token, lse and (a, b, u) (16 bytes).
+Backward (6*N*D*V FLOPs): for each chunk of at most TOKEN_CHUNK tokens and each chunk of vocab
+columns that fits the dz scratch (DZ_SCRATCH_BYTES), the dz kernel recomputes the logits and
+writes their gradient (coefficients times the upstream gradient, so any per-token upstream
+gradient, reduction="none", is exact), then cuBLAS GEMMs with fp32 accumulation:
+    dW[cols] = dz^T h_rows   (written once, in the weight's dtype, when one token chunk covers
+                              every token; else accumulated in an fp32 dW over token chunks)
+    dh_rows += dz W[cols]    (an fp32 accumulator of token-chunk x D)
+    db[cols] += sum_rows dz
+No atomics: the gradients are bitwise reproducible. Memory beyond the gradients: the dz scratch,
+the fp32 dh accumulator of one token chunk and a gathered copy of its hidden rows.
 """
 
 from __future__ import annotations
@@ -13,8 +21,9 @@ from __future__ import annotations
 import torch
 
 from . import partials as P
+from .matmul import addmm_fp32_
 from .options import LossOptions
-from .reduction import mean_scale, reduce_token_loss, scatter_rows, select_rows
+from .reduction import Rows, mean_scale, reduce_token_loss, scatter_rows, select_rows
 from .weights import token_terms
 
 
@@ -40,8 +49,6 @@ class FusedLinearDFTFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums, _grad_num, _grad_logprobs):
-        from .kernels.fused_bwd import dft_bwd
-
         opts, rows = ctx.opts, ctx.rows
         hidden, weight, bias, lse, coefs = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
@@ -50,12 +57,68 @@ class FusedLinearDFTFunction(torch.autograd.Function):
         else:
             upstream = grad_loss.float() * mean_scale(opts, rows, torch.float32)
         coefs = (coefs * upstream).contiguous()
-        dh, dw, db = dft_bwd(
-            hidden, weight, bias, rows.idx, rows.labels, lse, coefs, opts, need, ctx.config
-        )
-        dw = dw.to(weight.dtype) if dw is not None else None
-        db = db.to(bias.dtype) if db is not None else None
+        dh, dw, db = fused_backward(hidden, weight, bias, rows, lse, coefs, opts, need, ctx.config)
         return dh, dw, db, None, None, None, None, None
+
+
+# bytes of the logit-gradient scratch (token chunk x vocab chunk) and the most tokens per chunk
+# (the fp32 dh accumulator is TOKEN_CHUNK x D x 4 bytes)
+DZ_SCRATCH_BYTES = 256 * 2**20
+TOKEN_CHUNK = 16384
+_COLUMN_MULTIPLE = 128  # vocab chunks a multiple of the GEMM tile
+
+
+def fused_backward(hidden, weight, bias, rows: Rows, lse, coefs, opts: LossOptions, need, config):
+    """dh (N, D) in hidden's dtype (zero at rows not selected), dW and db in the weight's dtype,
+    each None when not needed. coefs (3, n) fp32: (a, b, u) x the upstream gradient."""
+    from .kernels.fused_bwd import dft_dz
+
+    n, (v, d) = rows.n, weight.shape
+    dev = hidden.device
+    dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need[0] else None
+    db = torch.zeros(v, dtype=torch.float32, device=dev) if need[2] else None
+    token_chunk = max(1, min(n, TOKEN_CHUNK))
+    one_pass = token_chunk == n  # every weight row's gradient is written once, in its dtype
+    dw = None
+    if need[1]:
+        dw = (
+            torch.zeros(v, d, dtype=weight.dtype if one_pass else torch.float32, device=dev)
+            if n == 0 or not one_pass
+            else torch.empty(v, d, dtype=weight.dtype, device=dev)
+        )
+    if n > 0 and any(need):
+        cols = DZ_SCRATCH_BYTES // (token_chunk * hidden.element_size())
+        cols = min(v, max(_COLUMN_MULTIPLE, cols // _COLUMN_MULTIPLE * _COLUMN_MULTIPLE))
+        scratch = torch.empty(token_chunk, cols, dtype=hidden.dtype, device=dev)
+        db_part = None
+        if db is not None:
+            blocks = -(-token_chunk // config.block_n)
+            db_part = torch.empty(blocks, cols, dtype=torch.float32, device=dev)
+        for t0 in range(0, n, token_chunk):
+            t1 = min(t0 + token_chunk, n)
+            idx = rows.idx[t0:t1]
+            h_c = hidden.index_select(0, idx) if dw is not None else None
+            dh_c = torch.zeros(t1 - t0, d, dtype=torch.float32, device=dev) if need[0] else None
+            for v0 in range(0, v, cols):
+                v1 = min(v0 + cols, v)
+                dz = scratch[: t1 - t0, : v1 - v0]
+                dft_dz(hidden, weight, bias, idx, rows.labels[t0:t1], lse[t0:t1],
+                       coefs[:, t0:t1], v0, dz, opts, config, db_part)  # fmt: skip
+                if dw is not None:
+                    if one_pass:
+                        torch.mm(dz.t(), h_c, out=dw[v0:v1])
+                    else:
+                        addmm_fp32_(dw[v0:v1], dz.t(), h_c)
+                if dh_c is not None:
+                    addmm_fp32_(dh_c, dz, weight[v0:v1])
+                if db is not None:
+                    blocks = -(-(t1 - t0) // config.block_n)
+                    db[v0:v1] += db_part[:blocks, : v1 - v0].sum(0)
+            if dh is not None:
+                dh.index_copy_(0, idx, dh_c.to(dh.dtype))
+    dw = dw.to(weight.dtype) if dw is not None else None
+    db = db.to(bias.dtype) if db is not None else None
+    return dh, dw, db
 
 
 def fused_loss(hidden, weight, labels, bias, opts, config=None, token_weights=None,

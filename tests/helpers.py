@@ -6,14 +6,15 @@ import pytest
 import torch
 
 import fused_dft
-from fused_dft.kernels import fused_bwd, fused_fwd, rows
+from fused_dft import function
+from fused_dft.kernels import fused_fwd, rows
 
 # impl cases: the public impls, plus the Triton kernels with tiles small enough that the test
 # shapes span several tiles along every axis (loops, masks, split-merging and the backward's
 # token chunks are exercised)
 IMPL_CASES = ["auto", "chunked", "chunked_small_tiles", "fused", "fused_small_tiles"]
 SMALL_FUSED = fused_fwd.FusedConfig(
-    block_n=16, block_v=32, block_d=16, num_warps=4, num_stages=1, vocab_splits=2
+    block_n=16, block_v=32, block_d=16, num_warps=4, num_stages=1, group_n=2, vocab_splits=3
 )
 
 
@@ -24,8 +25,9 @@ def use_impl(case: str, monkeypatch: pytest.MonkeyPatch) -> str:
         return "chunked"
     if case == "fused_small_tiles":
         monkeypatch.setattr(fused_fwd, "DEFAULT_CONFIG", SMALL_FUSED)
-        # dh scratch of 16 rows x 64 features: the backward runs over several token chunks
-        monkeypatch.setattr(fused_bwd, "DH_SCRATCH_ELEMENTS", 16 * 64)
+        # backward over several token chunks (fp32 dW accumulated) and several vocab chunks
+        monkeypatch.setattr(function, "TOKEN_CHUNK", 16)
+        monkeypatch.setattr(function, "DZ_SCRATCH_BYTES", 16 * 4 * 48)
         return "fused"
     return case
 

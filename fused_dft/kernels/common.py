@@ -42,3 +42,67 @@ def upcast_for_interpreter(*tensors: torch.Tensor) -> bool:
     loading. On a GPU the flag is off and bf16 tiles go to tl.dot natively."""
     t = tensors[0]
     return interpreted(t.device) and t.dtype == torch.bfloat16
+
+
+@triton.jit
+def grouped_program(pid, num_n, num_v, GROUP_N: tl.constexpr):
+    """Map a 1-D program id to (token block, vocab index) so that the programs in flight at once
+    cover GROUP_N token blocks x many vocab indices: each token block's hidden rows and each
+    vocab tile's weight rows are read by several programs while they are in L2 (the grouped
+    ordering of Triton's matmul tutorial, with the vocab index fastest inside a group)."""
+    per_group = GROUP_N * num_v
+    group = pid // per_group
+    first_n = group * GROUP_N
+    group_n = tl.minimum(num_n - first_n, GROUP_N)
+    local = pid % per_group
+    return first_n + local % group_n, local // group_n
+
+
+@triton.jit
+def logits_tile(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    src_rows,
+    cols,
+    row_mask,
+    col_mask,
+    D,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FP32_IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """x = h[src_rows] W[cols]^T (+ b[cols]) as a (BLOCK_N, BLOCK_V) fp32 tile, over D in
+    BLOCK_D steps (src_rows and cols int64: offsets pass 2^31 at 256k x 8k)."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d_start in range(0, D, BLOCK_D):
+        ds = d_start + offs_d
+        d_mask = ds < D
+        h = tl.load(
+            h_ptr + src_rows[:, None] * stride_hn + ds[None, :] * stride_hd,
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
+            mask=col_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        if FP32_IEEE:
+            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc

@@ -1,13 +1,19 @@
-"""Fused backward: recompute each logits tile, form its gradient in registers, accumulate dh and dW.
+"""Fused backward, step 1: the logit gradient of a (token chunk x vocab chunk) block, from tl.dot.
 
-Grid (token blocks, vocab tiles). A program recomputes x = h W_tile^T (+ b), z = transform(x), and
-    dz = (a * exp(z - lse) - b * onehot(y) - u) * (1 - tanh^2 if softcap) * logit_scale
-with the per-token coefficients (a, b, u) of weights.py times the upstream gradient. Then, over D
-in BLOCK_D steps,
-    dh[rows, d]  += dz   @ W[cols, d]     (atomic, fp32)
-    dW[cols, d]  += dz^T @ h[rows, d]     (atomic, fp32)
-    db[cols]     += sum_rows dz           (atomic, fp32)
-The matmul work is 8*N*D*V FLOPs (the tile is recomputed); memory beyond the fp32 gradients is O(1).
+Work: 2*n*D*Vc FLOPs per block (the logits recomputed), one store of the block.
+
+The backward of the fused path (function.py) walks the vocabulary in chunks of Vc columns (and the
+tokens in chunks when there are many) with a bounded scratch buffer dz (n_c x Vc):
+    1. this kernel: x = h W_c^T (+ b_c), z = transform(x),
+           dz = (a * exp(z - lse) - b * onehot(y) - u) * (1 - tanh^2 if softcap) * logit_scale
+       with each token's lse from the forward and (a, b, u) of weights.py times the upstream
+       gradient, stored in the input dtype (the tensor-core operand of the next two steps);
+    2. dW_c = dz^T h_c and dh_c += dz W_c, cuBLAS GEMMs with fp32 accumulation;  db_c = sum dz.
+No atomics, so gradients are bitwise reproducible, and every weight row's gradient is written once
+(per token chunk). In all 6*N*D*V FLOPs for the backward, 8*N*D*V with the forward.
+
+Grid: one program per (token block, vocab tile) of the block, in the grouped order of
+kernels.common.grouped_program (hidden rows and weight tiles reused in L2).
 """
 
 from __future__ import annotations
@@ -17,12 +23,12 @@ import triton
 import triton.language as tl
 
 from ..options import LossOptions
-from .common import transform_logits
-from .fused_fwd import DEFAULT_CONFIG, FusedConfig, launch_flags, logits_tile
+from .common import grouped_program, logits_tile, transform_logits
+from .fused_fwd import DEFAULT_CONFIG, FusedConfig, launch_flags
 
 
 @triton.jit
-def _dft_bwd_kernel(
+def _dft_dz_kernel(
     h_ptr,
     w_ptr,
     b_ptr,
@@ -30,12 +36,14 @@ def _dft_bwd_kernel(
     labels_ptr,
     lse_ptr,
     coef_ptr,
-    n_coef,
-    dh_ptr,
-    dw_ptr,
+    stride_coef,
+    dz_ptr,
+    stride_dzn,
     db_ptr,
+    stride_dbn,
     N,
-    V,
+    V_chunk,
+    v_start,
     D,
     stride_hn,
     stride_hd,
@@ -46,20 +54,23 @@ def _dft_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_DH: tl.constexpr,
-    COMPUTE_DW: tl.constexpr,
-    COMPUTE_DB: tl.constexpr,
     HAS_UNIFORM: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
     UPCAST: tl.constexpr,
     FP32_IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    pid_n, pid_v = grouped_program(
+        tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V_chunk, BLOCK_V), GROUP_N
+    )
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    local_cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = local_cols + v_start
     row_mask = rows < N
-    col_mask = cols < V
+    col_mask = local_cols < V_chunk
     src_rows = tl.load(idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
 
     # 1. recompute the logits tile
@@ -70,73 +81,34 @@ def _dft_bwd_kernel(
     )  # fmt: skip
     z, th = transform_logits(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
 
-    # 2. gradient of the tile; rows past N and columns past V are zeroed
+    # 2. its gradient: a softmax - b onehot - u, then the softcap / scale chain rule
     y = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     a = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
-    b = tl.load(coef_ptr + n_coef + rows, mask=row_mask, other=0.0)
+    b = tl.load(coef_ptr + stride_coef + rows, mask=row_mask, other=0.0)
     dz = a[:, None] * tl.exp(z - lse[:, None])
     dz -= tl.where(cols[None, :] == y[:, None], b[:, None], 0.0)
     if HAS_UNIFORM:
-        u = tl.load(coef_ptr + 2 * n_coef + rows, mask=row_mask, other=0.0)
+        u = tl.load(coef_ptr + 2 * stride_coef + rows, mask=row_mask, other=0.0)
         dz -= u[:, None]
     if HAS_SOFTCAP:
         dz = dz * (1.0 - th * th)
     if HAS_SCALE:
         dz = dz * logit_scale
-    dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+
+    # 3. one store of the block, in the scratch's dtype; the bias gradient's column sums of this
+    #    token block in fp32 (summed over token blocks by the caller: no atomics)
     if COMPUTE_DB:
-        tl.atomic_add(db_ptr + cols, tl.sum(dz, 0), mask=col_mask)
-    if not UPCAST:
-        dz = dz.to(h_ptr.dtype.element_ty)  # tensor-core operand on the GPU (fp32 stays fp32)
-
-    # 3. dh += dz W_tile and dW_tile += dz^T h, one BLOCK_D slice at a time
-    offs_d = tl.arange(0, BLOCK_D)
-    for d_start in range(0, D, BLOCK_D):
-        ds = d_start + offs_d
-        d_mask = ds < D
-        if COMPUTE_DH:
-            w = tl.load(
-                w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
-                mask=col_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                w = w.to(tl.float32)
-            if FP32_IEEE:
-                dh = tl.dot(dz, w, input_precision="ieee")
-            else:
-                dh = tl.dot(dz, w)
-            tl.atomic_add(
-                dh_ptr + rows[:, None] * D + ds[None, :],
-                dh,
-                mask=row_mask[:, None] & d_mask[None, :],
-            )
-        if COMPUTE_DW:
-            h = tl.load(
-                h_ptr + src_rows[:, None] * stride_hn + ds[None, :] * stride_hd,
-                mask=row_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                h = h.to(tl.float32)
-            if FP32_IEEE:
-                dw = tl.dot(tl.trans(dz), h, input_precision="ieee")
-            else:
-                dw = tl.dot(tl.trans(dz), h)
-            tl.atomic_add(
-                dw_ptr + cols[:, None] * D + ds[None, :],
-                dw,
-                mask=col_mask[:, None] & d_mask[None, :],
-            )
+        dz_valid = tl.where(row_mask[:, None], dz, 0.0)
+        tl.store(db_ptr + pid_n * stride_dbn + local_cols, tl.sum(dz_valid, 0), mask=col_mask)
+    tl.store(
+        dz_ptr + rows[:, None] * stride_dzn + local_cols[None, :],
+        dz.to(dz_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
 
 
-# fp32 scratch for dh is bounded to this many elements (64 MB): tokens are processed in chunks
-# and each chunk's dh is cast into the output before the next one starts
-DH_SCRATCH_ELEMENTS = 16 * 2**20
-
-
-def dft_bwd(
+def dft_dz(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -144,45 +116,37 @@ def dft_bwd(
     labels: torch.Tensor,
     lse: torch.Tensor,
     coefs: torch.Tensor,
+    v_start: int,
+    out: torch.Tensor,
     opts: LossOptions,
-    need: tuple[bool, bool, bool],
     config: FusedConfig = DEFAULT_CONFIG,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """hidden (N, D) any strides; row_idx (n,) int64 rows of hidden that are non-ignored tokens;
-    labels and lse (n,) per such token, coefs (3, n) their (a, b, u) times the upstream gradient.
-    need = (dh, dW, db).
+    db_partial: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logit gradient of tokens row_idx (n,) x vocab columns [v_start, v_start + out.shape[1]).
 
-    Returns dh (N, D) in hidden's dtype (zero at rows not in row_idx), dW (V, D) fp32, db (V,)
-    fp32; None where not needed.
+    hidden (N, D) any strides (rows read in place through row_idx); labels and lse (n,);
+    coefs (3, n') fp32 = (a, b, u) x upstream, any view whose rows are n-long slices with
+    stride coefs.stride(0); out (n, Vc) with unit column stride, overwritten.
+    db_partial: None, or fp32 (>= cdiv(n, block_n), >= Vc) with unit column stride, whose first
+    rows receive the column sums of dz per token block (fp32, before dz is rounded to out's dtype).
     """
-    n, d = row_idx.shape[0], hidden.shape[1]
-    v = weight.shape[0]
-    dev = hidden.device
-    dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need[0] else None
-    dw = torch.zeros(v, d, dtype=torch.float32, device=dev) if need[1] else None
-    db = torch.zeros(v, dtype=torch.float32, device=dev) if need[2] else None
-    if n == 0 or not any(need):
-        return dh, dw, db
-    block_n = config.block_n
-    chunk = max(block_n, DH_SCRATCH_ELEMENTS // max(d, 1) // block_n * block_n)
-    chunk = min(chunk, n)
-    scratch = torch.empty(chunk, d, dtype=torch.float32, device=dev) if need[0] else None
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        dh_c = scratch[: stop - start].zero_() if scratch is not None else None
-        grid = (triton.cdiv(stop - start, block_n), triton.cdiv(v, config.block_v))
-        _dft_bwd_kernel[grid](
-            hidden, weight, bias if bias is not None else weight,
-            row_idx[start:stop], labels[start:stop], lse[start:stop], coefs[:, start:stop], n,
-            dh_c if dh_c is not None else lse, dw if dw is not None else lse,
-            db if db is not None else lse,
-            stop - start, v, d,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            float(opts.logit_scale), float(opts.softcap or 1.0),
-            COMPUTE_DH=need[0], COMPUTE_DW=need[1], COMPUTE_DB=need[2],
-            HAS_UNIFORM=opts.label_smoothing > 0,
-            **launch_flags(hidden, bias, opts, config),
-        )  # fmt: skip
-        if dh is not None:
-            dh.index_copy_(0, row_idx[start:stop], dh_c.to(dh.dtype))
-    return dh, dw, db
+    n, vc = out.shape
+    assert out.stride(1) == 1 and coefs.stride(1) == 1, "out and coefs need unit column stride"
+    assert row_idx.shape[0] == n and v_start + vc <= weight.shape[0]
+    if n == 0 or vc == 0:
+        return out
+    grid = (triton.cdiv(n, config.block_n) * triton.cdiv(vc, config.block_v),)
+    _dft_dz_kernel[grid](
+        hidden, weight, bias if bias is not None else weight, row_idx, labels, lse,
+        coefs, coefs.stride(0), out, out.stride(0),
+        db_partial if db_partial is not None else out,
+        db_partial.stride(0) if db_partial is not None else 0,
+        n, vc, v_start, hidden.shape[1],
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        float(opts.logit_scale), float(opts.softcap or 1.0),
+        HAS_UNIFORM=opts.label_smoothing > 0,
+        COMPUTE_DB=db_partial is not None,
+        GROUP_N=config.group_n,
+        **launch_flags(hidden, bias, opts, config),
+    )  # fmt: skip
+    return out

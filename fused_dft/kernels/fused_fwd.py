@@ -1,12 +1,19 @@
-"""Fused forward: logit tiles from tl.dot, online log-sum-exp, target logit; no logits in memory.
+"""Fused forward: logit tiles from tl.dot reduced to per-token partials; no logits in memory.
 
-Grid (token blocks, vocab splits). A program owns BLOCK_N tokens and a contiguous range of vocab
-tiles; for each tile it computes x = h W_tile^T (+ b) over D in BLOCK_D steps, z = transform(x), and
-updates per token
-    m = running max,  s = sum exp(z - m),  t = sum exp(z - m) (z - m),  z_y (when y is in the tile);
-on a new max m': s <- s exp(m - m'), t <- exp(m - m') (t + (m - m') s).
-Partials (m, s, t, z_y, sum z) per split are merged on the host side the same way, in
-O(N * splits) (partials.merge): lse = m* + log s*;  entropy = lse - E[z] = log s* - t* / s*.
+Work: 2*N*D*V FLOPs (the logits matmul) and, per token, 5 fp32 partials per vocab split.
+
+Grid: one program per (token block, vocab split), ordered by kernels.common.grouped_program so
+that the programs in flight at once cover GROUP_N token blocks x the splits: the hidden block
+(BLOCK_N x D) of a token block stays in L2 while its splits stream their weight tiles, and each
+weight tile is read from HBM about once per group instead of once per token block. A program owns
+BLOCK_N tokens and a contiguous range of vocab tiles; for each tile it computes
+x = h W_tile^T (+ b) over D in BLOCK_D steps (tensor cores: wgmma on sm_90), z = transform(x),
+and updates per token (online log-sum-exp, one exp per element):
+    m' = max(m, max_j z_j);  alpha = exp(m - m');  e_j = exp(z_j - m')
+    s <- alpha s + sum e;  t <- alpha (t + (m - m') s) + sum e (z - m');  z_y, sum z.
+The number of splits is chosen from the SM count and the number of token blocks so that about one
+wave of programs is one group (small batches still fill the GPU). Partials (5, splits, n) are
+merged in O(n * splits) by partials.merge: lse = m + log s, entropy = log s - t / s.
 """
 
 from __future__ import annotations
@@ -19,72 +26,31 @@ import triton.language as tl
 
 from ..options import LossOptions
 from ..partials import NUM_PARTIALS, merge
-from .common import new_output, transform_logits, upcast_for_interpreter
+from .common import (
+    grouped_program,
+    logits_tile,
+    new_output,
+    transform_logits,
+    upcast_for_interpreter,
+)
 
 
 @dataclass(frozen=True)
 class FusedConfig:
-    """Tile sizes of the fused kernels (powers of two, >= 16 for tl.dot)."""
+    """Tiles and launch options of the fused kernels (tile sizes powers of two, >= 16)."""
 
     block_n: int = 64
     block_v: int = 128
     block_d: int = 64
     num_warps: int = 8
     num_stages: int = 2
-    # forward: programs per token block along the vocabulary (partials merged on the host)
-    vocab_splits: int = 8
+    # token blocks per group of the grouped program order (L2 reuse)
+    group_n: int = 8
+    # forward: vocab splits per token block; None = chosen from the SM count and the tokens
+    vocab_splits: int | None = None
 
 
 DEFAULT_CONFIG = FusedConfig()
-
-
-@triton.jit
-def logits_tile(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    src_rows,
-    cols,
-    row_mask,
-    col_mask,
-    D,
-    stride_hn,
-    stride_hd,
-    stride_wv,
-    stride_wd,
-    HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    FP32_IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """x = h[src_rows] W[cols]^T (+ b[cols]) as a (BLOCK_N, BLOCK_V) fp32 tile."""
-    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-    offs_d = tl.arange(0, BLOCK_D)
-    for d_start in range(0, D, BLOCK_D):
-        ds = d_start + offs_d
-        d_mask = ds < D
-        h = tl.load(
-            h_ptr + src_rows[:, None] * stride_hn + ds[None, :] * stride_hd,
-            mask=row_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
-            mask=col_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        if FP32_IEEE:
-            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(h, tl.trans(w), acc)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    return acc
 
 
 @triton.jit
@@ -99,6 +65,7 @@ def _dft_fwd_kernel(
     V,
     D,
     tiles_per_split,
+    num_splits,
     stride_hn,
     stride_hd,
     stride_wv,
@@ -110,14 +77,14 @@ def _dft_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     FP32_IEEE: tl.constexpr,
+    NEED_ENTROPY: tl.constexpr,
     NEED_SUM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
+    pid_n, split = grouped_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     src_rows = tl.load(idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
@@ -147,16 +114,18 @@ def _dft_fwd_kernel(
         m_new = tl.maximum(m, tl.max(z, 1))
         alpha = tl.exp(m - m_new)
         e = tl.exp(z - m_new[:, None])
-        # t relative to the running max: sum e * (z - m), no cancellation at |z| >> 1
-        t = alpha * (t + tl.where(m > float("-inf"), m - m_new, 0.0) * s)
-        t += tl.sum(e * tl.where(col_mask[None, :], z - m_new[:, None], 0.0), 1)
+        if NEED_ENTROPY:
+            # relative to the running max: no cancellation at |z| >> 1
+            t = alpha * (t + tl.where(s > 0, m - m_new, 0.0) * s)
+            t += tl.sum(e * tl.where(col_mask[None, :], z - m_new[:, None], 0.0), 1)
         s = s * alpha + tl.sum(e, 1)
-        # 3. target logit: only the tile holding y contributes; sum of z for label smoothing
+        m = m_new
+        # 3. label logit (only the tile holding y contributes); sum of z for label smoothing
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
         if NEED_SUM:
             sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
-        m = m_new
 
+    # 4. partials (5, splits, N)
     base = part_ptr + split * N + rows
     plane = num_splits * N
     tl.store(base, m, mask=row_mask)
@@ -164,6 +133,33 @@ def _dft_fwd_kernel(
     tl.store(base + 2 * plane, t, mask=row_mask)
     tl.store(base + 3 * plane, z_y, mask=row_mask)
     tl.store(base + 4 * plane, sum_z, mask=row_mask)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); 1 elsewhere."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def vocab_splits(n: int, v: int, device: torch.device, config: FusedConfig) -> tuple[int, int]:
+    """(splits, vocab tiles per split): config.vocab_splits if set, else enough splits that one
+    wave of programs is about one group of min(token blocks, group_n) token blocks."""
+    n_tiles = triton.cdiv(v, config.block_v)
+    if config.vocab_splits is not None:
+        splits = config.vocab_splits
+    else:
+        blocks_in_group = max(1, min(triton.cdiv(n, config.block_n), config.group_n))
+        splits = max(2, triton.cdiv(sm_count(device), blocks_in_group))
+    splits = max(1, min(splits, n_tiles))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split  # every split owns >= 1 tile
 
 
 def dft_fwd(
@@ -181,20 +177,19 @@ def dft_fwd(
     Returns fp32 partials (5, n) over the whole of weight's vocabulary (partials.py)."""
     n, d = row_idx.shape[0], hidden.shape[1]
     v = weight.shape[0]
-    n_tiles = triton.cdiv(v, config.block_v)
-    splits = min(config.vocab_splits, n_tiles)
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_split)  # every split owns >= 1 tile
+    splits, tiles_per_split = vocab_splits(n, v, hidden.device, config)
     part = new_output((NUM_PARTIALS, splits, n), torch.float32, hidden.device)
     if n == 0:
         return part[:, 0]
-    grid = (triton.cdiv(n, config.block_n), splits)
+    grid = (triton.cdiv(n, config.block_n) * splits,)
     _dft_fwd_kernel[grid](
         hidden, weight, bias if bias is not None else weight, row_idx, labels, part,
-        n, v, d, tiles_per_split,
+        n, v, d, tiles_per_split, splits,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         float(opts.logit_scale), float(opts.softcap or 1.0),
+        NEED_ENTROPY=opts.needs_entropy,
         NEED_SUM=opts.needs_logit_sum,
+        GROUP_N=config.group_n,
         **launch_flags(hidden, bias, opts, config),
     )  # fmt: skip
     return merge(part, dim=1)
