@@ -125,8 +125,15 @@ def fused_loss(hidden, weight, labels, bias, opts, config=None, token_weights=No
                old_logprobs=None):  # fmt: skip
     """hidden (N, D), labels (N,). Returns (loss, stat sums (4,), number of valid tokens,
     per-token log p_y (N,))."""
-    from .kernels.fused_fwd import DEFAULT_CONFIG
+    from .kernels.fused_fwd import pick_config
 
     return FusedLinearDFTFunction.apply(
-        hidden, weight, bias, labels, token_weights, old_logprobs, opts, config or DEFAULT_CONFIG
+        hidden,
+        weight,
+        bias,
+        labels,
+        token_weights,
+        old_logprobs,
+        opts,
+        config or pick_config(hidden),
     )

@@ -24,7 +24,8 @@ def use_impl(case: str, monkeypatch: pytest.MonkeyPatch) -> str:
         monkeypatch.setattr(rows, "DEFAULT_BLOCK_V", 32)
         return "chunked"
     if case == "fused_small_tiles":
-        monkeypatch.setattr(fused_fwd, "DEFAULT_CONFIG", SMALL_FUSED)
+        for name in ("DEFAULT_CONFIG", "FP32_TF32_CONFIG", "FP32_IEEE_CONFIG"):
+            monkeypatch.setattr(fused_fwd, name, SMALL_FUSED)
         # backward over several token chunks (fp32 dW accumulated) and several vocab chunks
         monkeypatch.setattr(function, "TOKEN_CHUNK", 16)
         monkeypatch.setattr(function, "DZ_SCRATCH_BYTES", 16 * 4 * 48)
