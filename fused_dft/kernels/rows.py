@@ -52,7 +52,7 @@ def _rows_partials_kernel(
     # 1. the label's logit (0 when the label is not in [0, V))
     y_inside = (y >= 0) & (y < V)
     x_y = tl.load(x_row + y, mask=y_inside, other=0.0).to(tl.float32)
-    z_y, _ = transform_logits(x_y, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+    z_y, _th_y = transform_logits(x_y, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
     z_y = tl.where(y_inside, z_y, 0.0)
 
     # 2. online log-sum-exp over vocab tiles; every tile has >= 1 column, so m is finite after
