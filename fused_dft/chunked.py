@@ -24,7 +24,7 @@ import torch
 from . import partials as P
 from .matmul import addmm_fp32_
 from .options import LossOptions
-from .reduction import Rows, mean_scale, reduce_token_loss, scatter_rows, select_rows
+from .reduction import Rows, chunk_of, mask_terms, mean_scale, stat_sums, token_logprobs
 from .rows_torch import rows_grad_, rows_grad_from_logits_, rows_partials_, transform_
 from .weights import token_terms
 
@@ -67,7 +67,8 @@ class Shard(NamedTuple):
 
 
 class Saved(NamedTuple):
-    """What reduction="none" keeps for backward, per selected token: lse and (a, b, u)."""
+    """What backward needs when gradients are not computed in the forward pass: per selected row,
+    lse and the coefficients (a, b, u) before the upstream gradient."""
 
     lse: torch.Tensor
     coefs: torch.Tensor
@@ -75,6 +76,15 @@ class Saved(NamedTuple):
 
 def _logits(h_c, weight, bias):
     return torch.addmm(bias, h_c, weight.t()) if bias is not None else h_c @ weight.t()
+
+
+def _gather_hidden(hidden, rows_c: Rows):
+    """The chunk's rows of hidden; rows that are not tokens (static selection) are zeroed, so a
+    non-finite value there cannot reach a logit or a weight gradient."""
+    h_c = hidden.index_select(0, rows_c.idx)
+    if rows_c.valid is not None:
+        h_c.masked_fill_(~rows_c.valid[:, None], 0)
+    return h_c
 
 
 def _apply_dx(dx, h_c, idx_c, weight, dh, dw, db):
@@ -87,7 +97,8 @@ def _apply_dx(dx, h_c, idx_c, weight, dh, dw, db):
         db += dx.sum(0, dtype=db.dtype)
 
 
-def _new_grads(hidden, weight, need):
+def new_grads(hidden, weight, need):
+    """Zeroed dh (hidden's dtype), dW and db (fp32 / fp64), None where not needed."""
     acc, dev = acc_dtype(hidden), hidden.device
     return (
         torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need[0] else None,
@@ -96,32 +107,35 @@ def _new_grads(hidden, weight, need):
     )
 
 
-def forward_chunks(hidden, weight, bias, rows: Rows, opts: LossOptions, chunk_rows: int,
-                   use_triton: bool, grad_scale, need, shard: Shard | None = None):  # fmt: skip
+def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, chunk_rows: int,
+                    use_triton: bool, need, shard: Shard | None = None):  # fmt: skip
     """hidden (N, D); rows: the selected tokens (only one chunk of them is gathered at a time).
 
-    grad_scale: None (loss only), or the device scalar c of "mean"/"sum" (gradients now).
-    Returns token_loss (n,), logp (n,), stat sums (4,), Saved (for reduction "none" with
-    gradients needed, else None), and dh (N, D; zero at other rows), dW, db (fp32) or None.
+    need = (dh, dW, db). With reduction "mean"/"sum" and a gradient needed, the gradients are
+    computed now (for an upstream gradient of 1); with "none", Saved is returned instead.
+    Returns token_loss (n,), logp (n,), stat sums (4,), Saved or None, and (dh (N, D), dW, db)
+    or None.
     """
     n = rows.n
     acc = acc_dtype(hidden)
+    dev = hidden.device
     vocab = shard.vocab if shard is not None else weight.shape[0]
-    labels = rows.labels - shard.offset if shard is not None else rows.labels
-    token_loss = torch.empty(n, dtype=acc, device=hidden.device)
-    logp = torch.empty(n, dtype=acc, device=hidden.device)
-    sums = torch.zeros(4, dtype=torch.float32, device=hidden.device)
-    grads_now = grad_scale is not None
-    keep = not grads_now and any(need)
-    saved = Saved(torch.empty_like(logp), torch.empty(3, n, dtype=acc, device=hidden.device))
-    dh, dw, db = _new_grads(hidden, weight, need) if grads_now else (None, None, None)
+    grads_now = any(need) and opts.reduction != "none"
+    keep = any(need) and not grads_now
+    token_loss = torch.empty(n, dtype=acc, device=dev)
+    logp = torch.empty(n, dtype=acc, device=dev)
+    sums = torch.zeros(4, dtype=torch.float32, device=dev)
+    saved = Saved(torch.empty(n, dtype=acc, device=dev), torch.empty(3, n, dtype=acc, device=dev))
+    grads = new_grads(hidden, weight, need) if grads_now else None
+    grad_scale = mean_scale(opts, rows, acc)
     if use_triton:
         from .kernels import rows as rows_triton
 
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
-        idx_c, y_c = rows.idx[start:stop], labels[start:stop]
-        h_c = hidden.index_select(0, idx_c)
+        rows_c = chunk_of(rows, start, stop)
+        y_c = rows_c.labels - shard.offset if shard is not None else rows_c.labels
+        h_c = _gather_hidden(hidden, rows_c)
         x = _logits(h_c, weight, bias)
         # 1. partials of this shard's vocabulary, merged across shards, per-token figures
         if use_triton:
@@ -134,14 +148,11 @@ def forward_chunks(hidden, weight, bias, rows: Rows, opts: LossOptions, chunk_ro
         if shard is not None:
             part = shard.merge(part)
         stats = P.finalize(part.to(acc))
-        terms = token_terms(
-            stats, opts, vocab,
-            None if rows.token_weights is None else rows.token_weights[start:stop],
-            None if rows.old_logprobs is None else rows.old_logprobs[start:stop],
-        )  # fmt: skip
+        terms = mask_terms(token_terms(stats, opts, vocab, rows_c.token_weights,
+                                       rows_c.old_logprobs), rows_c)  # fmt: skip
         token_loss[start:stop] = terms.loss
-        logp[start:stop] = stats.logp
-        sums += P.stat_sums(stats)
+        logp[start:stop] = token_logprobs(stats, rows_c)
+        sums += stat_sums(stats, rows_c)
         if keep:
             saved.lse[start:stop] = stats.lse
             saved.coefs[:, start:stop] = terms.scaled(1)
@@ -153,33 +164,35 @@ def forward_chunks(hidden, weight, bias, rows: Rows, opts: LossOptions, chunk_ro
             rows_triton.rows_grad_(x, y_c, stats.lse, coefs, opts)
         else:
             rows_grad_(x, y_c, torch.exp(m_local - stats.lse), coefs, dtanh, opts)
-        _apply_dx(x.to(hidden.dtype), h_c, idx_c, weight, dh, dw, db)
+        _apply_dx(x.to(hidden.dtype), h_c, rows_c.idx, weight, *grads)
         del x
-    return token_loss, logp, sums, (saved if keep else None), (dh, dw, db)
+    return token_loss, logp, sums, (saved if keep else None), grads
 
 
-def backward_chunks(hidden, weight, bias, rows: Rows, saved: Saved, grad_tokens, opts,
-                    chunk_rows: int, use_triton: bool, need, shard: Shard | None = None):  # noqa: E501  # fmt: skip
-    """reduction "none": grad_tokens (n,) upstream gradient of each selected token. Recomputes
-    each chunk's logits and returns dh, dW, db (fp32) or None."""
-    dh, dw, db = _new_grads(hidden, weight, need)
-    labels = rows.labels - shard.offset if shard is not None else rows.labels
+def chunked_backward(hidden, weight, bias, rows: Rows, saved: Saved, grad_tokens, opts,
+                     chunk_rows: int, use_triton: bool, need,
+                     shard: Shard | None = None):  # fmt: skip
+    """The gradients from Saved: grad_tokens (n,) is each selected row's upstream gradient
+    (already times the mean scale). Recomputes each chunk's logits; returns dh, dW, db (fp32)
+    or None."""
+    grads = new_grads(hidden, weight, need)
     coefs_all = saved.coefs * grad_tokens.to(saved.coefs.dtype)
     if use_triton:
         from .kernels import rows as rows_triton
     for start in range(0, rows.n, chunk_rows):
         stop = min(start + chunk_rows, rows.n)
-        idx_c, y_c = rows.idx[start:stop], labels[start:stop]
-        h_c = hidden.index_select(0, idx_c)
+        rows_c = chunk_of(rows, start, stop)
+        y_c = rows_c.labels - shard.offset if shard is not None else rows_c.labels
+        h_c = _gather_hidden(hidden, rows_c)
         x = _logits(h_c, weight, bias)
         lse, coefs = saved.lse[start:stop], coefs_all[:, start:stop]
         if use_triton:
             rows_triton.rows_grad_(x, y_c, lse, coefs, opts)
         else:
             x = rows_grad_from_logits_(x.to(acc_dtype(hidden)), y_c, lse, coefs, opts)
-        _apply_dx(x.to(hidden.dtype), h_c, idx_c, weight, dh, dw, db)
+        _apply_dx(x.to(hidden.dtype), h_c, rows_c.idx, weight, *grads)
         del x
-    return dh, dw, db
+    return grads
 
 
 def scale_precomputed(grads, grad_loss):
@@ -194,65 +207,7 @@ def scale_precomputed(grads, grad_loss):
     return grads
 
 
-class ChunkedDFTFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, token_weights, old_logprobs, opts: LossOptions,
-                chunk_rows, use_triton):  # fmt: skip
-        acc = acc_dtype(hidden)
-        rows = select_rows(labels, opts, token_weights, old_logprobs, acc)
-        need = (
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-            bias is not None and ctx.needs_input_grad[2],
-        )
-        grads_now = any(need) and opts.reduction != "none"
-        grad_scale = mean_scale(opts, rows, acc) if grads_now else None
-        token_loss, logp, sums, saved, grads = forward_chunks(
-            hidden, weight, bias, rows, opts, chunk_rows, use_triton, grad_scale, need
-        )
-        loss = reduce_token_loss(token_loss, rows, hidden.shape[0], opts)
-        logprobs = scatter_rows(logp, rows, hidden.shape[0])
-
-        ctx.opts, ctx.chunk_rows, ctx.use_triton, ctx.need = opts, chunk_rows, use_triton, need
-        ctx.weight_dtype = weight.dtype
-        ctx.rows = rows
-        ctx.precomputed = grads if grads_now else None
-        ctx.saved = saved
-        if saved is not None:
-            ctx.save_for_backward(hidden, weight, bias)
-        ctx.mark_non_differentiable(sums, rows.num_valid, logprobs)
-        return loss, sums, rows.num_valid, logprobs
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_sums, _grad_num, _grad_logprobs):
-        opts, need, rows = ctx.opts, ctx.need, ctx.rows
-        if opts.reduction == "none":
-            hidden, weight, bias = ctx.saved_tensors
-            grad_tokens = grad_loss.index_select(0, rows.idx)
-            dh, dw, db = backward_chunks(
-                hidden, weight, bias, rows, ctx.saved, grad_tokens, opts,
-                ctx.chunk_rows, ctx.use_triton, need,
-            )  # fmt: skip
-        else:
-            if ctx.precomputed is None:
-                raise RuntimeError(
-                    "fused_dft: backward through the same graph twice is not supported with "
-                    "reduction='mean'/'sum' (gradients are computed in the forward pass and "
-                    "consumed); use reduction='none' or recompute the loss"
-                )
-            dh, dw, db = scale_precomputed(ctx.precomputed, grad_loss)
-            ctx.precomputed = None
-        dw = dw.to(ctx.weight_dtype) if dw is not None else None
-        db = db.to(ctx.weight_dtype) if db is not None else None
-        return dh, dw, db, None, None, None, None, None, None
-
-
-def chunked_loss(hidden, weight, labels, bias, opts, chunk_size, use_triton,
-                 token_weights=None, old_logprobs=None):  # fmt: skip
-    """hidden (N, D), labels (N,). Returns (loss, stat sums (4,), number of valid tokens,
-    per-token log p_y (N,))."""
+def chunk_rows_for(chunk_size: int | None, weight: torch.Tensor, hidden: torch.Tensor) -> int:
+    """Tokens per chunk: chunk_size, else default_chunk_rows; never more than the tokens."""
     rows = chunk_size or default_chunk_rows(weight.shape[0], hidden.device)
-    rows = max(1, min(rows, hidden.shape[0]))  # a chunk never exceeds the tokens there are
-    return ChunkedDFTFunction.apply(
-        hidden, weight, bias, labels, token_weights, old_logprobs, opts, rows, use_triton
-    )
+    return max(1, min(rows, hidden.shape[0]))

@@ -21,44 +21,24 @@ from __future__ import annotations
 import torch
 
 from . import partials as P
+from .chunked import Saved
 from .matmul import addmm_fp32_
 from .options import LossOptions
-from .reduction import Rows, mean_scale, reduce_token_loss, scatter_rows, select_rows
+from .reduction import Rows, mask_terms, stat_sums, token_logprobs
 from .weights import token_terms
 
 
-class FusedLinearDFTFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, token_weights, old_logprobs, opts: LossOptions,
-                config):  # fmt: skip
-        from .kernels.fused_fwd import dft_fwd
+def fused_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, config):
+    """Returns token_loss (n,), logp (n,), stat sums (4,) and Saved (lse, coefs (3, n))."""
+    from .kernels.fused_fwd import dft_fwd
 
-        rows = select_rows(labels, opts, token_weights, old_logprobs, torch.float32)
-        part = dft_fwd(hidden, weight, bias, rows.idx, rows.labels, opts, config)
-        stats = P.finalize(part)
-        terms = token_terms(stats, opts, weight.shape[0], rows.token_weights, rows.old_logprobs)
-
-        loss = reduce_token_loss(terms.loss, rows, hidden.shape[0], opts)
-        sums = P.stat_sums(stats)
-        logprobs = scatter_rows(stats.logp, rows, hidden.shape[0])
-
-        ctx.opts, ctx.config, ctx.rows = opts, config, rows
-        ctx.save_for_backward(hidden, weight, bias, stats.lse, terms.scaled(1))
-        ctx.mark_non_differentiable(sums, rows.num_valid, logprobs)
-        return loss, sums, rows.num_valid, logprobs
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_sums, _grad_num, _grad_logprobs):
-        opts, rows = ctx.opts, ctx.rows
-        hidden, weight, bias, lse, coefs = ctx.saved_tensors
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        if opts.reduction == "none":
-            upstream = grad_loss.index_select(0, rows.idx).float()
-        else:
-            upstream = grad_loss.float() * mean_scale(opts, rows, torch.float32)
-        coefs = (coefs * upstream).contiguous()
-        dh, dw, db = fused_backward(hidden, weight, bias, rows, lse, coefs, opts, need, ctx.config)
-        return dh, dw, db, None, None, None, None, None
+    part = dft_fwd(hidden, weight, bias, rows.idx, rows.labels, rows.num_valid, opts, config)
+    stats = P.finalize(part)
+    terms = mask_terms(
+        token_terms(stats, opts, weight.shape[0], rows.token_weights, rows.old_logprobs), rows
+    )
+    saved = Saved(stats.lse, terms.scaled(1))
+    return terms.loss, token_logprobs(stats, rows), stat_sums(stats, rows), saved
 
 
 # bytes of the logit-gradient scratch (token chunk x vocab chunk) and the most tokens per chunk
@@ -70,7 +50,8 @@ _COLUMN_MULTIPLE = 128  # vocab chunks a multiple of the GEMM tile
 
 def fused_backward(hidden, weight, bias, rows: Rows, lse, coefs, opts: LossOptions, need, config):
     """dh (N, D) in hidden's dtype (zero at rows not selected), dW and db in the weight's dtype,
-    each None when not needed. coefs (3, n) fp32: (a, b, u) x the upstream gradient."""
+    each None when not needed. lse (n,) and coefs (3, n) fp32 = (a, b, u) x the upstream
+    gradient, per selected row."""
     from .kernels.fused_bwd import dft_dz
 
     n, (v, d) = rows.n, weight.shape
@@ -97,13 +78,17 @@ def fused_backward(hidden, weight, bias, rows: Rows, lse, coefs, opts: LossOptio
         for t0 in range(0, n, token_chunk):
             t1 = min(t0 + token_chunk, n)
             idx = rows.idx[t0:t1]
-            h_c = hidden.index_select(0, idx) if dw is not None else None
+            h_c = None
+            if dw is not None:  # rows that are not tokens zeroed: nothing non-finite reaches dW
+                h_c = hidden.index_select(0, idx)
+                if rows.valid is not None:
+                    h_c.masked_fill_(~rows.valid[t0:t1, None], 0)
             dh_c = torch.zeros(t1 - t0, d, dtype=torch.float32, device=dev) if need[0] else None
             for v0 in range(0, v, cols):
                 v1 = min(v0 + cols, v)
                 dz = scratch[: t1 - t0, : v1 - v0]
-                dft_dz(hidden, weight, bias, idx, rows.labels[t0:t1], lse[t0:t1],
-                       coefs[:, t0:t1], v0, dz, opts, config, db_part)  # fmt: skip
+                dft_dz(hidden, weight, bias, idx, rows.labels[t0:t1], rows.num_valid, t0,
+                       lse[t0:t1], coefs[:, t0:t1], v0, dz, opts, config, db_part)  # fmt: skip
                 if dw is not None:
                     if one_pass:
                         torch.mm(dz.t(), h_c, out=dw[v0:v1])
@@ -119,21 +104,3 @@ def fused_backward(hidden, weight, bias, rows: Rows, lse, coefs, opts: LossOptio
     dw = dw.to(weight.dtype) if dw is not None else None
     db = db.to(bias.dtype) if db is not None else None
     return dh, dw, db
-
-
-def fused_loss(hidden, weight, labels, bias, opts, config=None, token_weights=None,
-               old_logprobs=None):  # fmt: skip
-    """hidden (N, D), labels (N,). Returns (loss, stat sums (4,), number of valid tokens,
-    per-token log p_y (N,))."""
-    from .kernels.fused_fwd import pick_config
-
-    return FusedLinearDFTFunction.apply(
-        hidden,
-        weight,
-        bias,
-        labels,
-        token_weights,
-        old_logprobs,
-        opts,
-        config or pick_config(hidden),
-    )

@@ -9,6 +9,7 @@ the logits; the oracle) are chosen explicitly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from .options import FAMILY_PARAMS, IMPLS, LOSS_TYPES, REDUCTIONS, LossOptions, LossStats
 from .runtime import can_run_triton, triton_unavailable_reason
+from .validate import VALIDATE_MODES, default_validate
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -43,6 +45,7 @@ def fused_linear_dft_loss(
     return_stats: bool = False,
     return_logprobs: bool = False,
     chunk_size: int | None = None,
+    validate: str | None = None,
 ):
     """The LM head's DFT loss (or another member of the family), without the full logits.
 
@@ -73,6 +76,10 @@ def fused_linear_dft_loss(
     lse, num_tokens), with return_logprobs=True also the detached log p_y shaped like labels
     (0 at ignored positions): (loss, stats), (loss, logprobs) or (loss, stats, logprobs).
     chunk_size: tokens per chunk for impl="chunked"/"auto" (default: sized from the vocabulary).
+    validate: "sync" (default on the CPU): bad labels and non-finite token_weights/old_logprobs
+    raise ValueError before any compute, and ignored tokens are dropped exactly (one host sync
+    on CUDA); "device" (default on CUDA): no host sync, a bad label is never read and makes the
+    loss NaN; "off": no check (a bad label is never read and counts as absent). See validate.py.
     """
     opts = make_options(
         loss_type=loss_type,
@@ -92,38 +99,27 @@ def fused_linear_dft_loss(
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     validate_tensors(hidden, weight, labels, bias)
     validate_token_inputs(opts, labels, token_weights, old_logprobs)
+    opts = dataclasses.replace(opts, validate=resolve_validate(validate, hidden.device))
     impl = resolve_impl(impl, hidden)
 
     lead_shape = labels.shape
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     labels_1d = labels.reshape(-1)
-    validate_label_range(labels_1d, weight.shape[0], ignore_index)
-    extras = {
-        "token_weights": None if token_weights is None else token_weights.reshape(-1),
-        "old_logprobs": None if old_logprobs is None else old_logprobs.reshape(-1),
-    }
-
+    token_weights = None if token_weights is None else token_weights.reshape(-1)
+    old_logprobs = None if old_logprobs is None else old_logprobs.reshape(-1)
     if impl == "reference":
         from .reference import reference_loss
 
         loss, stat_sums, num_valid, logprobs = reference_loss(
-            hidden_2d, weight, labels_1d, bias, opts, **extras
+            hidden_2d, weight, labels_1d, bias, opts, token_weights, old_logprobs
         )
-    elif impl in ("chunked", "chunked_torch"):
-        from .chunked import chunked_loss
+    else:  # chunked (Triton row kernels), chunked_torch, fused: torch custom ops (ops.py)
+        from .ops import linear_loss
 
-        use_triton = (
-            impl == "chunked" and can_run_triton(hidden.device) and hidden.dtype in TRITON_DTYPES
-        )
-        loss, stat_sums, num_valid, logprobs = chunked_loss(
-            hidden_2d, weight, labels_1d, bias, opts, chunk_size, use_triton, **extras
-        )
-    else:
-        from .function import fused_loss
-
-        loss, stat_sums, num_valid, logprobs = fused_loss(
-            hidden_2d, weight, labels_1d, bias, opts, **extras
-        )
+        loss, stat_sums, num_valid, logprobs = linear_loss(
+            hidden_2d, weight, bias, labels_1d, token_weights, old_logprobs, opts, impl,
+            chunk_size,
+        )  # fmt: skip
 
     if reduction == "none":
         loss = loss.reshape(lead_shape)
@@ -150,8 +146,11 @@ class FusedLinearDFTLoss(nn.Module):
                 f"{list(OPTION_NAMES)}"
             )
         self.options = dict(options)
-        make_options(**{k: v for k, v in options.items() if k not in ("impl", "chunk_size")})
+        make_options(
+            **{k: v for k, v in options.items() if k not in ("impl", "chunk_size", "validate")}
+        )
         validate_impl(options.get("impl", "auto"), options.get("chunk_size"))
+        resolve_validate(options.get("validate"), torch.device("cpu"))
 
     def forward(self, hidden, weight, labels, bias=None, token_weights=None, old_logprobs=None):
         return fused_linear_dft_loss(
@@ -179,6 +178,7 @@ OPTION_NAMES = (
     "return_stats",
     "return_logprobs",
     "chunk_size",
+    "validate",
 )
 
 
@@ -317,14 +317,6 @@ def validate_token_inputs(opts: LossOptions, labels, token_weights, old_logprobs
             raise ValueError(
                 f"{name} requires grad, but no gradient flows to it; pass {name}.detach()"
             )
-        # only the tokens that count are checked: a filler value at an ignored position is fine
-        bad = ~torch.isfinite(t) & (labels != opts.ignore_index)
-        if bool(bad.any()):
-            first = int(bad.reshape(-1).nonzero()[0, 0])
-            raise ValueError(
-                f"{name} must be finite at non-ignored tokens; {name}.view(-1)[{first}] = "
-                f"{float(t.reshape(-1)[first])}"
-            )
 
 
 def validate_tensors(hidden, weight, labels, bias) -> None:
@@ -371,19 +363,6 @@ def validate_tensors(hidden, weight, labels, bias) -> None:
         raise ValueError(f"all tensors must be on one device, got {names}")
 
 
-def validate_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Labels outside [0, V) other than ignore_index are an error, never an out-of-range read."""
-    if labels.numel() == 0:
-        return
-    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-    if bool(bad.any()):
-        first = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
-            f"labels.view(-1)[{first}] = {int(labels[first])}"
-        )
-
-
 def resolve_impl(impl: str, hidden: torch.Tensor) -> str:
     device = hidden.device
     if impl == "fused":
@@ -397,7 +376,18 @@ def resolve_impl(impl: str, hidden: torch.Tensor) -> str:
             )
         return "fused"
     if impl == "auto":
-        if device.type == "cuda" and can_run_triton(device):
+        if device.type == "cuda" and can_run_triton(device) and hidden.dtype in TRITON_DTYPES:
             return "chunked"
         return "chunked_torch"
+    if impl == "chunked" and not (can_run_triton(device) and hidden.dtype in TRITON_DTYPES):
+        return "chunked_torch"  # the same path with the row ops in torch
     return impl
+
+
+def resolve_validate(validate: str | None, device: torch.device) -> str:
+    """validate=None -> the device's default (validate.default_validate)."""
+    if validate is None:
+        return default_validate(device)
+    if validate not in VALIDATE_MODES:
+        raise ValueError(f"validate must be None or one of {VALIDATE_MODES}, got {validate!r}")
+    return validate

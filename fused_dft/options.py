@@ -49,6 +49,7 @@ class LossOptions:
     clip_eps: float = 0.2
     z_loss: float = 0.0
     label_smoothing: float = 0.0
+    validate: str = "sync"  # validate.py: "sync", "device" or "off"
 
     @property
     def is_dft(self) -> bool:

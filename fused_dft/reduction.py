@@ -1,4 +1,13 @@
-"""Token selection and reduction shared by the chunked and fused paths."""
+"""Token selection and reduction shared by the chunked and fused paths.
+
+Two ways to select the tokens the matmuls see (validate.py decides which):
+  exact  (validate="sync"): the non-ignored rows, found with nonzero() — a host sync on CUDA; every
+         selected row is a real token and ignored tokens cost no work at all.
+  static (validate="device" / "off"): all N rows, the non-ignored ones moved to the front by a
+         stable sort on the device; num_valid stays on the device. No host sync and shapes that
+         depend only on N (torch.compile, CUDA graphs). Rows past num_valid are masked out of
+         every result; kernels that read num_valid skip them, torch matmuls still multiply them.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +16,20 @@ from typing import NamedTuple
 import torch
 
 from .options import LossOptions
+from .partials import TokenStats
+from .weights import TokenTerms
 
 
 class Rows(NamedTuple):
-    """The tokens the matmuls see: rows of hidden that are non-ignored tokens, and theirs."""
+    """The tokens the matmuls see: rows of hidden, in the order they are processed."""
 
     idx: torch.Tensor  # (n,) int64 rows of the flattened hidden
-    labels: torch.Tensor  # (n,) int64 in [0, V)
-    token_weights: torch.Tensor | None  # (n,) fp32 / fp64, or None
-    old_logprobs: torch.Tensor | None  # (n,) fp32 / fp64, or None
-    num_valid: torch.Tensor  # () int64 on the device: n
+    labels: torch.Tensor  # (n,) int64; -1 where there is no label to read (masked or bad rows)
+    valid: torch.Tensor | None  # (n,) bool, or None when every selected row is a token
+    bad: torch.Tensor | None  # (n,) bool: out-of-range labels under validate="device", or None
+    token_weights: torch.Tensor | None  # (n,) in the accumulation dtype, or None
+    old_logprobs: torch.Tensor | None  # (n,) in the accumulation dtype, or None
+    num_valid: torch.Tensor  # () int64 on the device: the number of non-ignored tokens
 
     @property
     def n(self) -> int:
@@ -29,22 +42,85 @@ def select_rows(
     token_weights: torch.Tensor | None,
     old_logprobs: torch.Tensor | None,
     acc_dtype: torch.dtype,
+    vocab: int,
+    exact: bool,
+    poison_bad: bool = False,
 ) -> Rows:
-    """labels (N,); token_weights / old_logprobs (N,) or None. Ignored tokens are dropped here,
-    before any matmul."""
+    """labels (N,); token_weights / old_logprobs (N,) or None.
+
+    exact: the non-ignored rows only (a host sync on CUDA); else all rows, non-ignored first.
+    A label outside [0, vocab) becomes -1 (never read); with poison_bad its token's loss and
+    gradient become NaN (validate="device"), else it is treated as absent (validate="off").
+    """
     valid = labels != opts.ignore_index
-    idx = valid.nonzero().squeeze(1)
+    if exact:
+        idx = valid.nonzero().squeeze(1)
+        row_valid = None
+    else:
+        idx = torch.sort((~valid).to(torch.uint8), stable=True).indices
+        row_valid = valid.index_select(0, idx)
+    y = labels.index_select(0, idx)
+    outside = (y < 0) | (y >= vocab)
+    if row_valid is not None:
+        outside = outside & row_valid
+    bad = outside if poison_bad else None
+    drop = outside if row_valid is None else outside | ~row_valid
+    y = torch.where(drop, torch.full_like(y, -1), y)
 
     def pick(t):
         return None if t is None else t.reshape(-1).index_select(0, idx).to(acc_dtype)
 
     return Rows(
         idx=idx,
-        labels=labels.index_select(0, idx),
+        labels=y,
+        valid=row_valid,
+        bad=bad,
         token_weights=pick(token_weights),
         old_logprobs=pick(old_logprobs),
         num_valid=valid.sum(),
     )
+
+
+def chunk_of(rows: Rows, start: int, stop: int) -> Rows:
+    """The rows [start, stop) of a selection (num_valid is the whole selection's)."""
+
+    def cut(t):
+        return None if t is None else t[start:stop]
+
+    return Rows(
+        idx=rows.idx[start:stop],
+        labels=rows.labels[start:stop],
+        valid=cut(rows.valid),
+        bad=cut(rows.bad),
+        token_weights=cut(rows.token_weights),
+        old_logprobs=cut(rows.old_logprobs),
+        num_valid=rows.num_valid,
+    )
+
+
+def mask_terms(terms: TokenTerms, rows: Rows) -> TokenTerms:
+    """Zero every term of the rows that are not tokens; NaN for bad labels (validate="device")."""
+    if rows.valid is not None:
+        terms = TokenTerms(*(torch.where(rows.valid, t, torch.zeros_like(t)) for t in terms))
+    if rows.bad is not None:
+        terms = TokenTerms(*(torch.where(rows.bad, torch.full_like(t, float("nan")), t)
+                             for t in terms))  # fmt: skip
+    return terms
+
+
+def stat_sums(stats: TokenStats, rows: Rows) -> torch.Tensor:
+    """fp32 (4,): sums over the tokens of -log p_y, entropy, correct, lse (LossStats)."""
+    per_token = torch.stack([-stats.logp, stats.entropy, stats.correct, stats.lse])
+    if rows.valid is not None:
+        per_token = torch.where(rows.valid, per_token, torch.zeros_like(per_token))
+    return per_token.sum(1).float()
+
+
+def token_logprobs(stats: TokenStats, rows: Rows) -> torch.Tensor:
+    """log p_y of the selected rows, 0 where a row is not a token."""
+    if rows.valid is None:
+        return stats.logp
+    return torch.where(rows.valid, stats.logp, torch.zeros_like(stats.logp))
 
 
 def mean_scale(opts: LossOptions, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
@@ -59,13 +135,18 @@ def mean_scale(opts: LossOptions, rows: Rows, dtype: torch.dtype) -> torch.Tenso
 def reduce_token_loss(
     token_loss: torch.Tensor, rows: Rows, num_rows: int, opts: LossOptions
 ) -> torch.Tensor:
-    """token_loss (n,) of the selected tokens -> the loss for opts.reduction; "none" is shaped
-    (num_rows,) with 0 at ignored rows, "mean" is 0 when there are no tokens."""
+    """token_loss (n,) of the selected rows (0 at non-tokens) -> the loss for opts.reduction;
+    "none" is shaped (num_rows,) with 0 at ignored rows, "mean" is 0 when there are no tokens."""
     if opts.reduction == "none":
         return scatter_rows(token_loss, rows, num_rows)
     return token_loss.sum() * mean_scale(opts, rows, token_loss.dtype)
 
 
 def scatter_rows(values: torch.Tensor, rows: Rows, num_rows: int) -> torch.Tensor:
-    """values (n,) of the selected tokens -> (num_rows,) with 0 at the other rows."""
+    """values (n,) of the selected rows -> (num_rows,) in the original row order, 0 elsewhere."""
     return values.new_zeros(num_rows).index_copy_(0, rows.idx, values)
+
+
+def gather_rows(values: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """(..., num_rows) in the original row order -> (..., n) of the selected rows."""
+    return values.index_select(-1, rows.idx)

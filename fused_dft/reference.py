@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .options import LossOptions
+from .validate import checked_labels
 
 
 def transform_logits(z: torch.Tensor, opts: LossOptions) -> torch.Tensor:
@@ -60,14 +61,20 @@ def reference_loss(
     Returns (loss reduced per opts.reduction, stat sums fp32 (4,), number of valid tokens,
     per-token log p_y (N,), 0 at ignored tokens). Differentiable through torch autograd.
     """
+    vocab = weight.shape[0]
+    if opts.validate == "sync":
+        labels = checked_labels(labels, token_weights, old_logprobs, vocab, opts.ignore_index)
     logits = F.linear(hidden, weight, bias)
     if logits.dtype != torch.float64:
         logits = logits.float()
     z = transform_logits(logits, opts)
     valid = labels != opts.ignore_index
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    # a label outside [0, V) (validate="device" / "off") is never read: its logit counts as 0
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    safe_labels = torch.where(valid & ~bad, labels, torch.zeros_like(labels))
     logp = torch.log_softmax(z, dim=-1)
     logp_y = logp.gather(-1, safe_labels[:, None]).squeeze(-1)
+    logp_y = torch.where(bad, -torch.logsumexp(z, dim=-1), logp_y)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     # per-token inputs at ignored positions may hold any filler; keep it out of every gradient
     if old_logprobs is not None:
@@ -83,6 +90,9 @@ def reference_loss(
         token_loss = token_loss + opts.z_loss * lse.square()
     if token_weights is not None:
         token_loss = token_loss * token_weights
+    if opts.validate == "device":  # a bad label makes its token's loss and gradient NaN
+        poison = torch.where(bad, float("nan"), 1.0).to(token_loss.dtype)
+        token_loss = token_loss * poison
     token_loss = torch.where(valid, token_loss, zero)
     num_valid = valid.sum()
 

@@ -98,6 +98,7 @@ class PatchState:
     transform: LogitTransform
     is_moe: bool
     output_class: type
+    output_fields: frozenset[str]  # read at patch time: dataclasses.fields is not traceable
     positional: tuple[str, ...]
 
 
@@ -152,6 +153,7 @@ def patch_model(
 
     base = type(target)
     config = _text_config(target)
+    output_class = _output_class(base, hasattr(config, "output_router_logits"))
     state = PatchState(
         base_class=base,
         loss_type=loss_type,
@@ -161,7 +163,8 @@ def patch_model(
         eval_logits=bool(eval_logits),
         transform=_read_transform(config),
         is_moe=hasattr(config, "output_router_logits"),
-        output_class=_output_class(base, hasattr(config, "output_router_logits")),
+        output_class=output_class,
+        output_fields=frozenset(f.name for f in dataclasses.fields(output_class)),
         positional=_positional_names(base.forward),
     )
     target.__class__ = _patched_class(base)
@@ -282,7 +285,7 @@ def _loss_forward(model, state: PatchState, kwargs: dict):
     if not skip_logits:
         logits = state.transform.apply(lm_head(_keep_positions(hidden, logits_to_keep)))
 
-    fields = {f.name for f in dataclasses.fields(state.output_class)}
+    fields = state.output_fields
     values = {k: v for k, v in decoder_out.items() if k in fields and k != "last_hidden_state"}
     values.update(loss=loss, logits=logits)
     if "aux_loss" in fields:

@@ -34,6 +34,8 @@ def _dft_dz_kernel(
     b_ptr,
     idx_ptr,
     labels_ptr,
+    count_ptr,
+    count_offset,
     lse_ptr,
     coef_ptr,
     stride_coef,
@@ -69,13 +71,17 @@ def _dft_dz_kernel(
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     local_cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = local_cols + v_start
-    row_mask = rows < N
+    # rows past the token count (a static selection puts the tokens first) get dz = 0 and a
+    # block without a token skips its matmul
+    count = tl.minimum(tl.load(count_ptr).to(tl.int64) - count_offset, N)
+    row_mask = rows < count
     col_mask = local_cols < V_chunk
     src_rows = tl.load(idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    d_active = tl.where(pid_n * BLOCK_N < count, D, 0)
 
     # 1. recompute the logits tile
     x = logits_tile(
-        h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, D,
+        h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, d_active,
         stride_hn, stride_hd, stride_wv, stride_wd,
         HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
     )  # fmt: skip
@@ -95,16 +101,16 @@ def _dft_dz_kernel(
         dz = dz * (1.0 - th * th)
     if HAS_SCALE:
         dz = dz * logit_scale
+    dz = tl.where(row_mask[:, None], dz, 0.0)
 
     # 3. one store of the block, in the scratch's dtype; the bias gradient's column sums of this
     #    token block in fp32 (summed over token blocks by the caller: no atomics)
     if COMPUTE_DB:
-        dz_valid = tl.where(row_mask[:, None], dz, 0.0)
-        tl.store(db_ptr + pid_n * stride_dbn + local_cols, tl.sum(dz_valid, 0), mask=col_mask)
+        tl.store(db_ptr + pid_n * stride_dbn + local_cols, tl.sum(dz, 0), mask=col_mask)
     tl.store(
         dz_ptr + rows[:, None] * stride_dzn + local_cols[None, :],
         dz.to(dz_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & col_mask[None, :],
+        mask=(rows < N)[:, None] & col_mask[None, :],
     )
 
 
@@ -114,6 +120,8 @@ def dft_dz(
     bias: torch.Tensor | None,
     row_idx: torch.Tensor,
     labels: torch.Tensor,
+    count: torch.Tensor,
+    count_offset: int,
     lse: torch.Tensor,
     coefs: torch.Tensor,
     v_start: int,
@@ -125,6 +133,7 @@ def dft_dz(
     """Logit gradient of tokens row_idx (n,) x vocab columns [v_start, v_start + out.shape[1]).
 
     hidden (N, D) any strides (rows read in place through row_idx); labels and lse (n,);
+    count: device scalar; local row r is a token when count_offset + r < count (else dz = 0);
     coefs (3, n') fp32 = (a, b, u) x upstream, any view whose rows are n-long slices with
     stride coefs.stride(0); out (n, Vc) with unit column stride, overwritten.
     db_partial: None, or fp32 (>= cdiv(n, block_n), >= Vc) with unit column stride, whose first
@@ -137,7 +146,8 @@ def dft_dz(
         return out
     grid = (triton.cdiv(n, config.block_n) * triton.cdiv(vc, config.block_v),)
     _dft_dz_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, row_idx, labels, lse,
+        hidden, weight, bias if bias is not None else weight, row_idx, labels, count,
+        count_offset, lse,
         coefs, coefs.stride(0), out, out.stride(0),
         db_partial if db_partial is not None else out,
         db_partial.stride(0) if db_partial is not None else 0,

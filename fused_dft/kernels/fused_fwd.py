@@ -72,6 +72,7 @@ def _dft_fwd_kernel(
     b_ptr,
     idx_ptr,
     labels_ptr,
+    count_ptr,
     part_ptr,
     N,
     V,
@@ -98,7 +99,10 @@ def _dft_fwd_kernel(
 ):
     pid_n, split = grouped_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    # rows past the token count (a static selection puts the tokens first) are never read, and
+    # a block with no token runs no vocab tile at all
+    count = tl.minimum(tl.load(count_ptr).to(tl.int64), N)
+    row_mask = rows < count
     src_rows = tl.load(idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     y = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
 
@@ -109,6 +113,7 @@ def _dft_fwd_kernel(
     sum_z = tl.zeros([BLOCK_N], tl.float32)
     v_begin = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+    v_end = tl.where(pid_n * BLOCK_N < count, v_end, v_begin)
     offs_v = tl.arange(0, BLOCK_V)
     for v_start in range(v_begin, v_end, BLOCK_V):
         # int64: cols * stride_wv passes 2^31 once V * D does (e.g. 256k x 8k)
@@ -137,14 +142,15 @@ def _dft_fwd_kernel(
         if NEED_SUM:
             sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
 
-    # 4. partials (5, splits, N)
+    # 4. partials (5, splits, N); rows past the count get m = -inf, s = 0 (merged, then masked)
     base = part_ptr + split * N + rows
     plane = num_splits * N
-    tl.store(base, m, mask=row_mask)
-    tl.store(base + plane, s, mask=row_mask)
-    tl.store(base + 2 * plane, t, mask=row_mask)
-    tl.store(base + 3 * plane, z_y, mask=row_mask)
-    tl.store(base + 4 * plane, sum_z, mask=row_mask)
+    out_mask = rows < N
+    tl.store(base, m, mask=out_mask)
+    tl.store(base + plane, s, mask=out_mask)
+    tl.store(base + 2 * plane, t, mask=out_mask)
+    tl.store(base + 3 * plane, z_y, mask=out_mask)
+    tl.store(base + 4 * plane, sum_z, mask=out_mask)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -180,13 +186,16 @@ def dft_fwd(
     bias: torch.Tensor | None,
     row_idx: torch.Tensor,
     labels: torch.Tensor,
+    count: torch.Tensor,
     opts: LossOptions,
     config: FusedConfig = DEFAULT_CONFIG,
 ) -> torch.Tensor:
-    """hidden (N, D) any strides; row_idx (n,) int64 rows of hidden to use (the non-ignored
-    tokens; read in place, no gathered copy); labels (n,) (outside [0, V): no label logit).
+    """hidden (N, D) any strides; row_idx (n,) int64 rows of hidden to use (read in place, no
+    gathered copy); labels (n,) (outside [0, V): no label logit); count: a device scalar, the
+    first `count` of the n rows are tokens (the others are skipped).
 
-    Returns fp32 partials (5, n) over the whole of weight's vocabulary (partials.py)."""
+    Returns fp32 partials (5, n) over the whole of weight's vocabulary (partials.py); rows past
+    count hold m = -inf, s = 0."""
     n, d = row_idx.shape[0], hidden.shape[1]
     v = weight.shape[0]
     splits, tiles_per_split = vocab_splits(n, v, hidden.device, config)
@@ -195,7 +204,7 @@ def dft_fwd(
         return part[:, 0]
     grid = (triton.cdiv(n, config.block_n) * splits,)
     _dft_fwd_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, row_idx, labels, part,
+        hidden, weight, bias if bias is not None else weight, row_idx, labels, count, part,
         n, v, d, tiles_per_split, splits,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         float(opts.logit_scale), float(opts.softcap or 1.0),

@@ -1,0 +1,263 @@
+"""The chunked and fused paths as torch.library custom ops, so torch.compile traces through them.
+
+    fused_dft::linear_loss_fwd(hidden (N, D), weight (V, D), bias, labels (N,), token_weights,
+                               old_logprobs, options, impl, chunk_size, need)
+        -> loss, stat sums (4,), num_valid (), logprobs (N,),        what the caller sees
+           dh, dW, db,                                                gradients computed now
+           lse (N,), coefs (3, N)                                     or what backward needs
+    fused_dft::linear_loss_bwd(grad_loss, hidden, weight, bias, labels, lse, coefs, options, impl,
+                               chunk_size, need) -> dh, dW, db
+
+Every output's shape depends only on N, D, V and the (static) arguments, never on the labels'
+values, so the fake implementations need no data and a change of N or of the number of ignored
+tokens recompiles nothing (with dynamic shapes). Which tensors are real depends on the path:
+    chunked, reduction "mean"/"sum": the gradients for an upstream gradient of 1 are computed in
+        the forward op (dh, dW, db); backward scales them (6*N*D*V FLOPs in all).
+    chunked "none", and fused: per token lse and (a, b, u) (zero at ignored rows); the backward op
+        recomputes the logits and applies the upstream gradient (8*N*D*V FLOPs).
+Unused outputs are empty (0,) tensors. Non-tensor options travel as one string (LossOptions).
+Inside the ops the work is opaque to dynamo: with validate="sync" they may read values on the host
+(the label check, nonzero) without a graph break; with "device" / "off" they never do.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+
+import torch
+from torch import Tensor
+
+from .options import LossOptions
+
+IMPLS = ("chunked", "chunked_torch", "fused")  # chunked = Triton row kernels, torch matmuls
+
+
+def encode_options(opts: LossOptions) -> str:
+    return repr(dataclasses.astuple(opts))
+
+
+@functools.lru_cache(maxsize=256)
+def decode_options(text: str) -> LossOptions:
+    return LossOptions(*ast.literal_eval(text))
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _precomputed(opts: LossOptions, impl: str, need) -> bool:
+    """Whether the forward op computes the gradients (chunked, mean/sum, a gradient needed)."""
+    return impl != "fused" and opts.reduction != "none" and any(need)
+
+
+def _empty(like: Tensor, dtype=None) -> Tensor:
+    return like.new_empty((0,), dtype=dtype or like.dtype)
+
+
+def _select(labels, opts: LossOptions, token_weights, old_logprobs, acc, vocab):
+    from .reduction import select_rows
+
+    return select_rows(
+        labels, opts, token_weights, old_logprobs, acc, vocab,
+        exact=opts.validate == "sync", poison_bad=opts.validate == "device",
+    )  # fmt: skip
+
+
+@torch.library.custom_op("fused_dft::linear_loss_fwd", mutates_args=())
+def linear_loss_fwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    token_weights: Tensor | None,
+    old_logprobs: Tensor | None,
+    options: str,
+    impl: str,
+    chunk_size: int,
+    need: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .reduction import reduce_token_loss, scatter_rows
+    from .validate import check_values
+
+    opts = decode_options(options)
+    if opts.validate == "sync":
+        check_values(labels, weight.shape[0], opts, token_weights, old_logprobs)
+    acc, n_rows = _acc(hidden), hidden.shape[0]
+    rows = _select(labels, opts, token_weights, old_logprobs, acc, weight.shape[0])
+    grads = None
+    if impl == "fused":
+        from .function import fused_forward
+        from .kernels.fused_fwd import pick_config
+
+        token_loss, logp, sums, saved = fused_forward(
+            hidden, weight, bias, rows, opts, pick_config(hidden)
+        )
+        saved = saved if any(need) else None
+    else:
+        from .chunked import chunk_rows_for, chunked_forward
+
+        token_loss, logp, sums, saved, grads = chunked_forward(
+            hidden, weight, bias, rows, opts, chunk_rows_for(chunk_size or None, weight, hidden),
+            impl == "chunked", need,
+        )  # fmt: skip
+    loss = reduce_token_loss(token_loss, rows, n_rows, opts)
+    logprobs = scatter_rows(logp, rows, n_rows)
+    dh, dw, db = grads if grads is not None else (None, None, None)
+    lse = coefs = None
+    if saved is not None:  # back to the original row order, zero at ignored rows
+        lse = scatter_rows(saved.lse.to(acc), rows, n_rows)
+        coefs = torch.stack([scatter_rows(c.to(acc), rows, n_rows) for c in saved.coefs])
+    return (
+        loss, sums, rows.num_valid, logprobs,
+        dh if dh is not None else _empty(hidden),
+        dw if dw is not None else _empty(hidden, acc),
+        db if db is not None else _empty(hidden, acc),
+        lse if lse is not None else _empty(hidden, acc),
+        coefs if coefs is not None else _empty(hidden, acc),
+    )  # fmt: skip
+
+
+@linear_loss_fwd.register_fake
+def _(hidden, weight, bias, labels, token_weights, old_logprobs, options, impl, chunk_size, need):
+    opts = decode_options(options)
+    n_rows, acc = hidden.shape[0], _acc(hidden)
+    now = _precomputed(opts, impl, need)
+    keep = any(need) and not now
+    return (
+        hidden.new_empty((n_rows,) if opts.reduction == "none" else (), dtype=acc),
+        hidden.new_empty((4,), dtype=torch.float32),
+        hidden.new_empty((), dtype=torch.int64),
+        hidden.new_empty((n_rows,), dtype=acc),
+        hidden.new_empty(hidden.shape) if now and need[0] else _empty(hidden),
+        hidden.new_empty(weight.shape, dtype=acc) if now and need[1] else _empty(hidden, acc),
+        hidden.new_empty((weight.shape[0],), dtype=acc) if now and need[2] else _empty(hidden, acc),
+        hidden.new_empty((n_rows,), dtype=acc) if keep else _empty(hidden, acc),
+        hidden.new_empty((3, n_rows), dtype=acc) if keep else _empty(hidden, acc),
+    )
+
+
+@torch.library.custom_op("fused_dft::linear_loss_bwd", mutates_args=())
+def linear_loss_bwd(
+    grad_loss: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    lse: Tensor,
+    coefs: Tensor,
+    options: str,
+    impl: str,
+    chunk_size: int,
+    need: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    from .reduction import gather_rows, mean_scale
+
+    opts = decode_options(options)
+    acc = _acc(hidden)
+    rows = _select(labels, opts, None, None, acc, weight.shape[0])
+    if opts.reduction == "none":
+        upstream = gather_rows(grad_loss.to(acc), rows)
+    else:
+        upstream = grad_loss.to(acc) * mean_scale(opts, rows, acc)
+    lse_r, coefs_r = gather_rows(lse, rows), gather_rows(coefs, rows)
+    if impl == "fused":
+        from .function import fused_backward
+        from .kernels.fused_fwd import pick_config
+
+        coefs_r = (coefs_r * upstream).float().contiguous()
+        dh, dw, db = fused_backward(
+            hidden, weight, bias, rows, lse_r.float(), coefs_r, opts, need, pick_config(hidden)
+        )
+    else:
+        from .chunked import Saved, chunk_rows_for, chunked_backward
+
+        dh, dw, db = chunked_backward(
+            hidden, weight, bias, rows, Saved(lse_r, coefs_r), upstream.expand(rows.n), opts,
+            chunk_rows_for(chunk_size or None, weight, hidden), impl == "chunked", need,
+        )  # fmt: skip
+    return (
+        dh if dh is not None else _empty(hidden),
+        dw.to(weight.dtype) if dw is not None else _empty(weight),
+        db.to(bias.dtype) if db is not None else _empty(weight),
+    )
+
+
+@linear_loss_bwd.register_fake
+def _(grad_loss, hidden, weight, bias, labels, lse, coefs, options, impl, chunk_size, need):
+    return (
+        hidden.new_empty(hidden.shape) if need[0] else _empty(hidden),
+        weight.new_empty(weight.shape) if need[1] else _empty(weight),
+        weight.new_empty((weight.shape[0],)) if need[2] else _empty(weight),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, _, _, options, impl, chunk_size, need = inputs
+    _, _, _, _, dh, dw, db, lse, coefs = output
+    ctx.options, ctx.impl, ctx.chunk_size, ctx.need = options, impl, chunk_size, tuple(need)
+    ctx.weight_dtype = weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.consumed = False
+    # the op's extra outputs are data for backward, not part of the graph: saved detached
+    if _precomputed(decode_options(options), impl, need):
+        ctx.save_for_backward(dh.detach(), dw.detach(), db.detach())
+    else:
+        ctx.save_for_backward(hidden, weight, bias, labels, lse.detach(), coefs.detach())
+
+
+def _backward(ctx, grad_loss, *_grads_of_other_outputs):
+    need = ctx.need
+    if _precomputed(decode_options(ctx.options), ctx.impl, need):
+        if ctx.consumed:
+            raise RuntimeError(
+                "fused_dft: backward through the same graph twice is not supported with "
+                "reduction='mean'/'sum' (gradients are computed in the forward pass and "
+                "consumed); use reduction='none' or recompute the loss"
+            )
+        ctx.consumed = True
+        dh, dw, db = _scale(ctx.saved_tensors, grad_loss)
+        dw = dw.to(ctx.weight_dtype) if need[1] else None
+        db = db.to(ctx.bias_dtype) if need[2] else None
+        dh = dh if need[0] else None
+    else:
+        hidden, weight, bias, labels, lse, coefs = ctx.saved_tensors
+        dh, dw, db = linear_loss_bwd(
+            grad_loss, hidden, weight, bias, labels, lse, coefs,
+            ctx.options, ctx.impl, ctx.chunk_size, list(need),
+        )  # fmt: skip
+        dh, dw, db = (g if flag else None for g, flag in zip((dh, dw, db), need))
+    return dh, dw, db, None, None, None, None, None, None, None
+
+
+def _scale(grads, grad_loss):
+    """Precomputed gradients (for an upstream gradient of 1) times the upstream scalar, the
+    product in fp32 (a bf16 dh is rounded once, not scaled by a bf16-rounded factor). In place
+    in eager mode; out of place where torch.compile traces the backward."""
+    if torch.compiler.is_compiling():
+        factor = grad_loss.double() if grad_loss.dtype == torch.float64 else grad_loss.float()
+        return tuple((g * factor).to(g.dtype) for g in grads)
+    from .chunked import scale_precomputed
+
+    return scale_precomputed(grads, grad_loss)
+
+
+linear_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_loss(hidden, weight, bias, labels, token_weights, old_logprobs, opts: LossOptions,
+                impl: str, chunk_size: int | None):  # fmt: skip
+    """hidden (N, D), labels (N,). Returns (loss, stat sums (4,), num_valid, logprobs (N,))."""
+    grad = torch.is_grad_enabled()
+    need = [
+        grad and hidden.requires_grad,
+        grad and weight.requires_grad,
+        grad and bias is not None and bias.requires_grad,
+    ]
+    out = linear_loss_fwd(
+        hidden, weight, bias, labels, token_weights, old_logprobs,
+        encode_options(opts), impl, chunk_size or 0, need,
+    )  # fmt: skip
+    loss, sums, num_valid, logprobs = out[:4]
+    return loss, sums.detach(), num_valid.detach(), logprobs.detach()
