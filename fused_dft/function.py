@@ -63,9 +63,6 @@ class FusedLinearDFTFunction(torch.autograd.Function):
 
 
 def fused_loss(hidden, weight, labels, bias, opts, config=None):
-    """hidden (N, D), labels (N,). Returns (loss, stat sums (3,), number of valid tokens)."""
-    from .kernels.fused_fwd import DEFAULT_CONFIG
-
-    return FusedLinearDFTFunction.apply(
-        hidden, weight, bias, labels, opts, config or DEFAULT_CONFIG
-    )
+    """hidden (N, D), labels (N,). Returns (loss, stat sums (3,), number of valid tokens).
+    config: a FusedConfig for both kernels; None lets kernels/configs.py choose."""
+    return FusedLinearDFTFunction.apply(hidden, weight, bias, labels, opts, config)

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import fused_dft
-from fused_dft.kernels import fused_bwd, fused_fwd, rows
+from fused_dft.kernels import configs, fused_bwd, rows
 
 # impl cases: the public impls, plus the Triton kernels with tiles small enough that the test
 # shapes span several tiles along every axis (loops, masks, split-merging and the backward's
 # token chunks are exercised)
 IMPL_CASES = ["auto", "chunked", "chunked_small_tiles", "fused", "fused_small_tiles"]
-SMALL_FUSED = fused_fwd.FusedConfig(
+SMALL_FUSED = configs.FusedConfig(
     block_n=16, block_v=32, block_d=16, num_warps=4, num_stages=1, vocab_splits=2
 )
 
@@ -23,7 +23,7 @@ def use_impl(case: str, monkeypatch: pytest.MonkeyPatch) -> str:
         monkeypatch.setattr(rows, "DEFAULT_BLOCK_V", 32)
         return "chunked"
     if case == "fused_small_tiles":
-        monkeypatch.setattr(fused_fwd, "DEFAULT_CONFIG", SMALL_FUSED)
+        monkeypatch.setenv(configs.ENV_CONFIG, SMALL_FUSED.spec)
         # dh scratch of 16 rows x 64 features: the backward runs over several token chunks
         monkeypatch.setattr(fused_bwd, "DH_SCRATCH_ELEMENTS", 16 * 64)
         return "fused"

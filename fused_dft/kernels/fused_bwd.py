@@ -16,8 +16,10 @@ import triton
 import triton.language as tl
 
 from ..options import LossOptions
+from . import configs
 from .common import transform_logits
-from .fused_fwd import DEFAULT_CONFIG, FusedConfig, launch_flags, logits_tile
+from .configs import FusedConfig
+from .fused_fwd import kernel_flags, logits_tile
 
 
 @triton.jit
@@ -139,10 +141,11 @@ def dft_bwd(
     coef: torch.Tensor,
     opts: LossOptions,
     need: tuple[bool, bool, bool],
-    config: FusedConfig = DEFAULT_CONFIG,
+    config: FusedConfig | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """hidden (N, D) any strides; row_idx (n,) int64 rows of hidden that are non-ignored tokens;
-    labels, lse and coef (n,) per such token. need = (dh, dW, db).
+    labels, lse and coef (n,) per such token. need = (dh, dW, db). config: a fixed config instead
+    of configs.plan's choice.
 
     Returns dh (N, D) in hidden's dtype (zero at rows not in row_idx), dW (V, D) fp32, db (V,)
     fp32; None where not needed.
@@ -155,24 +158,35 @@ def dft_bwd(
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need[2] else None
     if n == 0 or not any(need):
         return dh, dw, db
-    block_n = config.block_n
+    plan = configs.plan(hidden.dtype, dev, d, v, config)
+    block_n = plan.max_block_n
     chunk = max(block_n, DH_SCRATCH_ELEMENTS // max(d, 1) // block_n * block_n)
     chunk = min(chunk, n)
     scratch = torch.empty(chunk, d, dtype=torch.float32, device=dev) if need[0] else None
+    # outputs not needed get a one-element stand-in of their own: autotuning zeroes every
+    # accumulator argument, which must never be an input such as lse
+    unused = torch.zeros(1, dtype=torch.float32, device=dev)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         dh_c = scratch[: stop - start].zero_() if scratch is not None else None
-        grid = (triton.cdiv(stop - start, block_n), triton.cdiv(v, config.block_v))
-        _dft_bwd_kernel[grid](
+        rows = stop - start
+
+        def grid(meta, rows=rows):
+            return triton.cdiv(rows, meta["BLOCK_N"]), triton.cdiv(v, meta["BLOCK_V"])
+
+        plan.launch(
+            _dft_bwd_kernel,
+            grid,
             hidden, weight, bias if bias is not None else weight,
             row_idx[start:stop], labels[start:stop], lse[start:stop], coef[start:stop],
-            dh_c if dh_c is not None else lse, dw if dw is not None else lse,
-            db if db is not None else lse,
-            stop - start, v, d,
+            dh_c if dh_c is not None else unused, dw if dw is not None else unused,
+            db if db is not None else unused,
+            rows, v, d,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             float(opts.logit_scale), float(opts.softcap or 1.0),
+            reset_to_zero=("dh_ptr", "dw_ptr", "db_ptr"),
             COMPUTE_DH=need[0], COMPUTE_DW=need[1], COMPUTE_DB=need[2],
-            **launch_flags(hidden, bias, opts, config),
+            **kernel_flags(hidden, bias, opts),
         )  # fmt: skip
         if dh is not None:
             dh.index_copy_(0, row_idx[start:stop], dh_c.to(dh.dtype))

@@ -11,30 +11,14 @@ Partials (m, s, t, z_y) per split are merged on the host side the same way, in O
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from ..options import LossOptions
-from .common import new_output, transform_logits, upcast_for_interpreter
-
-
-@dataclass(frozen=True)
-class FusedConfig:
-    """Tile sizes of the fused kernels (powers of two, >= 16 for tl.dot)."""
-
-    block_n: int = 64
-    block_v: int = 128
-    block_d: int = 64
-    num_warps: int = 8
-    num_stages: int = 2
-    # forward: programs per token block along the vocabulary (partials merged on the host)
-    vocab_splits: int = 8
-
-
-DEFAULT_CONFIG = FusedConfig()
+from . import configs
+from .common import new_output, tf32_allowed, transform_logits, upcast_for_interpreter
+from .configs import DEFAULT_CONFIG, FusedConfig  # noqa: F401  (their old home)
 
 
 @triton.jit
@@ -97,7 +81,7 @@ def _dft_fwd_kernel(
     N,
     V,
     D,
-    tiles_per_split,
+    split_cols,
     stride_hn,
     stride_hd,
     stride_wv,
@@ -125,8 +109,8 @@ def _dft_fwd_kernel(
     s = tl.zeros([BLOCK_N], tl.float32)
     t = tl.zeros([BLOCK_N], tl.float32)
     z_y = tl.zeros([BLOCK_N], tl.float32)
-    v_begin = split * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+    v_begin = split * split_cols
+    v_end = tl.minimum(v_begin + split_cols, V)
     offs_v = tl.arange(0, BLOCK_V)
     for v_start in range(v_begin, v_end, BLOCK_V):
         # int64: cols * stride_wv passes 2^31 once V * D does (e.g. 256k x 8k)
@@ -167,26 +151,30 @@ def dft_fwd(
     row_idx: torch.Tensor,
     labels: torch.Tensor,
     opts: LossOptions,
-    config: FusedConfig = DEFAULT_CONFIG,
+    config: FusedConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (N, D) any strides; row_idx (n,) int64 rows of hidden to use (the non-ignored
-    tokens; read in place, no gathered copy); labels (n,) in [0, V).
+    tokens; read in place, no gathered copy); labels (n,) in [0, V). config: a fixed config
+    instead of configs.plan's choice.
 
     Returns fp32 (n,) lse, z_y, row max, entropy."""
     n, d = row_idx.shape[0], hidden.shape[1]
     v = weight.shape[0]
-    n_tiles = triton.cdiv(v, config.block_v)
-    splits = min(config.vocab_splits, n_tiles)
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_split)  # every split owns >= 1 tile
+    plan = configs.plan(hidden.dtype, hidden.device, d, v, config)
+    # each split owns split_cols vocabulary columns, a multiple of every candidate's BLOCK_V, so
+    # the host sizes the grid and the partials before (auto)tuning picks BLOCK_V; none is empty
+    unit = plan.max_block_v
+    split_cols = triton.cdiv(triton.cdiv(v, plan.vocab_splits), unit) * unit
+    splits = triton.cdiv(v, split_cols)
     part = new_output((4, splits, n), torch.float32, hidden.device)
-    grid = (triton.cdiv(n, config.block_n), splits)
-    _dft_fwd_kernel[grid](
+    plan.launch(
+        _dft_fwd_kernel,
+        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits),
         hidden, weight, bias if bias is not None else weight, row_idx, labels, part,
-        n, v, d, tiles_per_split,
+        n, v, d, split_cols,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         float(opts.logit_scale), float(opts.softcap or 1.0),
-        **launch_flags(hidden, bias, opts, config),
+        **kernel_flags(hidden, bias, opts),
     )  # fmt: skip
     m_k, s_k, t_k, z_y_k = part.unbind(0)
     # merge the vocab splits
@@ -200,23 +188,19 @@ def dft_fwd(
     return lse, z_y_k.sum(0), m, entropy
 
 
-def launch_flags(hidden, bias, opts: LossOptions, config: FusedConfig) -> dict:
-    """Compile-time flags and launch options shared by the fused forward and backward kernels."""
+def kernel_flags(hidden, bias, opts: LossOptions) -> dict:
+    """Compile-time flags shared by the fused forward and backward kernels (tile sizes and launch
+    options come from configs.plan)."""
     return dict(
         HAS_BIAS=bias is not None,
         HAS_SCALE=opts.logit_scale != 1.0,
         HAS_SOFTCAP=opts.softcap is not None,
         UPCAST=upcast_for_interpreter(hidden),
         FP32_IEEE=fp32_ieee(hidden),
-        BLOCK_N=config.block_n,
-        BLOCK_V=config.block_v,
-        BLOCK_D=config.block_d,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
     )
 
 
 def fp32_ieee(t: torch.Tensor) -> bool:
     """fp32 tl.dot in full precision unless torch itself allows TF32 for matmuls (interpreter: exact
     either way)."""
-    return t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return t.dtype == torch.float32 and not tf32_allowed()
