@@ -21,9 +21,14 @@ from .options import LossOptions
 from .reduction import mean_scale, reduce_token_loss, select_valid
 from .rows_torch import rows_loss_and_grad
 
-# Elements of one chunk's logits buffer: 32M (128 MB in fp32) on the CPU, 256M on CUDA.
+# Elements of one chunk's logits buffer: 32M (128 MB in fp32) on the CPU; on CUDA at most 256M,
+# and at most a share of the free memory
 _CHUNK_ELEMENTS = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
 _MIN_CHUNK_ROWS = 16
+# CUDA: rows a multiple of the GEMM tile; logits counted at 4 bytes an element (fp32 logits, or
+# 16-bit ones and a temporary) may take 1/_CUDA_FREE_SHARE of the free memory
+_CUDA_ROW_MULTIPLE = 128
+_CUDA_FREE_SHARE = 4
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -33,14 +38,21 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 def default_chunk_rows(vocab: int, device: torch.device) -> int:
     """Tokens per chunk: FUSED_DFT_CHUNK_SIZE if set, else a logits buffer of about
-    _CHUNK_ELEMENTS elements for this device type."""
+    _CHUNK_ELEMENTS elements for this device type; on CUDA a multiple of 128 rows, also bounded by
+    the free memory (torch.cuda.mem_get_info)."""
     env = os.environ.get("FUSED_DFT_CHUNK_SIZE")
     if env:
         if not env.isdigit() or int(env) < 1:
             raise ValueError(f"FUSED_DFT_CHUNK_SIZE must be a positive integer, got {env!r}")
         return int(env)
+    vocab = max(vocab, 1)
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        budget = min(_CHUNK_ELEMENTS["cuda"], free_bytes // (4 * _CUDA_FREE_SHARE))
+        rows = budget // vocab // _CUDA_ROW_MULTIPLE * _CUDA_ROW_MULTIPLE
+        return max(_CUDA_ROW_MULTIPLE, rows)
     budget = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cpu"])
-    return max(_MIN_CHUNK_ROWS, budget // max(vocab, 1))
+    return max(_MIN_CHUNK_ROWS, budget // vocab)
 
 
 # whether torch.addmm(fp32 acc, bf16/fp16 a, b, out_dtype=fp32, out=acc) works here (CUDA only);
