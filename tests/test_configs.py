@@ -14,7 +14,8 @@ import fused_dft
 from fused_dft.kernels import configs
 from fused_dft.kernels.configs import FusedConfig
 
-from .helpers import assert_close, make_inputs, truth
+from .device import DEVICE
+from .helpers import assert_close, assert_within_torch_error, make_inputs, run, truth
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")  # only a name here: nothing is allocated on it
@@ -167,6 +168,24 @@ def test_fused_with_many_vocab_splits_matches_reference(monkeypatch):
     loss_t, (dh_t, *_), _, _ = truth(hidden, weight, labels, bias, torch.tensor(1.0))
     assert_close(loss, loss_t, "loss", rtol=1e-5)
     assert_close(h.grad, dh_t, "dh")
+
+
+# autotuning times every candidate on the real arguments: the atomically accumulated gradients
+# must be zeroed before the launch that counts, on the first (tuning) call and on a cached one
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="triton.autotune runs on CUDA only")
+def test_autotuned_fused_matches_torch_within_its_error(monkeypatch):
+    monkeypatch.setenv(configs.ENV_AUTOTUNE, "1")
+    monkeypatch.delenv(configs.ENV_CONFIG, raising=False)
+    monkeypatch.setattr(configs, "_autotuners", {})
+    hidden, weight, labels, bias = make_inputs(300, 256, 1000, dtype=torch.bfloat16, bias=True)
+    for _ in range(2):
+        loss, grads, _, upstream = run("fused", hidden, weight, labels, bias)
+        loss_ref, grads_ref, _, _ = run("reference", hidden, weight, labels, bias, upstream)
+        loss_t, grads_t, _, _ = truth(hidden, weight, labels, bias, upstream)
+        assert_within_torch_error(loss, loss_ref, loss_t, "loss", torch.bfloat16)
+        for name, g, g_ref, g_t in zip(("dh", "dW", "db"), grads, grads_ref, grads_t):
+            assert_within_torch_error(g, g_ref, g_t, name, torch.bfloat16)
+    assert len(configs._autotuners) == 2  # forward and backward, each tuned once
 
 
 # -- TF32: torch >= 2.9 raises on the legacy flag once the new API was used --------------------
