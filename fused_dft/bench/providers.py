@@ -5,9 +5,9 @@ Every provider computes the same number: the mean over non-ignored tokens of
 so their times, memory and errors can be put side by side. A provider that cannot run says why
 (`unavailable`), and the bench lists it as skipped with that reason.
 
-One provider is no loss: `bound`, the three matmuls any of them must do at least (6*N*D*V FLOPs)
-through torch's GEMM (cuBLAS on CUDA), a floor for the time; the bench divides each provider's time
-by it ("x bound").
+One provider is no loss: `bound`, the three matmuls any of them must do at least (6*N*D*V FLOPs,
+N the non-ignored tokens) through torch's GEMM (cuBLAS on CUDA), a floor for the time; the bench
+divides each provider's time by it ("x bound").
 """
 
 from __future__ import annotations
@@ -212,7 +212,12 @@ class ThreeGemms(torch.autograd.Function):
 
 
 def _three_gemms(problem: Problem) -> LossFn:
-    return lambda hidden, weight, labels: ThreeGemms.apply(hidden, weight)
+    def loss_fn(hidden, weight, labels):
+        # the work any method that skips ignored tokens must do: the non-ignored rows only
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        return ThreeGemms.apply(hidden.index_select(0, rows), weight)
+
+    return loss_fn
 
 
 PROVIDERS: dict[str, Provider] = {

@@ -300,7 +300,12 @@ def _autotuner(kernel, candidates, key: tuple[str, ...], reset_to_zero: tuple[st
             triton.Config(c.meta, num_warps=c.num_warps, num_stages=c.num_stages)
             for c in candidates
         ]
+        # cache_results: the timings go to Triton's disk cache, so a new process (each bench
+        # provider runs in its own) reuses them instead of timing every candidate again
         _autotuners[cache_key] = triton.autotune(
-            configs=configs, key=list(key), reset_to_zero=list(reset_to_zero) or None
+            configs=configs,
+            key=list(key),
+            reset_to_zero=list(reset_to_zero) or None,
+            cache_results=True,
         )(kernel)
     return _autotuners[cache_key]
