@@ -205,7 +205,6 @@ print(fp32_ieee(x), fp32_ieee(x.half()))
     [
         ("", "True False"),
         ("matmul.allow_tf32 = True", "False False"),
-        ("matmul.allow_tf32 = True; matmul.fp32_precision = 'ieee'", "True False"),
         (
             "torch.set_float32_matmul_precision('high'); matmul.fp32_precision = 'ieee'",
             "True False",

@@ -70,20 +70,20 @@ def _split(text: str | None) -> list[str]:
     return list(dict.fromkeys(x.strip() for x in (text or "").split(",") if x.strip()))
 
 
-def parse_kernels(text: str | None) -> list[str]:
-    names = _split(text) or list(SPECS)
-    unknown = [n for n in names if n not in SPECS]
+def _choose(option: str, what: str, text: str | None, choices, default) -> list[str]:
+    names = _split(text) or list(default)
+    unknown = [n for n in names if n not in choices]
     if unknown:
-        raise ValueError(f"--kernel {unknown}: unknown kernel; choose from {', '.join(SPECS)}")
+        raise ValueError(f"{option} {unknown}: unknown {what}; choose from {', '.join(choices)}")
     return names
+
+
+def parse_kernels(text: str | None) -> list[str]:
+    return _choose("--kernel", "kernel", text, SPECS, SPECS)
 
 
 def parse_dtypes(text: str | None) -> list[str]:
-    names = _split(text) or list(DEFAULT_DTYPES)
-    unknown = [n for n in names if n not in DTYPES]
-    if unknown:
-        raise ValueError(f"--dtype {unknown}: unknown dtype; choose from {', '.join(DTYPES)}")
-    return names
+    return _choose("--dtype", "dtype", text, DTYPES, DEFAULT_DTYPES)
 
 
 def parse_archs(text: str | None) -> list[str]:
