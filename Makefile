@@ -1,9 +1,11 @@
 # The targets CI and the README use. PIP_FLAGS picks up the local torch CPU wheel where it exists.
 PYTHON ?= python
+# the GPU machines' python with torch is python3; gpu-check installs nothing
+PYTHON3 ?= python3
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 TORCH ?= torch==2.13.0
 
-.PHONY: install-test install-bench test lint bench check format
+.PHONY: install-test install-bench test lint bench check format gpu-check kernels
 
 install-test:
 	$(PYTHON) -m pip install -q $(PIP_FLAGS) "$(TORCH)"
@@ -25,6 +27,14 @@ bench: install-bench
 
 check: install-bench
 	fused-dft check
+
+# on a machine with a GPU: tests on CUDA, check, bench vs the 3-GEMM bound, config sweep (<= 8 min)
+gpu-check:
+	$(PYTHON3) bench/gpu_check.py
+
+# GPU resources of every kernel (registers, spills, shared memory, tensor cores), no GPU needed
+kernels:
+	$(PYTHON) -m fused_dft kernels
 
 format:
 	$(PYTHON) -m ruff format fused_dft tests bench examples

@@ -28,9 +28,14 @@ from .reduction import Rows, chunk_of, mask_terms, mean_scale, stat_sums, token_
 from .rows_torch import rows_grad_, rows_grad_from_logits_, rows_partials_, transform_
 from .weights import token_terms
 
-# Elements of one chunk's logits buffer: 32M (128 MB in fp32) on the CPU, 256M on CUDA.
+# Elements of one chunk's logits buffer: 32M (128 MB in fp32) on the CPU; on CUDA at most 256M,
+# and at most a share of the free memory
 _CHUNK_ELEMENTS = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
 _MIN_CHUNK_ROWS = 16
+# CUDA: rows a multiple of the GEMM tile; logits counted at 4 bytes an element (fp32 logits, or
+# 16-bit ones and a temporary) may take 1/_CUDA_FREE_SHARE of the free memory
+_CUDA_ROW_MULTIPLE = 128
+_CUDA_FREE_SHARE = 4
 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -40,14 +45,21 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 def default_chunk_rows(vocab: int, device: torch.device) -> int:
     """Tokens per chunk: FUSED_DFT_CHUNK_SIZE if set, else a logits buffer of about
-    _CHUNK_ELEMENTS elements for this device type."""
+    _CHUNK_ELEMENTS elements for this device type; on CUDA a multiple of 128 rows, also bounded by
+    the free memory (torch.cuda.mem_get_info)."""
     env = os.environ.get("FUSED_DFT_CHUNK_SIZE")
     if env:
         if not env.isdigit() or int(env) < 1:
             raise ValueError(f"FUSED_DFT_CHUNK_SIZE must be a positive integer, got {env!r}")
         return int(env)
+    vocab = max(vocab, 1)
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        budget = min(_CHUNK_ELEMENTS["cuda"], free_bytes // (4 * _CUDA_FREE_SHARE))
+        rows = budget // vocab // _CUDA_ROW_MULTIPLE * _CUDA_ROW_MULTIPLE
+        return max(_CUDA_ROW_MULTIPLE, rows)
     budget = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cpu"])
-    return max(_MIN_CHUNK_ROWS, budget // max(vocab, 1))
+    return max(_MIN_CHUNK_ROWS, budget // vocab)
 
 
 def _accumulate_outer(acc: torch.Tensor, dx: torch.Tensor, h: torch.Tensor) -> None:

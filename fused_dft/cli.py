@@ -1,14 +1,17 @@
-"""The command line: `fused-dft bench` and `fused-dft check` (also `python -m fused_dft ...`).
+"""The command line: `fused-dft bench`, `check` and `kernels` (also `python -m fused_dft ...`).
 
-bench  measures every provider (the naive loss, each fused_dft impl that runs on the device, and
-       Liger-Kernel / torch / Cut Cross-Entropy when they can run) for time, peak memory and
-       error, and writes a table, JSON, Markdown and a PNG plot to --output.
-check  runs every impl on a small problem against the float64 reference and prints PASS/FAIL.
+bench    measures every provider (the naive loss, each fused_dft impl that runs on the device, and
+         Liger-Kernel / torch / Cut Cross-Entropy when they can run) for time, peak memory and
+         error, and writes a table, JSON, Markdown and a PNG plot to --output.
+check    runs every impl on a small problem against the float64 reference and prints PASS/FAIL.
+kernels  compiles every Triton kernel for sm_90 / sm_80 here (no GPU needed) and prints its
+         shared memory, registers, spills, tensor-core use and atomics.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -26,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fused-dft", description="fused_dft: benchmark and self-check of the fused DFT loss."
     )
-    sub = parser.add_subparsers(dest="command", metavar="{bench,check}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,check,kernels}")
 
     bench = sub.add_parser(
         "bench",
@@ -83,7 +86,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, value in CHECK_SHAPE.items():
         check.add_argument(f"--{name}", type=int, default=value, help=f"default {value}")
+    add_kernels_parser(sub)
     return parser
+
+
+def add_kernels_parser(sub) -> None:
+    from .kernels.report import ARCHS, DEFAULT_ARCHS
+    from .kernels.specs import DEFAULT_DTYPES, DTYPES, SPECS
+
+    kernels = sub.add_parser(
+        "kernels",
+        help="GPU resources of every Triton kernel (shared memory, registers, spills, tensor "
+        "cores, atomics), compiled here for sm_90 / sm_80 without a GPU",
+        description="Compiles each kernel at each shipped config with the ptxas inside the "
+        "triton wheel (no GPU needed) and prints one row per kernel, dtype, arch and config.",
+    )
+    kernels.add_argument("--kernel", help=f"comma-separated subset of: {', '.join(SPECS)}")
+    kernels.add_argument(
+        "--dtype",
+        help=f"comma-separated subset of: {', '.join(DTYPES)} (default "
+        f"{','.join(DEFAULT_DTYPES)}; fp32 = IEEE dots, torch's default; tf32 = TF32 allowed)",
+    )
+    kernels.add_argument(
+        "--arch",
+        help=f"comma-separated subset of: {', '.join(ARCHS)} (default {','.join(DEFAULT_ARCHS)})",
+    )
+    kernels.add_argument(
+        "--config",
+        default="all",
+        help="'all' shipped configs (default), 'default' (those used without autotuning), or "
+        "config text such as 'block_n=128,num_stages=3' (unnamed fields keep the defaults)",
+    )
+    kernels.add_argument("--json", help="also write the rows as a JSON list to this path")
+    kernels.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(args, parser, argv)
     if args.command == "check":
         return check_main(args, parser)
+    if args.command == "kernels":
+        return kernels_main(args, parser)
     parser.print_help()
     return 2
 
@@ -303,3 +340,45 @@ def check_main(args, parser) -> int:
     counts = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
     print(f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped")
     return 1 if counts["FAIL"] else 0
+
+
+# -- kernels -------------------------------------------------------------------------------------
+
+
+def kernels_main(args, parser) -> int:
+    from .kernels import report
+
+    try:
+        kernels = report.parse_kernels(args.kernel)
+        dtypes = report.parse_dtypes(args.dtype)
+        archs = report.parse_archs(args.arch)
+        jobs = report.plan_jobs(kernels, dtypes, archs, args.config)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: must be a positive integer")
+    reason = report.missing_tools()
+    if reason is not None:
+        print(f"fused-dft kernels: cannot compile here: {reason}", file=sys.stderr)
+        return 2
+
+    import triton
+
+    print(
+        f"fused-dft kernels: {len(jobs)} compiles ({', '.join(kernels)} x {', '.join(dtypes)} x "
+        f"{', '.join(archs)}), triton {triton.__version__}, {args.jobs} processes"
+    )
+    sys.stdout.flush()
+
+    def progress(done: int, total: int, row: dict) -> None:
+        what = f"{row['kernel']} {row['dtype']} {row['arch']} {row['config']}"
+        print(f"[{done}/{total}] {what}", file=sys.stderr, flush=True)
+
+    rows = report.compile_jobs(jobs, args.jobs, progress)
+    print(report.table(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report.json_rows(rows), indent=1) + "\n")
+        print(f"json      {args.json}")
+    failed = [r for r in rows if "error" in r]
+    return 1 if failed else 0

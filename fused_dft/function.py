@@ -1,4 +1,4 @@
-"""Autograd Function around the fused Triton kernels (kernels/fused_fwd.py, kernels/fused_bwd.py).
+"""The fused path: forward and backward around the Triton kernels (kernels/fused_*.py).
 
 Forward (2*N*D*V FLOPs): the kernel reduces each non-ignored token's logits to its partials
 (partials.py) without storing any logits, reading the rows of hidden in place through an index;
@@ -52,6 +52,7 @@ def fused_backward(hidden, weight, bias, rows: Rows, lse, coefs, opts: LossOptio
     """dh (N, D) in hidden's dtype (zero at rows not selected), dW and db in the weight's dtype,
     each None when not needed. lse (n,) and coefs (3, n) fp32 = (a, b, u) x the upstream
     gradient, per selected row."""
+    from .kernels import configs
     from .kernels.fused_bwd import dft_dz
 
     n, (v, d) = rows.n, weight.shape
@@ -71,9 +72,10 @@ def fused_backward(hidden, weight, bias, rows: Rows, lse, coefs, opts: LossOptio
         cols = DZ_SCRATCH_BYTES // (token_chunk * hidden.element_size())
         cols = min(v, max(_COLUMN_MULTIPLE, cols // _COLUMN_MULTIPLE * _COLUMN_MULTIPLE))
         scratch = torch.empty(token_chunk, cols, dtype=hidden.dtype, device=dev)
+        plan = configs.plan(hidden.dtype, dev, d, v, config)
         db_part = None
-        if db is not None:
-            blocks = -(-token_chunk // config.block_n)
+        if db is not None:  # per token block column sums, for the smallest candidate block
+            blocks = -(-token_chunk // plan.min_block_n)
             db_part = torch.empty(blocks, cols, dtype=torch.float32, device=dev)
         for t0 in range(0, n, token_chunk):
             t1 = min(t0 + token_chunk, n)
@@ -87,8 +89,10 @@ def fused_backward(hidden, weight, bias, rows: Rows, lse, coefs, opts: LossOptio
             for v0 in range(0, v, cols):
                 v1 = min(v0 + cols, v)
                 dz = scratch[: t1 - t0, : v1 - v0]
+                if db_part is not None:
+                    db_part.zero_()
                 dft_dz(hidden, weight, bias, idx, rows.labels[t0:t1], rows.num_valid, t0,
-                       lse[t0:t1], coefs[:, t0:t1], v0, dz, opts, config, db_part)  # fmt: skip
+                       lse[t0:t1], coefs[:, t0:t1], v0, dz, opts, plan, db_part)  # fmt: skip
                 if dw is not None:
                     if one_pass:
                         torch.mm(dz.t(), h_c, out=dw[v0:v1])
@@ -97,8 +101,7 @@ def fused_backward(hidden, weight, bias, rows: Rows, lse, coefs, opts: LossOptio
                 if dh_c is not None:
                     addmm_fp32_(dh_c, dz, weight[v0:v1])
                 if db is not None:
-                    blocks = -(-(t1 - t0) // config.block_n)
-                    db[v0:v1] += db_part[:blocks, : v1 - v0].sum(0)
+                    db[v0:v1] += db_part[:, : v1 - v0].sum(0)
             if dh is not None:
                 dh.index_copy_(0, idx, dh_c.to(dh.dtype))
     dw = dw.to(weight.dtype) if dw is not None else None

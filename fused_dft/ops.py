@@ -89,11 +89,8 @@ def linear_loss_fwd(
     grads = None
     if impl == "fused":
         from .function import fused_forward
-        from .kernels.fused_fwd import pick_config
 
-        token_loss, logp, sums, saved = fused_forward(
-            hidden, weight, bias, rows, opts, pick_config(hidden)
-        )
+        token_loss, logp, sums, saved = fused_forward(hidden, weight, bias, rows, opts, None)
         saved = saved if any(need) else None
     else:
         from .chunked import chunk_rows_for, chunked_forward
@@ -164,11 +161,10 @@ def linear_loss_bwd(
     lse_r, coefs_r = gather_rows(lse, rows), gather_rows(coefs, rows)
     if impl == "fused":
         from .function import fused_backward
-        from .kernels.fused_fwd import pick_config
 
         coefs_r = (coefs_r * upstream).float().contiguous()
         dh, dw, db = fused_backward(
-            hidden, weight, bias, rows, lse_r.float(), coefs_r, opts, need, pick_config(hidden)
+            hidden, weight, bias, rows, lse_r.float(), coefs_r, opts, need, None
         )
     else:
         from .chunked import Saved, chunk_rows_for, chunked_backward

@@ -98,6 +98,32 @@ def test_bench_markdown_table_has_a_row_per_provider(smoke):
     assert "fused-dft bench --smoke" in text  # the command that produced it
 
 
+def test_bench_bound_row_and_x_bound_column(smoke):
+    """The 3-GEMM bound runs on the CPU too: a time floor with no error, each time divided by it."""
+    proc, out = smoke
+    records = {r["provider"]: r for r in json.loads((out / "bench.json").read_text())["results"]}
+    bound = records["bound"]
+    assert bound["status"] == "ok" and bound["errors"] == {} and bound["max_error"] is None
+    assert bound["error_ok"] and bound["bound_ratio"] == 1.0
+    for r in records.values():
+        if r["status"] == "ok":
+            assert r["bound_ratio"] == pytest.approx(r["time_s"] / bound["time_s"])
+    lines = (out / "bench.md").read_text().splitlines()
+    assert "| time | vs naive | x bound | peak mem |" in next(x for x in lines if "| provider" in x)
+    assert "x bound" in proc.stdout.split("provider", 1)[1].splitlines()[0]
+
+
+def test_three_gemms_gradients_have_the_inputs_shapes():
+    from fused_dft.bench.providers import ThreeGemms
+
+    hidden = torch.randn(5, 3, requires_grad=True)
+    weight = torch.randn(7, 3, requires_grad=True)
+    ThreeGemms.apply(hidden, weight).backward()
+    logits = hidden.detach() @ weight.detach().T
+    assert torch.allclose(hidden.grad, logits @ weight.detach())
+    assert torch.allclose(weight.grad, logits.T @ hidden.detach())
+
+
 def test_bench_png_is_an_image(smoke):
     import matplotlib.image
 

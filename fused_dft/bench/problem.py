@@ -1,6 +1,7 @@
 """One benchmark problem: shapes, seeded inputs, the float64 reference and error measures.
 
-Inputs are drawn on the CPU from a fixed seed, so every worker process builds the same tensors:
+Inputs are drawn from a fixed seed (on the CPU, or on the GPU for CUDA problems), so every worker
+process builds the same tensors:
 W ~ N(0, 1/D) (rows of norm ~1, logits of std ~1), labels uniform in [0, V), and
 h = N(0, 1) + s * u * W[label] with u ~ U(0, 1), s = 12, so that p(label) spreads from ~0 to ~1
 as in a partly trained model (with pure noise every DFT weight exp(-ce) would be ~1/V).
@@ -64,20 +65,23 @@ class Problem:
 
 def make_inputs(problem: Problem, requires_grad: bool = True):
     """(hidden (N, D), weight (V, D), labels (N,)) on problem.device; hidden and weight are leaves
-    that require grad. The same problem gives the same tensors in every process."""
+    that require grad. The same problem gives the same tensors in every process: drawn on the CPU,
+    or on CUDA with a CUDA generator (a 128k x 4k weight takes seconds to draw on a CPU)."""
     n, d, v = problem.tokens, problem.hidden, problem.vocab
-    gen_w = torch.Generator().manual_seed(problem.seed)
-    weight = torch.randn(v, d, generator=gen_w) / math.sqrt(d)
-    gen_t = torch.Generator().manual_seed(problem.seed + 1)
-    labels = torch.randint(0, v, (n,), generator=gen_t)
-    boost = torch.rand(n, generator=gen_t) * LABEL_BOOST
-    hidden = torch.randn(n, d, generator=gen_t)
+    device = torch.device(problem.device)
+    where = device if device.type == "cuda" else torch.device("cpu")
+    gen_w = torch.Generator(device=where).manual_seed(problem.seed)
+    weight = torch.randn(v, d, generator=gen_w, device=where) / math.sqrt(d)
+    gen_t = torch.Generator(device=where).manual_seed(problem.seed + 1)
+    labels = torch.randint(0, v, (n,), generator=gen_t, device=where)
+    boost = torch.rand(n, generator=gen_t, device=where) * LABEL_BOOST
+    hidden = torch.randn(n, d, generator=gen_t, device=where)
     hidden.add_(boost[:, None] * weight[labels])
-    gen_m = torch.Generator().manual_seed(problem.seed + 2)
-    ignored = torch.rand(n, generator=gen_m) < problem.ignore_frac
+    gen_m = torch.Generator(device=where).manual_seed(problem.seed + 2)
+    ignored = torch.rand(n, generator=gen_m, device=where) < problem.ignore_frac
     labels[ignored] = IGNORE_INDEX
 
-    dtype, device = problem.torch_dtype, torch.device(problem.device)
+    dtype = problem.torch_dtype
     hidden = hidden.to(device=device, dtype=dtype).requires_grad_(requires_grad)
     weight = weight.to(device=device, dtype=dtype).requires_grad_(requires_grad)
     return hidden, weight, labels.to(device)

@@ -4,6 +4,10 @@ Every provider computes the same number: the mean over non-ignored tokens of
   dft: -sg(p_t) * log p_t      ce: -log p_t
 so their times, memory and errors can be put side by side. A provider that cannot run says why
 (`unavailable`), and the bench lists it as skipped with that reason.
+
+One provider is no loss: `bound`, the three matmuls any of them must do at least (6*N*D*V FLOPs,
+N the non-ignored tokens) through torch's GEMM (cuBLAS on CUDA), a floor for the time; the bench
+divides each provider's time by it ("x bound").
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Provider:
     label: str  # what tables and plots show
     unavailable: Callable[[Problem], str | None]
     build: Callable[[Problem], LossFn]
+    is_loss: bool = True  # False: no error against the reference is measured
 
 
 def dft_mean(token_ce: torch.Tensor, labels: torch.Tensor, loss_type: str) -> torch.Tensor:
@@ -186,6 +191,35 @@ def _always(problem: Problem) -> str | None:
     return None
 
 
+# -- the 3-GEMM bound ----------------------------------------------------------------------------
+
+
+class ThreeGemms(torch.autograd.Function):
+    """forward: logits = h W^T; backward: dh = g W, dW = g^T h, with g the logits buffer itself
+    (shaped like the logits; its values do not change the time). 2*N*D*V FLOPs each. Returns a
+    zero scalar: nothing else is computed, so the time is the three GEMMs' alone."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        logits = hidden @ weight.T
+        ctx.save_for_backward(hidden, weight, logits)
+        return hidden.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, _grad):
+        hidden, weight, g = ctx.saved_tensors
+        return g @ weight, g.T @ hidden
+
+
+def _three_gemms(problem: Problem) -> LossFn:
+    def loss_fn(hidden, weight, labels):
+        # the work any method that skips ignored tokens must do: the non-ignored rows only
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        return ThreeGemms.apply(hidden.index_select(0, rows), weight)
+
+    return loss_fn
+
+
 PROVIDERS: dict[str, Provider] = {
     p.key: p
     for p in (
@@ -214,6 +248,7 @@ PROVIDERS: dict[str, Provider] = {
             _needs_cuda("cut_cross_entropy", "cut-cross-entropy", "Cut Cross-Entropy's kernels"),
             _cce,
         ),
+        Provider("bound", "3-GEMM bound (6NDV)", _always, _three_gemms, is_loss=False),
     )
 }
 

@@ -88,6 +88,18 @@ def fmt_error(e: float | None) -> str:
 
 
 COLUMNS = ("provider", "runs as", "time", "vs naive", "peak mem", "vs naive", "max err", "note")
+BOUND_COLUMN = "x bound"  # after the time columns, when the 3-GEMM bound ran
+
+
+def has_bound(records: list[dict]) -> bool:
+    return any(r.get("bound_ratio") is not None for r in records)
+
+
+def header(records: list[dict], sweep: str | None = None) -> list[str]:
+    cols = list(COLUMNS)
+    if has_bound(records):
+        cols.insert(4, BOUND_COLUMN)
+    return ([sweep] if sweep else []) + cols
 
 
 def rows(records: list[dict], sweep: str | None = None) -> list[list[str]]:
@@ -99,6 +111,8 @@ def rows(records: list[dict], sweep: str | None = None) -> list[list[str]]:
             note = f"{r['status']}: {r['reason']}"
         elif not r.get("error_ok", True):
             note = f"ERROR above tolerance {r['tolerance']:.0e}"
+        elif r["provider"] == "bound":
+            note = "time floor: logits, dh, dW matmuls only (not a loss)"
         else:
             note = r.get("error_failure", "")
         row = [
@@ -111,6 +125,8 @@ def rows(records: list[dict], sweep: str | None = None) -> list[list[str]]:
             fmt_error(r.get("max_error")) if ok else "-",
             note,
         ]
+        if has_bound(records):
+            row.insert(4, fmt_ratio(r.get("bound_ratio")) if ok else "-")
         if sweep:
             row.insert(0, str(r["problem"][sweep]))
         out.append(row)
@@ -118,19 +134,19 @@ def rows(records: list[dict], sweep: str | None = None) -> list[list[str]]:
 
 
 def terminal_table(records: list[dict], sweep: str | None = None) -> str:
-    header = ([sweep] if sweep else []) + list(COLUMNS)
+    head = header(records, sweep)
     body = rows(records, sweep)
-    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
     widths[-1] = 0  # the note runs on
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
     return "\n".join(
-        [line(header), line(["-" * w for w in widths[:-1]] + ["----"])] + [line(r) for r in body]
+        [line(head), line(["-" * w for w in widths[:-1]] + ["----"])] + [line(r) for r in body]
     )
 
 
 def markdown(records: list[dict], meta: dict, sweep: str | None = None) -> str:
     info = meta["machine"]
-    header = ([sweep] if sweep else []) + list(COLUMNS)
+    head = header(records, sweep)
     lines = [
         "# fused-dft bench",
         "",
@@ -140,9 +156,16 @@ def markdown(records: list[dict], meta: dict, sweep: str | None = None) -> str:
         f"- error: max over loss, dh, dW of max|x - ref| / max|ref| against the float64 "
         f"reference, on {meta['check_tokens']}",
         "- time: forward + backward; peak mem: above the inputs, gradients included",
+    ]
+    if has_bound(records):
+        lines.append(
+            "- x bound: time over the 3-GEMM bound's (logits = h W^T, dh = g W, dW = g^T h: "
+            "6*N*D*V FLOPs through torch's matmul)"
+        )
+    lines += [
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
     ]
     lines += [
         "| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows(records, sweep)

@@ -103,19 +103,23 @@ def run_worker(request: dict, timeout_s: float | None) -> dict:
 
 
 def add_ratios(records: list[dict], problem: Problem) -> None:
-    """time/memory ratios to naive, and whether each error is within tolerance."""
+    """time/memory ratios to naive, time ratio to the 3-GEMM bound when it ran, and whether each
+    error is within tolerance."""
     naive = next((r for r in records if r["provider"] == "naive" and r["status"] == "ok"), None)
+    bound = next((r for r in records if r["provider"] == "bound" and r["status"] == "ok"), None)
     naive_error = max(naive["errors"].values()) if naive else None
     tol = tolerance(problem.dtype, problem.device, naive_error)
     for r in records:
         if r["status"] != "ok":
             continue
-        r["max_error"] = max(r["errors"].values())
+        r["max_error"] = max(r["errors"].values()) if r["errors"] else None
         r["tolerance"] = tol
-        r["error_ok"] = bool(r["max_error"] <= tol)
+        r["error_ok"] = r["max_error"] is None or bool(r["max_error"] <= tol)
         if naive is not None:
             r["time_ratio"] = _ratio(r["time_s"], naive["time_s"])
             r["mem_ratio"] = _ratio(r["peak_mem_bytes"], naive["peak_mem_bytes"])
+        if bound is not None:
+            r["bound_ratio"] = _ratio(r["time_s"], bound["time_s"])
 
 
 def _ratio(x: float, base: float) -> float | None:

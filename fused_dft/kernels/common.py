@@ -106,3 +106,24 @@ def logits_tile(
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+def tf32_allowed() -> bool:
+    """Whether torch lets CUDA fp32 matmuls use TF32; never raises.
+
+    torch >= 2.9 has `torch.backends.cuda.matmul.fp32_precision` ("tf32", "ieee", or "none" to
+    inherit from `torch.backends.fp32_precision`); once it was set, reading the legacy
+    `allow_tf32` raises a RuntimeError about mixing the legacy and new APIs. So the new settings
+    are read first and the legacy flag last; if even that raises, IEEE (the stricter choice).
+    """
+    for settings in (torch.backends.cuda.matmul, torch.backends):
+        try:
+            precision = getattr(settings, "fp32_precision", None)
+        except RuntimeError:
+            precision = None
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        return False

@@ -24,7 +24,8 @@ import triton.language as tl
 
 from ..options import LossOptions
 from .common import grouped_program, logits_tile, transform_logits
-from .fused_fwd import DEFAULT_CONFIG, FusedConfig, launch_flags
+from .configs import LaunchPlan
+from .fused_fwd import kernel_flags
 
 
 @triton.jit
@@ -93,7 +94,8 @@ def _dft_dz_kernel(
     a = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
     b = tl.load(coef_ptr + stride_coef + rows, mask=row_mask, other=0.0)
     dz = a[:, None] * tl.exp(z - lse[:, None])
-    dz -= tl.where(cols[None, :] == y[:, None], b[:, None], 0.0)
+    y_local = (y - v_start).to(tl.int32)  # an int32 compare inside the tile (cheaper than int64)
+    dz -= tl.where(local_cols.to(tl.int32)[None, :] == y_local[:, None], b[:, None], 0.0)
     if HAS_UNIFORM:
         u = tl.load(coef_ptr + 2 * stride_coef + rows, mask=row_mask, other=0.0)
         dz -= u[:, None]
@@ -127,7 +129,7 @@ def dft_dz(
     v_start: int,
     out: torch.Tensor,
     opts: LossOptions,
-    config: FusedConfig = DEFAULT_CONFIG,
+    plan: LaunchPlan,
     db_partial: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logit gradient of tokens row_idx (n,) x vocab columns [v_start, v_start + out.shape[1]).
@@ -136,27 +138,28 @@ def dft_dz(
     count: device scalar; local row r is a token when count_offset + r < count (else dz = 0);
     coefs (3, n') fp32 = (a, b, u) x upstream, any view whose rows are n-long slices with
     stride coefs.stride(0); out (n, Vc) with unit column stride, overwritten.
-    db_partial: None, or fp32 (>= cdiv(n, block_n), >= Vc) with unit column stride, whose first
-    rows receive the column sums of dz per token block (fp32, before dz is rounded to out's dtype).
+    db_partial: None, or zeroed fp32 (>= cdiv(n, plan.min_block_n), >= Vc) with unit column
+    stride, whose first cdiv(n, BLOCK_N) rows receive the column sums of dz per token block (in
+    fp32, before dz is rounded to out's dtype); summing all its rows gives db.
     """
     n, vc = out.shape
     assert out.stride(1) == 1 and coefs.stride(1) == 1, "out and coefs need unit column stride"
     assert row_idx.shape[0] == n and v_start + vc <= weight.shape[0]
     if n == 0 or vc == 0:
         return out
-    grid = (triton.cdiv(n, config.block_n) * triton.cdiv(vc, config.block_v),)
-    _dft_dz_kernel[grid](
+    plan.launch(
+        _dft_dz_kernel,
+        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(vc, meta["BLOCK_V"]),),
         hidden, weight, bias if bias is not None else weight, row_idx, labels, count,
-        count_offset, lse,
-        coefs, coefs.stride(0), out, out.stride(0),
+        count_offset, lse, coefs, coefs.stride(0), out, out.stride(0),
         db_partial if db_partial is not None else out,
         db_partial.stride(0) if db_partial is not None else 0,
         n, vc, v_start, hidden.shape[1],
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         float(opts.logit_scale), float(opts.softcap or 1.0),
+        reset_to_zero=("db_ptr",) if db_partial is not None else (),
         HAS_UNIFORM=opts.label_smoothing > 0,
         COMPUTE_DB=db_partial is not None,
-        GROUP_N=config.group_n,
-        **launch_flags(hidden, bias, opts, config),
+        **kernel_flags(hidden, bias, opts),
     )  # fmt: skip
     return out

@@ -18,51 +18,22 @@ merged in O(n * splits) by partials.merge: lse = m + log s, entropy = log s - t 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from ..options import LossOptions
 from ..partials import NUM_PARTIALS, merge
+from . import configs
 from .common import (
     grouped_program,
     logits_tile,
     new_output,
+    tf32_allowed,
     transform_logits,
     upcast_for_interpreter,
 )
-
-
-@dataclass(frozen=True)
-class FusedConfig:
-    """Tiles and launch options of the fused kernels (tile sizes powers of two, >= 16)."""
-
-    block_n: int = 128
-    block_v: int = 128
-    block_d: int = 64
-    num_warps: int = 8
-    num_stages: int = 3
-    # token blocks per group of the grouped program order (L2 reuse)
-    group_n: int = 8
-    # forward: vocab splits per token block; None = chosen from the SM count and the tokens
-    vocab_splits: int | None = None
-
-
-# Defaults per operand precision, compiled for sm_90 with triton 3.9 (no spills, cp.async
-# pipelining; bf16/fp16 and TF32 on wgmma): forward 253 / 253 / 210 registers, dz 142 / 146 / 128,
-# shared memory 96 KB / 96 KB / 48 KB (bf16 / fp32 TF32 / fp32 IEEE without tensor cores).
-DEFAULT_CONFIG = FusedConfig()
-FP32_TF32_CONFIG = FusedConfig(block_d=32)
-FP32_IEEE_CONFIG = FusedConfig(block_n=64, block_d=32)
-
-
-def pick_config(hidden: torch.Tensor) -> FusedConfig:
-    """The default config for hidden's dtype (and, for fp32, whether tl.dot may use TF32)."""
-    if hidden.dtype != torch.float32:
-        return DEFAULT_CONFIG
-    return FP32_IEEE_CONFIG if fp32_ieee(hidden) else FP32_TF32_CONFIG
+from .configs import FusedConfig
 
 
 @triton.jit
@@ -77,7 +48,7 @@ def _dft_fwd_kernel(
     N,
     V,
     D,
-    tiles_per_split,
+    split_cols,
     num_splits,
     stride_hn,
     stride_hd,
@@ -111,36 +82,40 @@ def _dft_fwd_kernel(
     t = tl.zeros([BLOCK_N], tl.float32)
     z_y = tl.zeros([BLOCK_N], tl.float32)
     sum_z = tl.zeros([BLOCK_N], tl.float32)
-    v_begin = split * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+    v_begin = split * split_cols
+    v_end = tl.minimum(v_begin + split_cols, V)
     v_end = tl.where(pid_n * BLOCK_N < count, v_end, v_begin)
     offs_v = tl.arange(0, BLOCK_V)
     for v_start in range(v_begin, v_end, BLOCK_V):
         # int64: cols * stride_wv passes 2^31 once V * D does (e.g. 256k x 8k)
         cols = offs_v.to(tl.int64) + v_start
         col_mask = cols < V
-        # 1. logits tile, kept in registers
+        # 1. logits tile, kept in registers (steps numbered as in the module docstring)
         x = logits_tile(
             h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, D,
             stride_hn, stride_hd, stride_wv, stride_wd,
             HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
         )  # fmt: skip
         z, _ = transform_logits(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-        # 2. online log-sum-exp; every tile has >= 1 valid column, so m_new is finite (or nan)
-        z = tl.where(col_mask[None, :], z, float("-inf"))
+        # 3. label logit (only the tile holding y contributes; int32 tile-local compare) and the
+        #    sum of z for label smoothing, before padding columns are masked
+        y_local = (y - v_start).to(tl.int32)
+        z_y += tl.sum(tl.where(offs_v[None, :] == y_local[:, None], z, 0.0), 1)
+        if NEED_SUM:
+            sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+        # 2. online log-sum-exp. Columns past V get a finite, hugely negative z: exp gives 0 and
+        #    e * (z - m') stays 0 (with -inf it would be 0 * inf = nan). Every tile has a real
+        #    column, so m' is finite (or nan / inf from the data, which then propagates).
+        z = tl.where(col_mask[None, :], z, -1.0e30)
         m_new = tl.maximum(m, tl.max(z, 1))
         alpha = tl.exp(m - m_new)
         e = tl.exp(z - m_new[:, None])
         if NEED_ENTROPY:
             # relative to the running max: no cancellation at |z| >> 1
             t = alpha * (t + tl.where(s > 0, m - m_new, 0.0) * s)
-            t += tl.sum(e * tl.where(col_mask[None, :], z - m_new[:, None], 0.0), 1)
+            t += tl.sum(e * (z - m_new[:, None]), 1)
         s = s * alpha + tl.sum(e, 1)
         m = m_new
-        # 3. label logit (only the tile holding y contributes); sum of z for label smoothing
-        z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
-        if NEED_SUM:
-            sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
 
     # 4. partials (5, splits, N); rows past the count get m = -inf, s = 0 (merged, then masked)
     base = part_ptr + split * N + rows
@@ -166,18 +141,16 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def vocab_splits(n: int, v: int, device: torch.device, config: FusedConfig) -> tuple[int, int]:
-    """(splits, vocab tiles per split): config.vocab_splits if set, else enough splits that one
-    wave of programs is about one group of min(token blocks, group_n) token blocks."""
-    n_tiles = triton.cdiv(v, config.block_v)
-    if config.vocab_splits is not None:
-        splits = config.vocab_splits
-    else:
-        blocks_in_group = max(1, min(triton.cdiv(n, config.block_n), config.group_n))
+def vocab_split_cols(n: int, v: int, device: torch.device, plan: configs.LaunchPlan) -> int:
+    """Vocabulary columns per split: a multiple of every candidate's BLOCK_V (so the grid and the
+    partials are sized before autotuning picks a tile), from plan.vocab_splits, or else enough
+    splits that one wave of programs is about one group of min(token blocks, group_n) blocks."""
+    splits = plan.vocab_splits
+    if splits is None:
+        blocks_in_group = max(1, min(triton.cdiv(n, plan.max_block_n), plan.group_n))
         splits = max(2, triton.cdiv(sm_count(device), blocks_in_group))
-    splits = max(1, min(splits, n_tiles))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split  # every split owns >= 1 tile
+    unit = plan.max_block_v
+    return triton.cdiv(triton.cdiv(v, splits), unit) * unit  # no split is empty
 
 
 def dft_fwd(
@@ -188,51 +161,50 @@ def dft_fwd(
     labels: torch.Tensor,
     count: torch.Tensor,
     opts: LossOptions,
-    config: FusedConfig = DEFAULT_CONFIG,
+    config: FusedConfig | None = None,
 ) -> torch.Tensor:
     """hidden (N, D) any strides; row_idx (n,) int64 rows of hidden to use (read in place, no
     gathered copy); labels (n,) (outside [0, V): no label logit); count: a device scalar, the
-    first `count` of the n rows are tokens (the others are skipped).
+    first `count` of the n rows are tokens (the others are skipped). config: a fixed config
+    instead of configs.plan's choice.
 
     Returns fp32 partials (5, n) over the whole of weight's vocabulary (partials.py); rows past
     count hold m = -inf, s = 0."""
     n, d = row_idx.shape[0], hidden.shape[1]
     v = weight.shape[0]
-    splits, tiles_per_split = vocab_splits(n, v, hidden.device, config)
+    plan = configs.plan(hidden.dtype, hidden.device, d, v, config)
+    split_cols = vocab_split_cols(n, v, hidden.device, plan)
+    splits = triton.cdiv(v, split_cols)
     part = new_output((NUM_PARTIALS, splits, n), torch.float32, hidden.device)
     if n == 0:
         return part[:, 0]
-    grid = (triton.cdiv(n, config.block_n) * splits,)
-    _dft_fwd_kernel[grid](
+    plan.launch(
+        _dft_fwd_kernel,
+        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,),
         hidden, weight, bias if bias is not None else weight, row_idx, labels, count, part,
-        n, v, d, tiles_per_split, splits,
+        n, v, d, split_cols, splits,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         float(opts.logit_scale), float(opts.softcap or 1.0),
         NEED_ENTROPY=opts.needs_entropy,
         NEED_SUM=opts.needs_logit_sum,
-        GROUP_N=config.group_n,
-        **launch_flags(hidden, bias, opts, config),
+        **kernel_flags(hidden, bias, opts),
     )  # fmt: skip
     return merge(part, dim=1)
 
 
-def launch_flags(hidden, bias, opts: LossOptions, config: FusedConfig) -> dict:
-    """Compile-time flags and launch options shared by the fused forward and backward kernels."""
+def kernel_flags(hidden, bias, opts: LossOptions) -> dict:
+    """Compile-time flags shared by the fused forward and backward kernels (tile sizes and launch
+    options come from configs.plan)."""
     return dict(
         HAS_BIAS=bias is not None,
         HAS_SCALE=opts.logit_scale != 1.0,
         HAS_SOFTCAP=opts.softcap is not None,
         UPCAST=upcast_for_interpreter(hidden),
         FP32_IEEE=fp32_ieee(hidden),
-        BLOCK_N=config.block_n,
-        BLOCK_V=config.block_v,
-        BLOCK_D=config.block_d,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
     )
 
 
 def fp32_ieee(t: torch.Tensor) -> bool:
     """fp32 tl.dot in full precision unless torch itself allows TF32 for matmuls (interpreter: exact
     either way)."""
-    return t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return t.dtype == torch.float32 and not tf32_allowed()

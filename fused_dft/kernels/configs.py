@@ -1,0 +1,336 @@
+"""Launch configs of the fused kernels: the validated FusedConfig, the shipped candidates keyed on
+the dtype and the D/V buckets, the override for experiments, and the triton.autotune switch.
+
+Which config a fused launch uses, first match wins:
+  0. a FusedConfig passed to the launcher (dft_fwd / dft_bwd) by its caller;
+  1. an override: `use_fused_config(...)` in Python, else FUSED_DFT_FUSED_CONFIG in the environment
+     ("block_n=128,num_stages=3": unnamed fields keep the bucket's default);
+  2. the interpreter (CPU): INTERPRETER_CONFIG, one fixed config (it cannot autotune several);
+  3. CUDA with FUSED_DFT_AUTOTUNE=0: the bucket's default (its first candidate);
+  4. CUDA: triton.autotune over the bucket's candidates, keyed on D, V, the compile-time flags
+     and the dtypes (Triton adds the dtypes of tensor arguments to the key itself).
+Forward and backward tune independently over the same candidates. vocab_splits sizes the forward's
+grid and partial buffer on the host, so every candidate of a bucket shares it.
+
+The candidates were chosen from CPU-side compiles (`fused-dft kernels`: registers, spills, shared
+memory for sm_90 with triton 3.6 and 3.9), not from GPU timings: `make gpu-check` sweeps them.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+
+from .common import tf32_allowed
+
+ENV_CONFIG = "FUSED_DFT_FUSED_CONFIG"
+ENV_AUTOTUNE = "FUSED_DFT_AUTOTUNE"
+
+TILE_FIELDS = ("block_n", "block_v", "block_d")
+MIN_TILE, MAX_TILE = 16, 256  # tl.dot needs >= 16 along every dimension
+WARPS = (1, 2, 4, 8, 16, 32)
+MAX_STAGES = 8
+MAX_VOCAB_SPLITS = 1024
+MAX_GROUP_N = 64
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """Tile sizes and launch options of the fused kernels; invalid values raise ValueError.
+
+    block_n tokens x block_v vocabulary entries per logits tile, accumulated over D in block_d steps
+    (powers of two in [16, 256]); num_warps a power of two in [1, 32]; num_stages in [1, 8];
+    group_n: token blocks per group of the L2-aware program order, in [1, 64];
+    vocab_splits: forward programs per token block along the vocabulary, in [1, 1024], or None
+    (written "auto"): chosen from the SM count and the number of token blocks.
+    """
+
+    block_n: int = 64
+    block_v: int = 128
+    block_d: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+    group_n: int = 8
+    vocab_splits: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "vocab_splits" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"FusedConfig.{f.name} must be an int, got {value!r}")
+        for name in TILE_FIELDS:
+            value = getattr(self, name)
+            if not (MIN_TILE <= value <= MAX_TILE and value & (value - 1) == 0):
+                raise ValueError(
+                    f"FusedConfig.{name}={value}: must be a power of two in [{MIN_TILE}, "
+                    f"{MAX_TILE}] (tl.dot needs at least 16 along every dimension)"
+                )
+        if self.num_warps not in WARPS:
+            raise ValueError(f"FusedConfig.num_warps={self.num_warps}: choose from {WARPS}")
+        if not 1 <= self.num_stages <= MAX_STAGES:
+            raise ValueError(
+                f"FusedConfig.num_stages={self.num_stages}: must be in [1, {MAX_STAGES}]"
+            )
+        if not 1 <= self.group_n <= MAX_GROUP_N:
+            raise ValueError(f"FusedConfig.group_n={self.group_n}: must be in [1, {MAX_GROUP_N}]")
+        if self.vocab_splits is not None and not 1 <= self.vocab_splits <= MAX_VOCAB_SPLITS:
+            raise ValueError(
+                f"FusedConfig.vocab_splits={self.vocab_splits}: must be in [1, {MAX_VOCAB_SPLITS}]"
+            )
+
+    @property
+    def meta(self) -> dict[str, int]:
+        """The kernels' tile constexprs."""
+        return {
+            "BLOCK_N": self.block_n,
+            "BLOCK_V": self.block_v,
+            "BLOCK_D": self.block_d,
+            "GROUP_N": self.group_n,
+        }
+
+    @property
+    def spec(self) -> str:
+        """The form FUSED_DFT_FUSED_CONFIG and parse() take: 'block_n=64,block_v=128,...'."""
+        return ",".join(f"{k}={'auto' if v is None else v}" for k, v in asdict(self).items())
+
+    @classmethod
+    def parse(cls, text: str, base: FusedConfig | None = None) -> FusedConfig:
+        """'block_n=128,num_stages=3' -> a config; unnamed fields come from `base`."""
+        names = [f.name for f in fields(cls)]
+        where = f"fused config {text!r}"
+        values = {}
+        for item in (x.strip() for x in text.split(",")):
+            if not item:
+                continue
+            key, sep, raw = (s.strip() for s in item.partition("="))
+            if not sep or key not in names:
+                raise ValueError(f"{where}: unknown field {key!r}; choose from {names}")
+            if key == "vocab_splits" and raw == "auto":
+                values[key] = None
+                continue
+            try:
+                values[key] = int(raw)
+            except ValueError:
+                raise ValueError(f"{where}: {key}={raw!r} is not an integer") from None
+        if not values:
+            raise ValueError(f"{where}: expected fields like 'block_n=64,block_v=128'")
+        return replace(base or cls(), **values)
+
+
+# -- the shipped candidates ----------------------------------------------------------------------
+
+# Under the interpreter every tile iteration costs ~2 ms: large tiles keep the tests fast.
+INTERPRETER_CONFIG = FusedConfig(64, 128, 64, num_warps=8, num_stages=2)
+
+# the class defaults
+DEFAULT_CONFIG = FusedConfig()
+
+DTYPE_CLASSES = ("16bit", "tf32", "fp32")
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    """'16bit' (bf16/fp16 tensor-core operands), 'tf32' (fp32 with TF32 allowed: tensor cores,
+    operands twice the size) or 'fp32' (IEEE fp32: FMA, no tensor cores)."""
+    if dtype != torch.float32:
+        return "16bit"
+    return "tf32" if tf32_allowed() else "fp32"
+
+
+def d_bucket(d: int) -> str:
+    """D is the logits tile's K loop: from 2048 on it is long enough for deeper pipelines."""
+    return "D>=2048" if d >= 2048 else "D<2048"
+
+
+def v_bucket(v: int) -> str:
+    """No candidate differs by V yet (V is in the autotune key itself); a GPU sweep that finds a
+    difference puts it here."""
+    return "V>=65536" if v >= 65536 else "V<65536"
+
+
+# Candidates, the default first, for the forward and the dz kernel alike. Registers and spills
+# from `fused-dft kernels` (sm_90 and sm_80, triton 3.6 and 3.9; bench/README.md has the table):
+# no candidate spills on sm_90. 128 x 128 tiles give 64 FLOP per byte of operand traffic (twice
+# 64 x 128's); the forward's online log-sum-exp epilogue keeps it at ~250 registers, so 128 x 256
+# (which spills) is not offered.
+_C = FusedConfig
+_16BIT_SHORT_D = (
+    _C(128, 128, 64, num_warps=8, num_stages=3),
+    _C(64, 128, 64, num_warps=8, num_stages=3),
+    _C(128, 128, 64, num_warps=8, num_stages=2),
+)
+_16BIT_LONG_D = (
+    _C(128, 128, 64, num_warps=8, num_stages=3),
+    _C(128, 128, 64, num_warps=8, num_stages=2),
+    _C(64, 128, 64, num_warps=8, num_stages=4),
+)
+# fp32 operands take twice the shared memory and registers of 16-bit ones
+_TF32 = (
+    _C(128, 128, 32, num_warps=8, num_stages=3),
+    _C(64, 128, 32, num_warps=8, num_stages=3),
+)
+# IEEE fp32 runs on FMA units: smaller tiles keep the accumulator in registers
+_FP32 = (
+    _C(64, 128, 32, num_warps=8, num_stages=3),
+    _C(64, 64, 32, num_warps=4, num_stages=3),
+)
+
+# (dtype class, D bucket, V bucket) -> candidates
+CONFIG_SETS: dict[tuple[str, str, str], tuple[FusedConfig, ...]] = {
+    ("16bit", "D<2048", "V<65536"): _16BIT_SHORT_D,
+    ("16bit", "D<2048", "V>=65536"): _16BIT_SHORT_D,
+    ("16bit", "D>=2048", "V<65536"): _16BIT_LONG_D,
+    ("16bit", "D>=2048", "V>=65536"): _16BIT_LONG_D,
+    ("tf32", "D<2048", "V<65536"): _TF32,
+    ("tf32", "D<2048", "V>=65536"): _TF32,
+    ("tf32", "D>=2048", "V<65536"): _TF32,
+    ("tf32", "D>=2048", "V>=65536"): _TF32,
+    ("fp32", "D<2048", "V<65536"): _FP32,
+    ("fp32", "D<2048", "V>=65536"): _FP32,
+    ("fp32", "D>=2048", "V<65536"): _FP32,
+    ("fp32", "D>=2048", "V>=65536"): _FP32,
+}
+
+
+def config_set(dtype: torch.dtype, d: int, v: int) -> tuple[FusedConfig, ...]:
+    """The shipped candidates for this dtype and D/V bucket; the first is the default."""
+    return CONFIG_SETS[(dtype_class(dtype), d_bucket(d), v_bucket(v))]
+
+
+def shipped_configs(cls: str) -> tuple[FusedConfig, ...]:
+    """Every distinct candidate of every bucket of a dtype class, the buckets' defaults first."""
+    keys = [k for k in CONFIG_SETS if k[0] == cls]
+    seen = [CONFIG_SETS[k][0] for k in keys] + [c for k in keys for c in CONFIG_SETS[k]]
+    return tuple(dict.fromkeys(seen))
+
+
+# -- overrides -----------------------------------------------------------------------------------
+
+_override: list[FusedConfig | str] = []
+
+
+@contextmanager
+def use_fused_config(config: FusedConfig | str):
+    """Within the block, fused launches use `config` (a FusedConfig, or a string for parse())
+    instead of the shipped candidates: no autotuning. Validated on entry."""
+    if isinstance(config, str):
+        FusedConfig.parse(config)  # fail here, not at the first launch
+    elif not isinstance(config, FusedConfig):
+        raise TypeError(f"use_fused_config expects a FusedConfig or a str, got {config!r}")
+    _override.append(config)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def override_config(base: FusedConfig) -> FusedConfig | None:
+    """The override in force (Python first, then the environment), completed from `base`."""
+    if _override:
+        chosen = _override[-1]
+        return chosen if isinstance(chosen, FusedConfig) else FusedConfig.parse(chosen, base)
+    text = os.environ.get(ENV_CONFIG, "").strip()
+    if not text:
+        return None
+    try:
+        return FusedConfig.parse(text, base)
+    except ValueError as exc:
+        raise ValueError(f"{ENV_CONFIG}: {exc}") from None
+
+
+def autotune_enabled() -> bool:
+    text = os.environ.get(ENV_AUTOTUNE, "1").strip()
+    if text not in ("0", "1"):
+        raise ValueError(f"{ENV_AUTOTUNE} must be 0 or 1, got {text!r}")
+    return text == "1"
+
+
+# -- launching -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """The configs one fused launch chooses from: one (a fixed launch) or several (autotuned)."""
+
+    candidates: tuple[FusedConfig, ...]
+
+    @property
+    def vocab_splits(self) -> int | None:
+        return self.candidates[0].vocab_splits
+
+    @property
+    def min_block_n(self) -> int:
+        return min(c.block_n for c in self.candidates)
+
+    @property
+    def group_n(self) -> int:
+        return self.candidates[0].group_n
+
+    @property
+    def max_block_v(self) -> int:
+        return max(c.block_v for c in self.candidates)
+
+    @property
+    def max_block_n(self) -> int:
+        return max(c.block_n for c in self.candidates)
+
+    def launch(self, kernel, grid, *args, reset_to_zero: tuple[str, ...] = (), **flags) -> None:
+        """kernel[grid](*args, **flags) with this plan's config(s); grid takes the meta dict.
+
+        reset_to_zero: outputs the kernel accumulates into (atomics); autotuning zeroes them
+        before each timed trial and once more before the real launch, so the first launch of a
+        new key must find them all zero.
+        """
+        if len(self.candidates) == 1:
+            c = self.candidates[0]
+            meta = dict(c.meta, num_warps=c.num_warps, num_stages=c.num_stages)
+            kernel[grid(c.meta)](*args, **flags, **meta)
+        else:
+            key = ("D", "V", *sorted(flags))  # Triton adds the tensors' dtypes itself
+            _autotuner(kernel, self.candidates, key, reset_to_zero)[grid](*args, **flags)
+
+
+def plan(
+    dtype: torch.dtype, device: torch.device, d: int, v: int, config: FusedConfig | None = None
+) -> LaunchPlan:
+    """Which config(s) a fused launch on `device` with inputs of `dtype` and sizes D, V uses;
+    `config`, when given, is used as it is (the caller's explicit choice)."""
+    if config is not None:
+        return LaunchPlan((config,))
+    candidates = config_set(dtype, d, v)
+    forced = override_config(candidates[0])
+    if forced is not None:
+        return LaunchPlan((forced,))
+    if device.type != "cuda":
+        return LaunchPlan((INTERPRETER_CONFIG,))
+    if not autotune_enabled():
+        return LaunchPlan(candidates[:1])
+    return LaunchPlan(candidates)
+
+
+_autotuners: dict = {}
+
+
+def _autotuner(kernel, candidates, key: tuple[str, ...], reset_to_zero: tuple[str, ...]):
+    """One triton.autotune wrapper per kernel, candidate set, key and accumulator list."""
+    import triton
+
+    cache_key = (kernel, candidates, key, reset_to_zero)
+    if cache_key not in _autotuners:
+        configs = [
+            triton.Config(c.meta, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in candidates
+        ]
+        # cache_results: the timings go to Triton's disk cache, so a new process (each bench
+        # provider runs in its own) reuses them instead of timing every candidate again
+        _autotuners[cache_key] = triton.autotune(
+            configs=configs,
+            key=list(key),
+            reset_to_zero=list(reset_to_zero) or None,
+            cache_results=True,
+        )(kernel)
+    return _autotuners[cache_key]

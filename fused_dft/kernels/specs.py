@@ -1,0 +1,267 @@
+"""Compile specs: how `fused-dft kernels` compiles each Triton kernel for a GPU it does not have.
+
+A spec names a @triton.jit function, the type of each runtime argument, the compile-time flags at
+which it is reported (the plain loss: no bias, scale or softcap) and its shipped configs per dtype.
+A new kernel joins the report with one more CompileSpec in SPECS; `check_spec` (run by the tests)
+fails when a kernel gains, loses or renames an argument that its spec does not follow.
+
+Argument types, as Triton's runtime would specialise them at a typical training shape
+(D and V multiples of 16, tensors contiguous along their last dimension):
+    "*T"      pointer to the input dtype     "*fp32", "*i64"  pointers of a fixed type
+    "i32"     an int                         "i32:16"         an int that is a multiple of 16
+    "1"       an int equal to 1 (a unit stride): Triton compiles it in as a constant
+    "fp32"    a float
+Every pointer is taken as 16-byte aligned (torch's allocations are).
+
+Report dtypes: bf16, fp16; fp32 with IEEE dots (torch's default, TF32 off); tf32: fp32 inputs with
+TF32 allowed (`torch.backends.cuda.matmul.fp32_precision = "tf32"`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# report dtype -> (Triton's name of the element type, the configs' dtype class)
+DTYPES: dict[str, tuple[str, str]] = {
+    "bf16": ("bf16", "16bit"),
+    "fp16": ("fp16", "16bit"),
+    "fp32": ("fp32", "fp32"),
+    "tf32": ("fp32", "tf32"),
+}
+DEFAULT_DTYPES = ("bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    name: str  # what `fused-dft kernels --kernel` takes
+    module: str  # the module that defines the kernel
+    function: str  # the @triton.jit function's name in it
+    arg_types: dict[str, str]  # every runtime (non-constexpr) argument
+    flags: Callable[[str], dict[str, object]]  # report dtype -> compile-time flags
+    configs: Callable[[str], list[str]]  # report dtype -> every shipped config
+    defaults: Callable[[str], list[str]]  # report dtype -> the configs used without autotuning
+    # config text ('block_v=4096,num_warps=8') -> (tile constexprs, compile options); ValueError
+    # naming the field and the valid choices when it is unknown or invalid
+    parse_config: Callable[[str], tuple[dict[str, int], dict[str, int]]]
+    has_dot: bool  # whether the kernel multiplies tiles with tl.dot (tensor cores expected)
+
+
+def python_function(spec: CompileSpec):
+    """The Python function behind the kernel, through JIT, interpreter or autotune wrappers."""
+    obj = getattr(importlib.import_module(spec.module), spec.function)
+    while not inspect.isfunction(obj):
+        obj = obj.fn
+    return obj
+
+
+def constexpr_names(fn) -> list[str]:
+    return [
+        name
+        for name, p in inspect.signature(fn).parameters.items()
+        if "constexpr" in str(p.annotation)
+    ]
+
+
+def check_spec(spec: CompileSpec, dtype: str, config: str) -> None:
+    """The spec gives every argument of the kernel exactly once, at this dtype and config."""
+    fn = python_function(spec)
+    params = list(inspect.signature(fn).parameters)
+    constexprs = constexpr_names(fn)
+    meta, _ = spec.parse_config(config)
+    given = {**{k: "arg" for k in spec.arg_types}, **spec.flags(dtype), **meta}
+    missing = [p for p in params if p not in given]
+    extra = [k for k in given if k not in params]
+    runtime_as_constexpr = [k for k in spec.arg_types if k in constexprs]
+    constexpr_as_runtime = [k for k in constexprs if k not in spec.flags(dtype) and k not in meta]
+    problems = {
+        "kernel arguments the spec does not give": missing,
+        "spec entries that are not kernel arguments": extra,
+        "constexpr arguments typed as runtime ones": runtime_as_constexpr,
+        "constexpr arguments without a value": constexpr_as_runtime,
+    }
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        raise ValueError(
+            f"compile spec {spec.name!r} ({spec.module}.{spec.function}) is out of date: "
+            + "; ".join(f"{k}: {v}" for k, v in problems.items())
+        )
+
+
+# -- the fused kernels ---------------------------------------------------------------------------
+
+_FUSED_COMMON = {
+    "h_ptr": "*T",
+    "w_ptr": "*T",
+    "b_ptr": "*T",
+    "idx_ptr": "*i64",
+    "labels_ptr": "*i64",
+    "N": "i32",
+    "V": "i32:16",
+    "D": "i32:16",
+    "stride_hn": "i32:16",
+    "stride_hd": "1",
+    "stride_wv": "i32:16",
+    "stride_wd": "1",
+    "logit_scale": "fp32",
+    "softcap": "fp32",
+}
+
+
+def _fused_flags(dtype: str) -> dict[str, object]:
+    return dict(
+        HAS_BIAS=False,
+        HAS_SCALE=False,
+        HAS_SOFTCAP=False,
+        UPCAST=False,
+        FP32_IEEE=dtype == "fp32",
+    )
+
+
+def _fused_label(config) -> str:
+    """A FusedConfig as config text, without vocab_splits (a host-side choice, not compiled)."""
+    return ",".join(
+        f"{k}={getattr(config, k)}"
+        for k in ("block_n", "block_v", "block_d", "num_warps", "num_stages", "group_n")
+    )
+
+
+def _fused_configs(dtype: str) -> list[str]:
+    from .configs import shipped_configs
+
+    labels = [_fused_label(c) for c in shipped_configs(DTYPES[dtype][1])]
+    return list(dict.fromkeys(labels))
+
+
+def _fused_defaults(dtype: str) -> list[str]:
+    """Each D/V bucket's default (its first candidate)."""
+    from .configs import CONFIG_SETS
+
+    cls = DTYPES[dtype][1]
+    labels = [_fused_label(c[0]) for k, c in CONFIG_SETS.items() if k[0] == cls]
+    return list(dict.fromkeys(labels))
+
+
+def _fused_parse(text: str) -> tuple[dict[str, int], dict[str, int]]:
+    from .configs import DEFAULT_CONFIG, FusedConfig
+
+    config = FusedConfig.parse(text, DEFAULT_CONFIG)
+    return config.meta, {"num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+FUSED_FWD = CompileSpec(
+    name="fused_fwd",
+    module="fused_dft.kernels.fused_fwd",
+    function="_dft_fwd_kernel",
+    arg_types={
+        **_FUSED_COMMON,
+        "count_ptr": "*i64",
+        "part_ptr": "*fp32",
+        "split_cols": "i32:16",
+        "num_splits": "i32",
+    },
+    flags=lambda dtype: {**_fused_flags(dtype), "NEED_ENTROPY": True, "NEED_SUM": False},
+    configs=_fused_configs,
+    defaults=_fused_defaults,
+    parse_config=_fused_parse,
+    has_dot=True,
+)
+
+# the backward's kernel: the logit-gradient block (dz) of a token chunk x vocab chunk
+FUSED_BWD = CompileSpec(
+    name="fused_bwd",
+    module="fused_dft.kernels.fused_bwd",
+    function="_dft_dz_kernel",
+    arg_types={
+        **{k: v for k, v in _FUSED_COMMON.items() if k != "V"},
+        "count_ptr": "*i64",
+        "count_offset": "i32",
+        "lse_ptr": "*fp32",
+        "coef_ptr": "*fp32",
+        "stride_coef": "i32",
+        "dz_ptr": "*T",
+        "stride_dzn": "i32:16",
+        "db_ptr": "*fp32",
+        "stride_dbn": "i32:16",
+        "V_chunk": "i32:16",
+        "v_start": "i32:16",
+    },
+    flags=lambda dtype: {**_fused_flags(dtype), "HAS_UNIFORM": False, "COMPUTE_DB": True},
+    configs=_fused_configs,
+    defaults=_fused_defaults,
+    parse_config=_fused_parse,
+    has_dot=True,
+)
+
+# -- the row kernel of the chunked path ----------------------------------------------------------
+
+ROWS_FIELDS = ("block_v", "num_warps")
+
+
+def _rows_parse(text: str) -> tuple[dict[str, int], dict[str, int]]:
+    from .configs import WARPS
+
+    values = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        key, _, raw = (s.strip() for s in item.partition("="))
+        if key not in ROWS_FIELDS:
+            raise ValueError(
+                f"rows config {text!r}: unknown field {key!r}; choose from {list(ROWS_FIELDS)}"
+            )
+        if not raw.isdigit():
+            raise ValueError(f"rows config {text!r}: {key}={raw!r} is not a positive integer")
+        values[key] = int(raw)
+    block_v = values.get("block_v", _rows_default()[0])
+    num_warps = values.get("num_warps", _rows_default()[1])
+    if not (16 <= block_v <= 2**16 and block_v & (block_v - 1) == 0):
+        raise ValueError(f"rows config {text!r}: block_v={block_v} must be a power of two >= 16")
+    if num_warps not in WARPS:
+        raise ValueError(f"rows config {text!r}: num_warps={num_warps}: choose from {WARPS}")
+    return {"BLOCK_V": block_v}, {"num_warps": num_warps}
+
+
+def _rows_default() -> tuple[int, int]:
+    from . import rows
+
+    return rows.DEFAULT_BLOCK_V, rows.NUM_WARPS
+
+
+_ROWS_COMMON = {
+    "x_ptr": "*T",
+    "stride_xn": "i32:16",
+    "labels_ptr": "*i64",
+    "n_rows": "i32",
+    "V": "i32:16",
+    "logit_scale": "fp32",
+    "softcap": "fp32",
+}
+_ROWS_CONFIGS = lambda dtype: ["block_v={},num_warps={}".format(*_rows_default())]  # noqa: E731
+
+# the chunked path's row kernels: partials of each logits row, then its gradient in place
+ROWS = CompileSpec(
+    name="rows",
+    module="fused_dft.kernels.rows",
+    function="_rows_partials_kernel",
+    arg_types={**_ROWS_COMMON, "part_ptr": "*fp32"},
+    flags=lambda dtype: dict(HAS_SCALE=False, HAS_SOFTCAP=False, NEED_ENTROPY=True, NEED_SUM=False),
+    configs=_ROWS_CONFIGS,
+    defaults=_ROWS_CONFIGS,
+    parse_config=_rows_parse,
+    has_dot=False,
+)
+
+ROWS_GRAD = CompileSpec(
+    name="rows_grad",
+    module="fused_dft.kernels.rows",
+    function="_rows_grad_kernel",
+    arg_types={**_ROWS_COMMON, "lse_ptr": "*fp32", "coef_ptr": "*fp32"},
+    flags=lambda dtype: dict(HAS_SCALE=False, HAS_SOFTCAP=False, HAS_UNIFORM=False),
+    configs=_ROWS_CONFIGS,
+    defaults=_ROWS_CONFIGS,
+    parse_config=_rows_parse,
+    has_dot=False,
+)
+
+SPECS: dict[str, CompileSpec] = {s.name: s for s in (FUSED_FWD, FUSED_BWD, ROWS, ROWS_GRAD)}
