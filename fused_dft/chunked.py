@@ -213,7 +213,7 @@ def scale_precomputed(grads, grad_loss):
 class ChunkedDFTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, token_weights, old_logprobs, opts: LossOptions,
-                chunk_rows, use_triton):  # fmt: skip
+                chunk_rows, use_triton, shard=None):  # fmt: skip
         acc = acc_dtype(hidden)
         rows = select_rows(labels, opts, token_weights, old_logprobs, acc)
         need = (
@@ -224,12 +224,13 @@ class ChunkedDFTFunction(torch.autograd.Function):
         grads_now = any(need) and opts.reduction != "none"
         grad_scale = mean_scale(opts, rows, acc) if grads_now else None
         token_loss, logp, sums, saved, grads = forward_chunks(
-            hidden, weight, bias, rows, opts, chunk_rows, use_triton, grad_scale, need
+            hidden, weight, bias, rows, opts, chunk_rows, use_triton, grad_scale, need, shard
         )
         loss = reduce_token_loss(token_loss, rows, hidden.shape[0], opts)
         logprobs = scatter_rows(logp, rows, hidden.shape[0])
 
         ctx.opts, ctx.chunk_rows, ctx.use_triton, ctx.need = opts, chunk_rows, use_triton, need
+        ctx.shard = shard
         ctx.weight_dtype = weight.dtype
         ctx.rows = rows
         ctx.precomputed = grads if grads_now else None
@@ -247,7 +248,7 @@ class ChunkedDFTFunction(torch.autograd.Function):
             grad_tokens = grad_loss.index_select(0, rows.idx)
             dh, dw, db = backward_chunks(
                 hidden, weight, bias, rows, ctx.saved, grad_tokens, opts,
-                ctx.chunk_rows, ctx.use_triton, need,
+                ctx.chunk_rows, ctx.use_triton, need, ctx.shard,
             )  # fmt: skip
         else:
             if ctx.precomputed is None:
@@ -260,15 +261,15 @@ class ChunkedDFTFunction(torch.autograd.Function):
             ctx.precomputed = None
         dw = dw.to(ctx.weight_dtype) if dw is not None else None
         db = db.to(ctx.weight_dtype) if db is not None else None
-        return dh, dw, db, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None
 
 
 def chunked_loss(hidden, weight, labels, bias, opts, chunk_size, use_triton,
-                 token_weights=None, old_logprobs=None):  # fmt: skip
+                 token_weights=None, old_logprobs=None, shard=None):  # fmt: skip
     """hidden (N, D), labels (N,). Returns (loss, stat sums (4,), number of valid tokens,
-    per-token log p_y (N,))."""
+    per-token log p_y (N,)). shard: this rank's slice of a vocab-parallel weight (parallel.py)."""
     rows = chunk_size or default_chunk_rows(weight.shape[0], hidden.device)
     rows = max(1, min(rows, hidden.shape[0]))  # a chunk never exceeds the tokens there are
     return ChunkedDFTFunction.apply(
-        hidden, weight, bias, labels, token_weights, old_logprobs, opts, rows, use_triton
+        hidden, weight, bias, labels, token_weights, old_logprobs, opts, rows, use_triton, shard
     )

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .options import FAMILY_PARAMS, IMPLS, LOSS_TYPES, REDUCTIONS, LossOptions, LossStats
+from .parallel import vocab_parallel_layout
 from .runtime import can_run_triton, triton_unavailable_reason
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -91,6 +92,7 @@ def fused_linear_dft_loss(
     validate_impl(impl, chunk_size)
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     validate_tensors(hidden, weight, labels, bias)
+    layout = vocab_parallel_layout(hidden, weight, bias, labels)  # None unless DTensors are given
     validate_token_inputs(opts, labels, token_weights, old_logprobs)
     impl = resolve_impl(impl, hidden)
 
@@ -103,7 +105,16 @@ def fused_linear_dft_loss(
         "old_logprobs": None if old_logprobs is None else old_logprobs.reshape(-1),
     }
 
-    if impl == "reference":
+    use_triton = (
+        impl == "chunked" and can_run_triton(hidden.device) and hidden.dtype in TRITON_DTYPES
+    )
+    if layout is not None:
+        from .parallel import vocab_parallel_loss
+
+        loss, stat_sums, num_valid, logprobs = vocab_parallel_loss(
+            hidden_2d, weight, labels_1d, bias, opts, impl, chunk_size, layout, use_triton, **extras
+        )
+    elif impl == "reference":
         from .reference import reference_loss
 
         loss, stat_sums, num_valid, logprobs = reference_loss(
@@ -112,9 +123,6 @@ def fused_linear_dft_loss(
     elif impl in ("chunked", "chunked_torch"):
         from .chunked import chunked_loss
 
-        use_triton = (
-            impl == "chunked" and can_run_triton(hidden.device) and hidden.dtype in TRITON_DTYPES
-        )
         loss, stat_sums, num_valid, logprobs = chunked_loss(
             hidden_2d, weight, labels_1d, bias, opts, chunk_size, use_triton, **extras
         )
