@@ -267,12 +267,11 @@ def run_vocab_parallel(case: str, world: int) -> None:
 
 def run_bad_input(case: str, world: int) -> None:
     import pytest
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     import fused_dft
     from fused_dft import chunked, parallel
-
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     mesh = _mesh(world)
     hidden = torch.randn(N, D)
@@ -408,9 +407,10 @@ def run_model(case: str, world: int) -> None:
 
 
 def run_fsdp(case: str, world: int, rank: int, batches) -> None:
+    from torch.distributed.fsdp import fully_shard
+
     import fused_dft
     from fused_dft.transformers import _head_params
-    from torch.distributed.fsdp import fully_shard
 
     mesh = _mesh(world)
     tied = "tied" in case
@@ -441,11 +441,11 @@ def run_fsdp(case: str, world: int, rank: int, batches) -> None:
 
 def run_tensor_parallel(case: str, world: int, rank: int, batches) -> None:
     import pytest
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     import fused_dft
     from fused_dft import parallel
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     mesh = _mesh(world)
     plan = {"lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}
