@@ -74,6 +74,19 @@ def fused_linear_dft_loss(
     lse, num_tokens), with return_logprobs=True also the detached log p_y shaped like labels
     (0 at ignored positions): (loss, stats), (loss, logprobs) or (loss, stats, logprobs).
     chunk_size: tokens per chunk for impl="chunked"/"auto" (default: sized from the vocabulary).
+
+    Vocab-parallel (parallel.py): a weight (and bias) that is a DTensor sharded Shard(0) on a 1-D
+    device mesh means the vocabulary is split across the mesh's ranks (uneven shards are fine).
+    hidden must then be the same on every rank of the mesh (a plain tensor or a Replicate
+    DTensor), labels hold global ids, and every rank makes the same call. Each rank computes its
+    shard's logits chunk by chunk and the ranks merge per-token partials (one all-gather per
+    chunk), so the loss, stats and log-probs are those of the whole vocabulary, the same on every
+    rank (plain tensors). dW / db come back as DTensors placed like weight / bias; dh is summed
+    across the ranks in backward, so each rank gets all of it (a Replicate DTensor for a DTensor
+    hidden). impl "reference" is not available there. Any other DTensor placement, a 2-D mesh,
+    hidden and weight on different meshes or a sharded hidden raise a ValueError before any
+    compute. An FSDP-sharded weight is not vocab-parallel: FSDP unshards it before the loss (see
+    patch_model, which routes the loss through an FSDP lm_head unit's own unshard).
     """
     opts = make_options(
         loss_type=loss_type,

@@ -122,7 +122,15 @@ def patch_model(
     logits-free too. A per-call `skip_logits=True/False` kwarg overrides both.
     loss_options: `chunk_size` (see fused_linear_dft_loss), `ignore_index` (default -100).
     verify: check on a short random input that the logits and the cross-entropy the patched path
-    computes match the stock forward's, and refuse the model otherwise.
+    computes match the stock forward's, and refuse the model otherwise. It runs the stock forward
+    in this process, so patch before fully_shard / parallelize_module (the patch is kept), or pass
+    verify=False for a model already sharded.
+
+    Distributed (docs/distributed.md): under DDP nothing changes. With lm_head an FSDP2 unit
+    (fully_shard(model.lm_head), or fully_shard([embed_tokens, lm_head]) when tied) the loss runs
+    as a forward of that unit, so FSDP unshards, reshards and reduce-scatters its weight as for
+    lm_head(hidden). With a tensor-parallel lm_head (ColwiseParallel: a Shard(0) weight) the loss
+    is vocab-parallel: no logits, no gather.
 
     Patches this instance only (of a PEFT model: its base model) and returns `model`; undo with
     unpatch_model.

@@ -110,6 +110,24 @@ def test_training_matches_one_process(models, case):
     check(models, case)
 
 
+def test_bench_nproc_2_runs_vocab_parallel_against_one_process(tmp_path):
+    """`fused-dft bench --nproc 2`: 2 rank processes next to one process, errors in tolerance."""
+    from .test_cli import run_cli
+
+    proc = run_cli("bench", "--smoke", "--nproc", "2", "--output", str(tmp_path), "--no-progress")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = {
+        r["provider"]: r for r in json.loads((tmp_path / "bench.json").read_text())["results"]
+    }
+    assert set(records) == {"auto", "vocab_parallel"}
+    vp = records["vocab_parallel"]
+    assert vp["status"] == "ok" and vp["error_ok"], vp
+    assert vp["runs_as"] == "chunked_torch x 2 ranks" and len(vp["ranks"]) == 2
+    assert vp["peak_mem_bytes"] == max(r["peak_mem_bytes"] for r in vp["ranks"])
+    assert set(vp["vs_one_process"]) == {"time", "peak_mem_per_rank"}
+    assert "vs one process (auto)" in (tmp_path / "bench.md").read_text()
+
+
 def test_plain_tensors_take_the_one_device_path():
     """No DTensor: no layout, and the vocab-parallel module is never asked for more."""
     from fused_dft.parallel import vocab_parallel_layout
