@@ -8,8 +8,8 @@ Suites:
   vocab_parallel_2  2 ranks (shards 19 + 18 of V = 37): every reduction, dft / ce / power / eaft
                     / psft, label smoothing, token weights, z-loss, bias, softcap, logit_scale,
                     ignore_index, return_logprobs and the stats, chunked (torch ops, Triton row
-                    kernel) and fused paths, an all-ignored batch, shards holding no label, a
-                    Replicate DTensor hidden, a frozen weight; and each bad input.
+                    kernel) and fused paths, bf16, an all-ignored batch, shards holding no
+                    label, a Replicate DTensor hidden, a frozen weight; and each bad input.
   vocab_parallel_3  3 ranks (13 + 13 + 11): one case per path, and the members that need the
                     whole vocabulary (eaft's log V, label smoothing's 1 / V).
   models            2 ranks, a patched tiny Llama: DDP (per-rank mean, num_items_in_batch),

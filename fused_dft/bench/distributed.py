@@ -39,7 +39,9 @@ def _init(problem: Problem) -> Problem:
     rank, world = int(os.environ[ENV_RANK]), int(os.environ[ENV_WORLD])
     cuda = problem.device.startswith("cuda")
     if not dist.is_initialized():
-        if not cuda:
+        if cuda:
+            torch.cuda.set_device(rank)
+        else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         dist.init_process_group(
             "nccl" if cuda else "gloo",
