@@ -61,8 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--providers",
-        default="all",
-        help=f"comma-separated subset of: {', '.join(PROVIDERS)} (default all)",
+        help=f"comma-separated subset of: {', '.join(PROVIDERS)} (default all; with --nproc: "
+        "auto,vocab_parallel)",
+    )
+    bench.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes of the vocab_parallel provider: the vocabulary split over that many "
+        "ranks (gloo on the CPU, one GPU each with NCCL), against one process (auto) on the same "
+        "problem; time is the slowest rank's, memory the largest rank's peak (default 1: off)",
     )
     bench.add_argument("--output", default="bench_results", help="folder for the results")
     bench.add_argument("--timeout", type=float, help="seconds allowed per provider and shape")
@@ -219,8 +227,11 @@ def bench_main(args, parser, argv: list[str]) -> int:
     check_tokens = args.check_tokens
     if check_tokens is None:
         check_tokens = 0 if args.smoke else 256
+    if args.nproc < 1:
+        parser.error(f"--nproc {args.nproc}: must be a positive integer")
+    default_providers = "auto,vocab_parallel" if args.nproc > 1 else "all"
     try:
-        providers = parse_providers(args.providers)
+        providers = parse_providers(args.providers or default_providers)
     except ValueError as exc:
         parser.error(f"--providers: {exc}")
 
@@ -231,6 +242,7 @@ def bench_main(args, parser, argv: list[str]) -> int:
         loss_type=args.loss_type,
         ignore_frac=args.ignore_frac,
         seed=args.seed,
+        nproc=args.nproc,
     )
     config = BenchConfig(
         problems=with_sizes(base, sizes["tokens"], sizes["hidden"], sizes["vocab"]),
@@ -292,7 +304,10 @@ def bench_main(args, parser, argv: list[str]) -> int:
         r
         for r in records
         if (r["status"] == "ok" and not r["error_ok"])
-        or (r["status"] == "failed" and r["provider"] in ("naive", "auto", "chunked", "fused"))
+        or (
+            r["status"] == "failed"
+            and r["provider"] in ("naive", "auto", "chunked", "fused", "vocab_parallel")
+        )
     ]
     for r in bad:
         print(

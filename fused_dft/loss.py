@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .options import FAMILY_PARAMS, IMPLS, LOSS_TYPES, REDUCTIONS, LossOptions, LossStats
+from .parallel import vocab_parallel_layout
 from .runtime import can_run_triton, triton_unavailable_reason
 from .validate import VALIDATE_MODES, default_validate
 
@@ -80,6 +81,19 @@ def fused_linear_dft_loss(
     raise ValueError before any compute, and ignored tokens are dropped exactly (one host sync
     on CUDA); "device" (default on CUDA): no host sync, a bad label is never read and makes the
     loss NaN; "off": no check (a bad label is never read and counts as absent). See validate.py.
+
+    Vocab-parallel (parallel.py): a weight (and bias) that is a DTensor sharded Shard(0) on a 1-D
+    device mesh means the vocabulary is split across the mesh's ranks (uneven shards are fine).
+    hidden must then be the same on every rank of the mesh (a plain tensor or a Replicate
+    DTensor), labels hold global ids, and every rank makes the same call. Each rank computes its
+    shard's logits chunk by chunk and the ranks merge per-token partials (one all-gather per
+    chunk), so the loss, stats and log-probs are those of the whole vocabulary, the same on every
+    rank (plain tensors). dW / db come back as DTensors placed like weight / bias; dh is summed
+    across the ranks in backward, so each rank gets all of it (a Replicate DTensor for a DTensor
+    hidden). impl "reference" is not available there. Any other DTensor placement, a 2-D mesh,
+    hidden and weight on different meshes or a sharded hidden raise a ValueError before any
+    compute. An FSDP-sharded weight is not vocab-parallel: FSDP unshards it before the loss (see
+    patch_model, which routes the loss through an FSDP lm_head unit's own unshard).
     """
     opts = make_options(
         loss_type=loss_type,
@@ -98,6 +112,7 @@ def fused_linear_dft_loss(
     validate_impl(impl, chunk_size)
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     validate_tensors(hidden, weight, labels, bias)
+    layout = vocab_parallel_layout(hidden, weight, bias, labels)  # None unless DTensors are given
     validate_token_inputs(opts, labels, token_weights, old_logprobs)
     opts = dataclasses.replace(opts, validate=resolve_validate(validate, hidden.device))
     impl = resolve_impl(impl, hidden)
@@ -107,7 +122,14 @@ def fused_linear_dft_loss(
     labels_1d = labels.reshape(-1)
     token_weights = None if token_weights is None else token_weights.reshape(-1)
     old_logprobs = None if old_logprobs is None else old_logprobs.reshape(-1)
-    if impl == "reference":
+    if layout is not None:
+        from .parallel import vocab_parallel_loss
+
+        loss, stat_sums, num_valid, logprobs = vocab_parallel_loss(
+            hidden_2d, weight, labels_1d, bias, opts, impl, chunk_size, layout,
+            token_weights, old_logprobs,
+        )  # fmt: skip
+    elif impl == "reference":
         from .reference import reference_loss
 
         loss, stat_sums, num_valid, logprobs = reference_loss(

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .loss import fused_linear_dft_loss, make_options, validate_impl
+from .parallel import is_dtensor
 
 STATE_ATTR = "_fused_dft_patch"
 # Batch figures of the fused pass attached to the output (detached; means over the valid tokens).
@@ -122,7 +123,15 @@ def patch_model(
     logits-free too. A per-call `skip_logits=True/False` kwarg overrides both.
     loss_options: `chunk_size` (see fused_linear_dft_loss), `ignore_index` (default -100).
     verify: check on a short random input that the logits and the cross-entropy the patched path
-    computes match the stock forward's, and refuse the model otherwise.
+    computes match the stock forward's, and refuse the model otherwise. It runs the stock forward
+    in this process, so patch before fully_shard / parallelize_module (the patch is kept), or pass
+    verify=False for a model already sharded.
+
+    Distributed (docs/distributed.md): under DDP nothing changes. With lm_head an FSDP2 unit
+    (fully_shard(model.lm_head), or fully_shard([embed_tokens, lm_head]) when tied) the loss runs
+    as a forward of that unit, so FSDP unshards, reshards and reduce-scatters its weight as for
+    lm_head(hidden). With a tensor-parallel lm_head (ColwiseParallel: a Shard(0) weight) the loss
+    is vocab-parallel: no logits, no gather.
 
     Patches this instance only (of a PEFT model: its base model) and returns `model`; undo with
     unpatch_model.
@@ -242,7 +251,7 @@ def _loss_forward(model, state: PatchState, kwargs: dict):
 
     # 2. next-token labels: shift, unless the caller passed them shifted (context parallelism)
     lm_head = _lm_head(model)
-    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    weight = lm_head.weight
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     hidden_for_loss = hidden.to(weight.device)
@@ -252,11 +261,13 @@ def _loss_forward(model, state: PatchState, kwargs: dict):
     device_type = hidden_for_loss.device.type
     autocast_on = torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast_on else weight.dtype
-    with torch.autocast(device_type, enabled=False) if autocast_on else nullcontext():
-        loss, stats = fused_linear_dft_loss(
-            hidden_for_loss.to(dtype),
+
+    def head_loss(hidden_in, labels_in):
+        weight, bias = _head_params(model, lm_head)  # read after FSDP's unshard
+        return fused_linear_dft_loss(
+            hidden_in.to(dtype),
             weight.to(dtype),
-            shift_labels,
+            labels_in,
             None if bias is None else bias.to(dtype),
             loss_type=state.loss_type,
             ignore_index=ignore_index,
@@ -267,6 +278,9 @@ def _loss_forward(model, state: PatchState, kwargs: dict):
             return_stats=True,
             chunk_size=state.chunk_size,
         )
+
+    with torch.autocast(device_type, enabled=False) if autocast_on else nullcontext():
+        loss, stats = _as_lm_head_forward(lm_head, head_loss, hidden_for_loss, shift_labels)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -349,6 +363,81 @@ def _bind_positional(state, stock_forward, args: tuple, kwargs: dict) -> dict:
     if duplicate:
         raise TypeError(f"forward got multiple values for {sorted(duplicate)}")
     return {**bound, **kwargs}
+
+
+# ---------------------------------------------------------------------------------------------
+# A distributed lm_head: FSDP2 unit, tensor (vocab) parallel
+
+_FSDP_HEAD_METHOD = "_fused_dft_head_forward"
+
+
+def _as_lm_head_forward(lm_head: nn.Module, fn, hidden: torch.Tensor, labels: torch.Tensor):
+    """fn(hidden, labels) run as a forward of lm_head, which the fused loss never calls.
+
+    When lm_head is an FSDP2 unit (fully_shard(model.lm_head), or one group with the tied
+    embedding), FSDP's own hooks run around fn as around lm_head(hidden): its weight is unsharded
+    (all-gathered) before, resharded after, unsharded again for backward, and its gradient
+    reduce-scattered after backward. Otherwise fn is called as it is.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None or not isinstance(lm_head, fsdp.FSDPModule):
+        return fn(hidden, labels)
+    if _FSDP_HEAD_METHOD not in lm_head.__dict__:
+        setattr(lm_head, _FSDP_HEAD_METHOD, _call_fn.__get__(lm_head))
+        fsdp.register_fsdp_forward_method(lm_head, _FSDP_HEAD_METHOD)
+    return getattr(lm_head, _FSDP_HEAD_METHOD)(fn, hidden, labels)
+
+
+def _call_fn(self, fn, *args):
+    return fn(*args)
+
+
+def _head_params(model: nn.Module, lm_head: nn.Module):
+    """lm_head's (weight, bias) for the loss. A DTensor weight sharded Shard(0) by tensor
+    parallelism (ColwiseParallel) goes to the vocab-parallel loss; one still sharded by FSDP here
+    (the hidden states differ per rank) would be taken for it, so that is refused."""
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    owner = _fsdp_owner(model, weight)
+    if owner is not None:
+        raise RuntimeError(
+            f"fused_dft: lm_head.weight reaches the loss still sharded by the FSDP unit "
+            f"{owner!r}, which is not unsharded at this point. Make lm_head an FSDP unit "
+            "(fully_shard(model.lm_head)); with tied embeddings put both in one unit "
+            "(fully_shard([embed_tokens, lm_head])) or leave them to the root unit."
+        )
+    return weight, bias
+
+
+def _fsdp_owner(model: nn.Module, weight) -> str | None:
+    """Name of the FSDP2 unit whose sharded parameter `weight` is (None if not such a
+    parameter). Reads FSDP's per-unit state, which has no public accessor."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None or not is_dtensor(weight):
+        return None
+    for name, module in model.named_modules():
+        if not isinstance(module, fsdp.FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # torch < 2.13: one group per state
+            groups = [getattr(state, "_fsdp_param_group", None)]
+        for group in groups:
+            if any(p.sharded_param is weight for p in getattr(group, "fsdp_params", ())):
+                return name or type(module).__name__
+    return None
+
+
+def _refuse_sharded_for_verify(model: nn.Module) -> None:
+    """verify=True runs the stock forward in this process; sharded parameters (DTensors from
+    fully_shard or parallelize_module) cannot run it."""
+    for name, param in model.named_parameters():
+        if is_dtensor(param):
+            raise ValueError(
+                f"patch_model(verify=True) compares with the stock forward, which cannot run "
+                f"here: {name} is a DTensor with placements {tuple(param.placements)} (the model "
+                "was sharded by fully_shard or parallelize_module). Patch the model before "
+                "sharding it (the patch is kept), or pass verify=False."
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,6 +575,7 @@ def _positional_names(forward) -> tuple[str, ...]:
 
 def _verify(model, state: PatchState) -> None:
     """Refuse the model unless the patched path reproduces the stock logits and cross-entropy."""
+    _refuse_sharded_for_verify(model)
     weight = _lm_head(model).weight
     vocab = weight.shape[0]
     generator = torch.Generator().manual_seed(0)  # the caller's RNG stream stays untouched

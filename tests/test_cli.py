@@ -200,6 +200,7 @@ def test_worker_failure_is_reported_not_raised():
         (["--tokens", "8,16", "--vocab", "100,200"], "--tokens and --vocab"),
         (["--ignore-frac", "1.5"], "--ignore-frac"),
         (["--providers", "naive,unsloth"], "--providers"),
+        (["--nproc", "0"], "--nproc"),
     ],
 )
 def test_bench_bad_option_is_named(args, option, capsys):

@@ -94,10 +94,12 @@ def measure(
     key: str, problem: Problem, repeats: int = 3, warmup: int = 1, check_tokens: int = 256
 ) -> dict:
     """Measure provider `key` on `problem`: a JSON-ready dict (see module docstring)."""
-    device = torch.device(problem.device)
-    loss_fn = PROVIDERS[key].build(problem)
-    prime(loss_fn, problem)
-    hidden, weight, labels = make_inputs(problem)
+    provider = PROVIDERS[key]
+    inputs = provider.make_inputs or make_inputs
+    loss_fn = provider.build(problem)
+    prime(loss_fn, problem, inputs)
+    hidden, weight, labels = inputs(problem)
+    device = hidden.device
     _sync(device)
     gc.collect()
     memory = PeakMemory(device)
@@ -136,19 +138,20 @@ def measure(
         result["errors"] = {}  # a time floor, not a loss: nothing to compare
         return result
     try:
-        result.update(errors_on_prefix(loss_fn, hidden, weight, labels, problem, check_tokens))
+        errors = provider.errors or errors_on_prefix
+        result.update(errors(loss_fn, hidden, weight, labels, problem, check_tokens))
     except Exception as exc:  # the timing stands; say why the error could not be measured
         result["errors"] = {"loss": math.inf, "dh": math.inf, "dW": math.inf}
         result["error_failure"] = f"{type(exc).__name__}: {exc}"
     return result
 
 
-def prime(loss_fn, problem: Problem) -> None:
+def prime(loss_fn, problem: Problem, inputs=make_inputs) -> None:
     """One forward + backward on a tiny problem of the same kind: imports and initialisation."""
     tiny = replace(
         problem, tokens=16, hidden=min(problem.hidden, 64), vocab=min(problem.vocab, 256)
     )
-    hidden, weight, labels = make_inputs(tiny)
+    hidden, weight, labels = inputs(tiny)
     loss_fn(hidden, weight, labels).backward()
     del hidden, weight, labels
     gc.collect()

@@ -12,7 +12,7 @@ OTHER_COLOR = "#7f8c8d"
 def _color(key: str) -> str:
     if key == "naive":
         return NAIVE_COLOR
-    if key in ("auto", "chunked", "fused", "reference"):
+    if key in ("auto", "chunked", "fused", "reference", "vocab_parallel"):
         return FUSED_DFT_COLOR
     return OTHER_COLOR
 

@@ -50,6 +50,7 @@ class Problem:
     loss_type: str = "dft"
     ignore_frac: float = 0.3
     seed: int = 0
+    nproc: int = 1  # processes of the vocab-parallel provider (the others run in one)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -35,6 +35,24 @@ class Provider:
     unavailable: Callable[[Problem], str | None]
     build: Callable[[Problem], LossFn]
     is_loss: bool = True  # False: no error against the reference is measured
+    # a provider that runs on problem.nproc processes and takes its inputs its own way
+    distributed: bool = False
+    make_inputs: Callable | None = None  # (problem, requires_grad) -> (hidden, weight, labels)
+    errors: Callable | None = None  # as measure.errors_on_prefix
+
+
+def _vocab_parallel() -> Provider:
+    from . import distributed
+
+    return Provider(
+        "vocab_parallel",
+        "fused_dft vocab-parallel",
+        distributed.unavailable,
+        distributed.build,
+        distributed=True,
+        make_inputs=distributed.make_shard_inputs,
+        errors=distributed.errors_on_shard,
+    )
 
 
 def dft_mean(token_ce: torch.Tensor, labels: torch.Tensor, loss_type: str) -> torch.Tensor:
@@ -242,6 +260,7 @@ PROVIDERS: dict[str, Provider] = {
             _liger,
         ),
         Provider("torch", "torch linear_cross_entropy", _torch_unavailable, _torch_lce),
+        _vocab_parallel(),
         Provider(
             "cce",
             "Cut Cross-Entropy",

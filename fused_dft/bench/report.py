@@ -115,6 +115,12 @@ def rows(records: list[dict], sweep: str | None = None) -> list[list[str]]:
             note = "time floor: logits, dh, dW matmuls only (not a loss)"
         else:
             note = r.get("error_failure", "")
+        if "vs_one_process" in r:
+            vs = r["vs_one_process"]
+            note = (
+                f"vs one process (auto): time {fmt_ratio(vs['time'])}, peak mem per rank "
+                f"{fmt_ratio(vs['peak_mem_per_rank'])} {note}"
+            ).strip()
         row = [
             r["label"],
             r.get("runs_as", ""),

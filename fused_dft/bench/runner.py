@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def run_one(config: BenchConfig, problem: Problem, key: str) -> dict:
     record = {"provider": key, "label": provider.label, "problem": problem.as_dict()}
     if key in ("auto", "chunked", "fused", "reference"):
         record["runs_as"] = resolved_impl(key, problem)
+    if provider.distributed:
+        record["runs_as"] = f"{resolved_impl('auto', problem)} x {problem.nproc} ranks"
     reason = provider.unavailable(problem)
     if reason is not None:
         return {**record, "status": "skipped", "reason": reason}
@@ -65,6 +68,8 @@ def run_one(config: BenchConfig, problem: Problem, key: str) -> dict:
         "warmup": config.warmup,
         "check_tokens": config.check_tokens,
     }
+    if provider.distributed:
+        return {**record, **run_ranks(request, problem.nproc, config.timeout_s)}
     return {**record, **run_worker(request, config.timeout_s)}
 
 
@@ -91,15 +96,64 @@ def run_worker(request: dict, timeout_s: float | None) -> dict:
         )
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"timed out after {timeout_s:g} s (--timeout)"}
-    for line in reversed(proc.stdout.splitlines()):
+    return worker_result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def worker_result(returncode: int, stdout: str, stderr: str) -> dict:
+    """The result line a worker printed, or why there is none."""
+    for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX) :])
-    if proc.returncode == -signal.SIGKILL:
+    if returncode == -signal.SIGKILL:
         reason = "killed by SIGKILL (out of memory?)"
     else:
-        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:]
-        reason = f"worker exited with code {proc.returncode}: {' '.join(tail) or 'no output'}"
+        tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:]
+        reason = f"worker exited with code {returncode}: {' '.join(tail) or 'no output'}"
     return {"status": "failed", "reason": reason}
+
+
+def run_ranks(request: dict, nproc: int, timeout_s: float | None) -> dict:
+    """A distributed provider: one worker per rank, joined through a file store. The record has
+    the slowest rank's median time, the largest rank's peak memory and error, and per-rank
+    figures under "ranks"."""
+    from .distributed import rank_env
+
+    cmd = [sys.executable, "-m", "fused_dft.bench.worker", json.dumps(request)]
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [
+            subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**worker_env(), **rank_env(rank, nproc, f"{tmp}/store")},
+            )
+            for rank in range(nproc)
+        ]
+        results = []
+        try:
+            for proc in procs:
+                out, err = proc.communicate(timeout=timeout_s)
+                results.append(worker_result(proc.returncode, out, err))
+        except subprocess.TimeoutExpired:
+            return {"status": "failed", "reason": f"timed out after {timeout_s:g} s (--timeout)"}
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    failed = [(rank, r) for rank, r in enumerate(results) if r["status"] != "ok"]
+    if failed:
+        rank, r = failed[0]
+        return {"status": "failed", "reason": f"rank {rank}: {r['reason']}"}
+    slowest = max(results, key=lambda r: r["time_s"])
+    return {
+        **slowest,
+        "peak_mem_bytes": max(r["peak_mem_bytes"] for r in results),
+        "inputs_bytes": max(r["inputs_bytes"] for r in results),
+        "errors": {k: max(r["errors"][k] for r in results) for k in slowest["errors"]},
+        "ranks": results,
+    }
 
 
 def add_ratios(records: list[dict], problem: Problem) -> None:
@@ -120,6 +174,14 @@ def add_ratios(records: list[dict], problem: Problem) -> None:
             r["mem_ratio"] = _ratio(r["peak_mem_bytes"], naive["peak_mem_bytes"])
         if bound is not None:
             r["bound_ratio"] = _ratio(r["time_s"], bound["time_s"])
+    # the vocab-parallel provider against one process running the same impl on the same work
+    one = next((r for r in records if r["provider"] == "auto" and r["status"] == "ok"), None)
+    for r in records:
+        if one is not None and r["status"] == "ok" and r["provider"] == "vocab_parallel":
+            r["vs_one_process"] = {
+                "time": _ratio(r["time_s"], one["time_s"]),
+                "peak_mem_per_rank": _ratio(r["peak_mem_bytes"], one["peak_mem_bytes"]),
+            }
 
 
 def _ratio(x: float, base: float) -> float | None:

@@ -1,0 +1,136 @@
+"""Distributed training: DDP, FSDP2 and the vocab-parallel loss on DTensor, against one process.
+
+Gloo on the CPU, one spawned process per rank. Each suite starts its processes once and runs all
+its cases there (tests/distributed_cases.py); each case is a test here that fails with the
+failing rank's traceback. The truth is always one process (float64 where the path allows it).
+
+Suites:
+  vocab_parallel_2  2 ranks (shards 19 + 18 of V = 37): every reduction, dft / ce / power / eaft
+                    / psft, label smoothing, token weights, z-loss, bias, softcap, logit_scale,
+                    ignore_index, return_logprobs and the stats, chunked (torch ops, Triton row
+                    kernel) and fused paths, bf16, an all-ignored batch, shards holding no
+                    label, a Replicate DTensor hidden, a frozen weight; and each bad input.
+  vocab_parallel_3  3 ranks (13 + 13 + 11): one case per path, and the members that need the
+                    whole vocabulary (eaft's log V, label smoothing's 1 / V).
+  models            2 ranks, a patched tiny Llama: DDP (per-rank mean, num_items_in_batch),
+                    FSDP2 (lm_head unit, tied embedding unit, tied root), tensor-parallel lm_head.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .distributed_cases import MODELS, SUITES, VOCAB_PARALLEL, VOCAB_PARALLEL_3, run_suite
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
+)
+
+# a hung collective (a bug making the ranks disagree) fails the suite instead of the whole run
+SUITE_TIMEOUT_S = 240
+
+
+def spawn_suite(suite: str, world: int, tmp: str) -> dict[str, list[str]]:
+    """Run `suite` on `world` spawned ranks; {case: [failure of each rank that failed]}."""
+    context = mp.start_processes(
+        run_suite,
+        args=(world, suite, f"{tmp}/store", tmp),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + SUITE_TIMEOUT_S
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"suite {suite!r} on {world} ranks still running after {SUITE_TIMEOUT_S} s"
+                )
+    except mp.ProcessRaisedException as exc:  # the worker's own traceback
+        pytest.fail(f"suite {suite!r}: a rank crashed:\n{exc}", pytrace=False)
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    failures: dict[str, list[str]] = {case: [] for case in SUITES[suite]}
+    for rank in range(world):
+        results = json.loads((tmp / f"rank{rank}.json").read_text())
+        for case in SUITES[suite]:
+            if case not in results:
+                failures[case].append(f"rank {rank}: not run (an earlier case failed badly)")
+            elif results[case] is not None:
+                failures[case].append(f"rank {rank}:\n{results[case]}")
+    return failures
+
+
+def check(failures: dict[str, list[str]], case: str) -> None:
+    if failures[case]:
+        pytest.fail("\n".join(failures[case]), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def vocab_parallel_2(tmp_path_factory):
+    return spawn_suite("vocab_parallel_2", 2, tmp_path_factory.mktemp("vp2"))
+
+
+@pytest.fixture(scope="module")
+def vocab_parallel_3(tmp_path_factory):
+    return spawn_suite("vocab_parallel_3", 3, tmp_path_factory.mktemp("vp3"))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    pytest.importorskip("transformers")
+    return spawn_suite("models", 2, tmp_path_factory.mktemp("models"))
+
+
+@pytest.mark.parametrize("case", list(VOCAB_PARALLEL))
+def test_vocab_parallel_2_ranks(vocab_parallel_2, case):
+    check(vocab_parallel_2, case)
+
+
+@pytest.mark.parametrize("case", VOCAB_PARALLEL_3)
+def test_vocab_parallel_3_ranks(vocab_parallel_3, case):
+    check(vocab_parallel_3, case)
+
+
+@pytest.mark.parametrize("case", [c for c in SUITES["vocab_parallel_2"] if c.startswith("bad-")])
+def test_bad_input_raises_before_compute(vocab_parallel_2, case):
+    check(vocab_parallel_2, case)
+
+
+@pytest.mark.parametrize("case", MODELS)
+def test_training_matches_one_process(models, case):
+    check(models, case)
+
+
+def test_bench_nproc_2_runs_vocab_parallel_against_one_process(tmp_path):
+    """`fused-dft bench --nproc 2`: 2 rank processes next to one process, errors in tolerance."""
+    from .test_cli import run_cli
+
+    proc = run_cli("bench", "--smoke", "--nproc", "2", "--output", str(tmp_path), "--no-progress")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = {
+        r["provider"]: r for r in json.loads((tmp_path / "bench.json").read_text())["results"]
+    }
+    assert set(records) == {"auto", "vocab_parallel"}
+    vp = records["vocab_parallel"]
+    assert vp["status"] == "ok" and vp["error_ok"], vp
+    assert vp["runs_as"] == "chunked_torch x 2 ranks" and len(vp["ranks"]) == 2
+    assert vp["peak_mem_bytes"] == max(r["peak_mem_bytes"] for r in vp["ranks"])
+    assert set(vp["vs_one_process"]) == {"time", "peak_mem_per_rank"}
+    assert "vs one process (auto)" in (tmp_path / "bench.md").read_text()
+
+
+def test_plain_tensors_take_the_one_device_path():
+    """No DTensor: no layout, and the vocab-parallel module is never asked for more."""
+    from fused_dft.parallel import vocab_parallel_layout
+
+    hidden, weight, labels = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2])
+    assert vocab_parallel_layout(hidden, weight, None, labels) is None
