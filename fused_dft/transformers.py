@@ -1,24 +1,33 @@
 """patch_model / unpatch_model: train a Hugging Face causal LM with the fused loss, no logits built.
 
-One generic causal-LM forward serves every family: run the decoder (`model.base_model`), take the
-last hidden states and compute the loss with `fused_linear_dft_loss` against the shifted labels.
-Whatever a family does between its lm_head and its loss is read from the config and handed to the
-kernel (`final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`), and the
-MoE router loss is added as the family's own forward adds it. Calls without labels (generation,
-inference) run the stock forward untouched. `verify=True` checks all of this against the stock
-forward at patch time and refuses the model when it differs.
+One generic causal-LM forward serves every family, and it is the family's own: the stock forward
+runs unchanged, with two hooks on this call only.
+  - A forward pre-hook on the lm_head (the module `get_output_embeddings()` returns) records the
+    hidden states the stock forward feeds it and hands the head an empty slice of them, so the
+    `(batch, seq, vocab)` logits are never built (in eval mode the head runs on all of them, so
+    `compute_metrics` gets the stock logits).
+  - `loss_function`, which every transformers causal LM calls for its loss, returns the fused
+    loss of the recorded hidden states against the labels instead of the cross-entropy of the
+    logits.
+Everything else is the family's forward: the decoder call and its arguments, the MoE router loss
+(the family's own function, coefficient and conditions), the output class and its fields. What a
+family does between its lm_head and its loss is read from the config and handed to the kernel
+(`final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`). Calls without
+labels (generation, inference) run the stock forward untouched. `verify=True` checks all of this
+against the stock forward at patch time and refuses the model when it differs.
 
 How the patch is applied: the instance's `__class__` is swapped for a subclass of its own class
-(created once per class, with the same name and module) whose only additions are `forward` and
-pickling support; `unpatch_model` swaps it back. Nothing process-wide changes, and compared with
-binding a forward on the instance (`model.forward = MethodType(...)`) this keeps:
+(created once per class, with the same name and module) whose only additions are `forward`,
+`loss_function` and pickling support; `unpatch_model` swaps it back. Nothing process-wide
+changes, and compared with binding a forward on the instance (`model.forward = MethodType(...)`)
+this keeps:
   - the class-level signature that Trainer and TRL inspect (`find_labels(model.__class__)`, the
     dataset columns kept, `model_accepts_loss_kwargs`): the new forward wraps the stock one
     (`functools.wraps`), so `inspect.signature` reports the stock parameters, `**kwargs` included;
-  - instance-level wrappers working on top of it (accelerate's autocast wrapper, TRL's fused LM
-    head), `nn.DataParallel` replicas (a bound method would stay bound to the original module),
-    `copy.deepcopy`, and `pickle` / `torch.save` (a pickled bound method comes back as the
-    stock forward, silently unpatching the copy);
+  - instance-level wrappers working on top of it (accelerate's autocast wrapper), `nn.DataParallel`
+    replicas (a bound method would stay bound to the original module), `copy.deepcopy`, and
+    `pickle` / `torch.save` (a pickled bound method comes back as the stock forward, silently
+    unpatching the copy);
   - the class name that `save_pretrained` writes into `config.architectures`.
 """
 
@@ -41,10 +50,12 @@ from .loss import fused_linear_dft_loss, validate_options
 from .options import LossOptions
 
 STATE_ATTR = "_fused_dft_patch"
+CALL_ATTR = "_fused_dft_call"  # the FusedCall of the forward in progress, on the instance
 # Batch figures of the fused pass attached to the output (detached; means over the valid tokens).
 STAT_NAMES = ("ce_loss", "entropy", "token_accuracy", "num_tokens")
-# Options of patch_model that go to the loss; the logit transforms come from the config instead.
-LOSS_OPTIONS = ("chunk_size", "ignore_index")
+# Options of patch_model that go to fused_linear_dft_loss unchanged, with their defaults; the
+# logit transforms come from the config instead. A new loss option is one entry here.
+LOSS_OPTIONS: dict[str, Any] = {"chunk_size": None, "ignore_index": -100}
 
 _PATCHED_CLASSES: dict[type, type] = {}
 
@@ -66,16 +77,6 @@ class LogitTransform:
         scale = 1.0 if self.multiply is None else float(self.multiply)
         return scale if self.divide is None else scale / float(self.divide)
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits a stock forward returns, with the same operations in the same dtype."""
-        if self.multiply is not None:
-            logits = logits * self.multiply
-        if self.divide is not None:
-            logits = logits / self.divide
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
     def kernel_view(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits the kernel uses: fp32, logit_scale then softcap (see LossOptions)."""
         z = logits.float() if logits.dtype != torch.float64 else logits
@@ -93,13 +94,12 @@ class PatchState:
     base_class: type
     loss_type: str
     impl: str
-    chunk_size: int | None
-    ignore_index: int
+    loss_options: dict
     eval_logits: bool
     transform: LogitTransform
     is_moe: bool
-    output_class: type
     positional: tuple[str, ...]
+    accepts_kwargs: frozenset[str] | None  # the forward's keyword names; None: it takes **kwargs
 
 
 def patch_model(
@@ -116,13 +116,14 @@ def patch_model(
     With labels, the forward returns the fused loss (`loss_type` "dft" or "ce", `impl` as in
     fused_linear_dft_loss) and `logits=None`, plus the detached batch figures `ce_loss`, `entropy`,
     `token_accuracy` and `num_tokens` (see STAT_NAMES). `num_items_in_batch` (passed by HF Trainer
-    and TRL) makes the loss sum / num_items_in_batch, as the stock loss does.
+    and TRL) makes the loss sum / num_items_in_batch, as the stock loss does. A MoE family adds
+    its router loss exactly as its own forward does.
     In eval mode (`model.training` False) with labels the logits are also returned, built as the
     stock forward builds them, so `compute_metrics` works; `eval_logits=False` keeps eval
     logits-free too. A per-call `skip_logits=True/False` kwarg overrides both.
-    loss_options: `chunk_size` (see fused_linear_dft_loss), `ignore_index` (default -100).
-    verify: check on a short random input that the logits and the cross-entropy the patched path
-    computes match the stock forward's, and refuse the model otherwise.
+    loss_options: see LOSS_OPTIONS (`chunk_size` as in fused_linear_dft_loss, `ignore_index`).
+    verify: check on a short random input that the logits and the loss the patched path computes
+    match the stock forward's, and refuse the model otherwise.
 
     Patches this instance only (of a PEFT model: its base model) and returns `model`; undo with
     unpatch_model.
@@ -133,9 +134,12 @@ def patch_model(
             f"patch_model got unexpected options {sorted(unknown)}; loss options are "
             f"{list(LOSS_OPTIONS)} (logit_scale and softcap are read from the model's config)"
         )
-    chunk_size = loss_options.get("chunk_size")
-    ignore_index = loss_options.get("ignore_index", -100)
-    validate_options(LossOptions(loss_type=loss_type, ignore_index=ignore_index), impl, chunk_size)
+    options = {**LOSS_OPTIONS, **loss_options}
+    validate_options(
+        LossOptions(loss_type=loss_type, ignore_index=options["ignore_index"]),
+        impl,
+        options["chunk_size"],
+    )
 
     target = _causal_lm(model)
     if is_patched(target):
@@ -146,7 +150,8 @@ def patch_model(
         raise RuntimeError(
             f"patch_model: this {type(target).__name__}'s forward was replaced on the instance "
             f"(by {name}), which would hide the patch. Patch the model before handing it to a "
-            "trainer or wrapper (TRL's SFTTrainer and accelerate's autocast set model.forward)."
+            "trainer or wrapper (TRL's SFTTrainer and accelerate's autocast set model.forward); "
+            "for TRL use fused_dft.integrations.trl.SFTTrainer."
         )
     _lm_head(target)
 
@@ -156,13 +161,12 @@ def patch_model(
         base_class=base,
         loss_type=loss_type,
         impl=impl,
-        chunk_size=chunk_size,
-        ignore_index=ignore_index,
+        loss_options=options,
         eval_logits=bool(eval_logits),
         transform=_read_transform(config),
         is_moe=hasattr(config, "output_router_logits"),
-        output_class=_output_class(base, hasattr(config, "output_router_logits")),
         positional=_positional_names(base.forward),
+        accepts_kwargs=_keyword_names(base.forward),
     )
     target.__class__ = _patched_class(base)
     setattr(target, STATE_ATTR, state)
@@ -200,7 +204,94 @@ def is_patched(model: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# The patched forward
+# The patched forward: the stock forward, its lm_head input recorded and its loss_function fused
+
+
+class FusedCall:
+    """One patched forward call: records lm_head's input and computes the fused loss from it."""
+
+    def __init__(self, model: nn.Module, state: PatchState, keep_logits: bool) -> None:
+        self.model = model
+        self.state = state
+        self.keep_logits = keep_logits
+        self.head_calls = 0
+        self.hidden: torch.Tensor | None = None
+        self.lm_loss: torch.Tensor | None = None  # the fused loss, before any router loss
+        self.stats = None
+
+    def capture(self, module: nn.Module, args: tuple):
+        """lm_head forward pre-hook: record the hidden states; training gets an empty slice."""
+        self.head_calls += 1
+        self.hidden = args[0]
+        if self.keep_logits:
+            return None
+        return (args[0][..., :0, :],) + tuple(args[1:])
+
+    def loss(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=None,
+             shift_labels=None, **kwargs):  # fmt: skip
+        """The loss_function the stock forward calls: fused loss of the recorded hidden states."""
+        state, hidden = self.state, self.hidden
+        if hidden is None:
+            raise RuntimeError(
+                f"fused_dft: {state.base_class.__qualname__} computed its loss before calling its "
+                "lm_head; it cannot be patched"
+            )
+        if self.lm_loss is not None:
+            raise RuntimeError(
+                f"fused_dft: {state.base_class.__qualname__} calls loss_function more than once "
+                "per forward; it cannot be patched"
+            )
+        if ignore_index is None:
+            ignore_index = state.loss_options["ignore_index"]
+        # 1. next-token labels: shift, unless the caller passed them shifted (context parallelism)
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        if tuple(shift_labels.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(
+                f"fused_dft: labels of shape {tuple(shift_labels.shape)} for hidden states of "
+                f"shape {tuple(hidden.shape)}: with labels the lm_head must see every position "
+                "(logits_to_keep is for generation, without labels)"
+            )
+        head = _lm_head(self.model)
+        weight, bias = head.weight, head.bias
+        hidden = hidden.to(weight.device)
+        shift_labels = shift_labels.to(weight.device)
+
+        # 2. the fused loss, in the dtype the lm_head would run in: autocast's, else the weight's
+        device_type = hidden.device.type
+        autocast_on = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast_on else weight.dtype
+        options = {**state.loss_options, "ignore_index": ignore_index}
+        with torch.autocast(device_type, enabled=False) if autocast_on else nullcontext():
+            loss, self.stats = fused_linear_dft_loss(
+                hidden.to(dtype),
+                weight.to(dtype),
+                shift_labels,
+                None if bias is None else bias.to(dtype),
+                loss_type=state.loss_type,
+                reduction="mean" if num_items_in_batch is None else "sum",
+                logit_scale=state.transform.kernel_scale,
+                softcap=state.transform.softcap,
+                impl=state.impl,
+                return_stats=True,
+                **options,
+            )
+        if num_items_in_batch is not None:
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        self.lm_loss = loss
+        # a copy: families add their router loss in place (`loss += coef * aux_loss`)
+        return loss.clone()
+
+    def check(self) -> None:
+        name = self.state.base_class.__qualname__
+        if self.head_calls != 1 or self.lm_loss is None:
+            raise RuntimeError(
+                f"fused_dft: {name}'s forward called its lm_head {self.head_calls} time(s) and "
+                f"{'did not call' if self.lm_loss is None else 'called'} loss_function; the "
+                "patch needs one lm_head call followed by self.loss_function(logits, labels, ...)"
+            )
 
 
 def _fused_forward(model, stock_forward, args: tuple, kwargs: dict):
@@ -210,131 +301,56 @@ def _fused_forward(model, stock_forward, args: tuple, kwargs: dict):
     if state is None or kwargs.get("labels") is None:
         # no labels (generation, inference), or unpatched while someone still holds this forward
         return stock_forward(model, **kwargs)
-    return _loss_forward(model, state, kwargs)
+    out, _ = _run_fused(model, state, stock_forward, kwargs)
+    return out
 
 
-def _loss_forward(model, state: PatchState, kwargs: dict):
-    """decoder -> last hidden states -> fused loss (+ router loss); logits only when asked."""
+def _run_fused(model, state: PatchState, stock_forward, kwargs: dict):
+    """The stock forward with the fused loss; returns (output, the FusedCall)."""
     kwargs = dict(kwargs)
-    labels = kwargs.pop("labels")
-    shift_labels = kwargs.pop("shift_labels", None)
-    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-    ignore_index = kwargs.pop("ignore_index", state.ignore_index)
-    logits_to_keep = kwargs.pop("logits_to_keep", 0)
     skip_logits = kwargs.pop("skip_logits", None)
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
-    config = _text_config(model)
-    output_router_logits = False
-    if state.is_moe:
-        output_router_logits = kwargs.pop("output_router_logits", None)
-        if output_router_logits is None:
-            output_router_logits = bool(config.output_router_logits)
-        kwargs["output_router_logits"] = output_router_logits
-
-    # 1. the decoder, called with the forward's remaining kwargs as the stock forward calls it
-    decoder_out = model.base_model(**kwargs, return_dict=True)
-    hidden = decoder_out[0]
-
-    # 2. next-token labels: shift, unless the caller passed them shifted (context parallelism)
-    lm_head = _lm_head(model)
-    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    hidden_for_loss = hidden.to(weight.device)
-    shift_labels = shift_labels.to(weight.device)
-
-    # 3. the fused loss, in the dtype the lm_head would run in: autocast's, else the weight's
-    device_type = hidden_for_loss.device.type
-    autocast_on = torch.is_autocast_enabled(device_type)
-    dtype = torch.get_autocast_dtype(device_type) if autocast_on else weight.dtype
-    with torch.autocast(device_type, enabled=False) if autocast_on else nullcontext():
-        loss, stats = fused_linear_dft_loss(
-            hidden_for_loss.to(dtype),
-            weight.to(dtype),
-            shift_labels,
-            None if bias is None else bias.to(dtype),
-            loss_type=state.loss_type,
-            ignore_index=ignore_index,
-            reduction="mean" if num_items_in_batch is None else "sum",
-            logit_scale=state.transform.kernel_scale,
-            softcap=state.transform.softcap,
-            impl=state.impl,
-            return_stats=True,
-            chunk_size=state.chunk_size,
-        )
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-
-    # 4. MoE: the router load-balancing loss, as the family's forward adds it
-    aux_loss = None
-    if output_router_logits:
-        aux_loss = _router_aux_loss(model, state, decoder_out, kwargs.get("attention_mask"))
-        loss = loss + _router_aux_coef(model, config) * aux_loss.to(loss.device)
-
-    # 5. logits only for evaluation (metrics need them), or when the caller asks
+    if state.accepts_kwargs is None or "return_dict" in state.accepts_kwargs:
+        kwargs["return_dict"] = True
     if skip_logits is None:
         skip_logits = model.training or not state.eval_logits
-    logits = None
-    if not skip_logits:
-        logits = state.transform.apply(lm_head(_keep_positions(hidden, logits_to_keep)))
 
-    fields = {f.name for f in dataclasses.fields(state.output_class)}
-    values = {k: v for k, v in decoder_out.items() if k in fields and k != "last_hidden_state"}
-    values.update(loss=loss, logits=logits)
-    if "aux_loss" in fields:
-        values["aux_loss"] = aux_loss
-    out = state.output_class(**values)
-    figures = (stats.ce, stats.entropy, stats.accuracy, stats.num_tokens)
+    call = FusedCall(model, state, keep_logits=not skip_logits)
+    if model.__dict__.get(CALL_ATTR) is not None:
+        raise RuntimeError("fused_dft: a patched forward is already running on this model")
+    model.__dict__[CALL_ATTR] = call
+    handle = _lm_head(model).register_forward_pre_hook(call.capture)
+    try:
+        out = stock_forward(model, **kwargs)
+    finally:
+        handle.remove()
+        del model.__dict__[CALL_ATTR]
+    call.check()
+    if isinstance(out, tuple):
+        raise TypeError(
+            f"fused_dft: {state.base_class.__qualname__} returned a tuple although return_dict=True "
+            "was asked; it cannot be patched"
+        )
+
+    if skip_logits:
+        fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        out = type(out)(**{**fields, "logits": None})
+    figures = (call.stats.ce, call.stats.entropy, call.stats.accuracy, call.stats.num_tokens)
     for name, value in zip(STAT_NAMES, figures):
-        if logits is None:
+        if out.logits is None:
             # a key as well as an attribute: survives wrappers that rebuild the output dict
             # (accelerate's mixed-precision forward wrapper does)
             out[name] = value
         else:
             # attribute only: Trainer.prediction_step gathers every key but "loss" as predictions
             object.__setattr__(out, name, value)
-    return out if return_dict else out.to_tuple()
-
-
-def _router_aux_loss(model, state: PatchState, decoder_out, attention_mask) -> torch.Tensor:
-    module = sys.modules.get(state.base_class.__module__)
-    loss_func = getattr(module, "load_balancing_loss_func", None)
-    if loss_func is None:
-        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-        loss_func = load_balancing_loss_func
-    config = _text_config(model)
-    num_experts = _first_attr(
-        (model, "num_experts"), (config, "num_experts"), (config, "num_local_experts")
-    )
-    top_k = _first_attr((model, "num_experts_per_tok"), (config, "num_experts_per_tok"))
-    return loss_func(decoder_out.router_logits, num_experts, top_k, attention_mask)
-
-
-def _router_aux_coef(model, config) -> float:
-    return _first_attr(
-        (model, "router_aux_loss_coef"), (model, "aux_loss_coef"), (config, "router_aux_loss_coef")
-    )
-
-
-def _first_attr(*candidates):
-    for obj, name in candidates:
-        value = getattr(obj, name, None)
-        if value is not None:
-            return value
-    names = ", ".join(name for _, name in candidates)
-    raise AttributeError(f"fused_dft: cannot find the MoE setting ({names}) on the model or config")
-
-
-def _keep_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
-    """The stock `logits_to_keep`: an int keeps the last n positions (0: all), a tensor indexes."""
-    if isinstance(logits_to_keep, int):
-        return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:, :]
-    return hidden[:, logits_to_keep, :]
+    if not return_dict:
+        # the stock tuple (the non-None fields in order), with the logits slot kept when None
+        values = [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
+        return tuple(v for k, v in values if v is not None or k == "logits"), call
+    return out, call
 
 
 def _bind_positional(state, stock_forward, args: tuple, kwargs: dict) -> dict:
@@ -357,10 +373,20 @@ def _patched_class(base: type) -> type:
     if cls is not None:
         return cls
     stock_forward = base.forward
+    stock_loss_function = inspect.getattr_static(base, "loss_function", None)
 
     @functools.wraps(stock_forward)
     def forward(self, *args, **kwargs):
         return _fused_forward(self, stock_forward, args, kwargs)
+
+    def get_loss_function(self):
+        call = self.__dict__.get(CALL_ATTR)
+        if call is not None:
+            return call.loss
+        return stock_loss_function.__get__(self, type(self))
+
+    def set_loss_function(self, value):
+        stock_loss_function.__set__(self, value)
 
     def __reduce_ex__(self, protocol):
         # Rebuild as the patched class although it is not importable by name (see _new_patched).
@@ -380,6 +406,7 @@ def _patched_class(base: type) -> type:
         (base,),
         {
             "forward": forward,
+            "loss_function": property(get_loss_function, set_loss_function),
             "__reduce_ex__": __reduce_ex__,
             "__module__": base.__module__,
             "__qualname__": base.__qualname__,
@@ -408,6 +435,7 @@ def _causal_lm(model: nn.Module, check: bool = True) -> nn.Module:
         isinstance(model, nn.Module)
         and hasattr(model, "config")
         and callable(getattr(model, "get_output_embeddings", None))
+        and isinstance(inspect.getattr_static(type(model), "loss_function", None), property)
     ):
         raise TypeError(
             f"patch_model needs a Hugging Face causal LM (a PreTrainedModel with an lm_head), "
@@ -416,27 +444,24 @@ def _causal_lm(model: nn.Module, check: bool = True) -> nn.Module:
     return model
 
 
-def _lm_head(model) -> nn.Module:
+def _lm_head(model) -> nn.Linear:
     """The output projection; the fused loss computes F.linear(hidden, lm_head.weight, bias)."""
     name = type(model).__name__
-    decoder = getattr(model, "base_model", model)
     head = model.get_output_embeddings()
-    if decoder is model or head is None:
+    if head is None:
         raise TypeError(
-            f"patch_model: {name} has no decoder + lm_head structure (base_model: "
-            f"{type(decoder).__name__ if decoder is not model else 'missing'}, "
-            f"get_output_embeddings(): {type(head).__name__ if head is not None else 'None'}); "
-            "it needs a causal LM such as LlamaForCausalLM"
+            f"patch_model: {name} has no lm_head (get_output_embeddings() returns None); it needs "
+            "a causal LM with an output projection, such as LlamaForCausalLM"
         )
-    weight = getattr(head, "weight", None)
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        kind = f"{type(head).__module__}.{type(head).__qualname__}"
         raise TypeError(
-            f"patch_model: the lm_head of {name} is a {type(head).__qualname__}, not a plain "
-            "nn.Linear, so the fused loss cannot reproduce it (a PEFT adapter or "
-            "modules_to_save on lm_head, or a quantized head, are not supported: keep lm_head "
-            "out of target_modules)"
+            f"patch_model: the lm_head of {name} is a {kind}, which computes more than "
+            "F.linear(hidden, weight, bias), so the fused loss cannot reproduce it. A PEFT adapter "
+            "(LoRA) or modules_to_save on lm_head, or a quantized head, are not supported: keep "
+            "lm_head out of target_modules."
         )
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    if not isinstance(head.weight, torch.Tensor) or head.weight.dim() != 2:
         raise TypeError(f"patch_model: the lm_head weight of {name} is not a 2-D tensor")
     return head
 
@@ -444,7 +469,12 @@ def _lm_head(model) -> nn.Module:
 def _text_config(model):
     config = model.config
     get_text_config = getattr(config, "get_text_config", None)
-    return get_text_config() if callable(get_text_config) else config
+    if not callable(get_text_config):
+        return config
+    try:
+        return get_text_config(decoder=True)
+    except (TypeError, ValueError):
+        return config
 
 
 def _read_transform(config) -> LogitTransform:
@@ -463,79 +493,80 @@ def _read_transform(config) -> LogitTransform:
     )
 
 
-def _output_class(base: type, is_moe: bool) -> type:
-    from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
-    from transformers.utils import ModelOutput
-
-    annotation = inspect.signature(base.forward).return_annotation
-    if isinstance(annotation, type) and issubclass(annotation, ModelOutput):
-        fields = {f.name for f in dataclasses.fields(annotation)}
-        if {"loss", "logits"} <= fields:
-            return annotation
-    return MoeCausalLMOutputWithPast if is_moe else CausalLMOutputWithPast
-
-
 def _positional_names(forward) -> tuple[str, ...]:
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     params = list(inspect.signature(forward).parameters.values())[1:]  # drop self
     return tuple(p.name for p in params if p.kind in kinds)
 
 
+def _keyword_names(forward) -> frozenset[str] | None:
+    params = list(inspect.signature(forward).parameters.values())[1:]
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind != inspect.Parameter.VAR_POSITIONAL)
+
+
 def _verify(model, state: PatchState) -> None:
-    """Refuse the model unless the patched path reproduces the stock logits and cross-entropy."""
-    weight = _lm_head(model).weight
+    """Refuse the model unless the patched path reproduces the stock logits and loss."""
+    head = _lm_head(model)
+    weight = head.weight
     vocab = weight.shape[0]
     generator = torch.Generator().manual_seed(0)  # the caller's RNG stream stays untouched
     input_ids = torch.randint(0, vocab, (2, 9), generator=generator).to(weight.device)
     labels = input_ids.clone()
-    labels[0, :3] = state.ignore_index
-    extra = {"use_cache": False}
-    if state.is_moe:
-        extra["output_router_logits"] = True
+    labels[0, :3] = state.loss_options["ignore_index"]
+    inputs = {"input_ids": input_ids, "labels": labels}
+    for key, value in (("use_cache", False), ("output_router_logits", True)):
+        if key == "output_router_logits" and not state.is_moe:
+            continue
+        if state.accepts_kwargs is None or key in state.accepts_kwargs:
+            inputs[key] = value
     name = f"{state.base_class.__qualname__} ({state.base_class.__module__})"
+    refused = f"patch_model(verify=True): {name} was left unpatched"
 
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            stock = state.base_class.forward(
-                model, input_ids=input_ids, labels=labels, return_dict=True, **extra
-            )
-            hidden = model.base_model(input_ids=input_ids, return_dict=True, **extra)[0]
-            ours = F.linear(hidden.to(weight.device), weight, _lm_head(model).bias)
-            ours = state.transform.kernel_view(ours)
-            ce_state = dataclasses.replace(state, loss_type="ce", eval_logits=False)
-            ce = _loss_forward(model, ce_state, {"input_ids": input_ids, "labels": labels, **extra})
+            stock = state.base_class.forward(model, **inputs, return_dict=True)
+            ce_state = dataclasses.replace(state, loss_type="ce")
+            try:
+                ours, call = _run_fused(
+                    model, ce_state, state.base_class.forward, {**inputs, "skip_logits": True}
+                )
+            except (RuntimeError, TypeError, ValueError) as exc:
+                raise ValueError(f"{refused}: the patched forward fails on it: {exc}") from exc
+            logits = state.transform.kernel_view(F.linear(call.hidden, weight, head.bias))
     finally:
         for module, training in modes:
             module.training = training
 
     stock_logits = getattr(stock, "logits", None)
-    if stock_logits is None or tuple(stock_logits.shape) != tuple(ours.shape):
-        got = None if stock_logits is None else tuple(stock_logits.shape)
+    if not torch.is_tensor(stock_logits) or tuple(stock_logits.shape) != tuple(logits.shape):
+        got = tuple(stock_logits.shape) if torch.is_tensor(stock_logits) else None
         raise ValueError(
-            f"patch_model(verify=True): {name} returns logits of shape {got}, but lm_head on the "
-            f"last hidden states gives {tuple(ours.shape)}; this model cannot be patched"
+            f"{refused}: it returns logits of shape {got}, but its lm_head on the hidden states "
+            f"it feeds the head gives {tuple(logits.shape)}"
         )
     tol = max(1e-5, 4 * torch.finfo(stock_logits.dtype).eps)
-    reference = stock_logits.to(ours.dtype)
-    excess = (ours - reference).abs() - tol * (1 + reference.abs())
+    reference = stock_logits.to(logits.dtype)
+    excess = (logits - reference).abs() - tol * (1 + reference.abs())
     if not bool((excess <= 0).all()):
         where = tuple(int(i) for i in torch.nonzero(excess > 0)[0])
         raise ValueError(
             f"patch_model(verify=True): the logits the fused loss would use differ from the stock "
-            f"forward's for {name}: at index {where} fused_dft has {float(ours[where]):.6g}, the "
+            f"forward's for {name}: at index {where} fused_dft has {float(logits[where]):.6g}, the "
             f"model {float(reference[where]):.6g} (transforms read from the config: "
             f"{state.transform}). This family applies a logit transform fused_dft does not know, "
             "so training it with the fused loss would be wrong; the model was left unpatched."
         )
     stock_loss = getattr(stock, "loss", None)
     if stock_loss is None or not math.isclose(
-        float(ce.loss), float(stock_loss), rel_tol=tol, abs_tol=tol
+        float(ours.loss), float(stock_loss), rel_tol=tol, abs_tol=tol
     ):
         raise ValueError(
             f"patch_model(verify=True): the cross-entropy the patched forward computes "
-            f"({float(ce.loss):.6g}) differs from the stock forward's loss "
+            f"({float(ours.loss):.6g}) differs from the stock forward's loss "
             f"({None if stock_loss is None else float(stock_loss)}) for {name}; its loss is not "
             "the causal-LM cross-entropy (+ router loss) fused_dft reproduces, so it was left "
             "unpatched."
