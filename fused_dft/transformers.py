@@ -33,13 +33,13 @@ this keeps:
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import dataclasses
 import functools
 import inspect
 import math
 import sys
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -262,7 +262,9 @@ class FusedCall:
         autocast_on = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast_on else weight.dtype
         options = {**state.loss_options, "ignore_index": ignore_index}
-        with torch.autocast(device_type, enabled=False) if autocast_on else nullcontext():
+        with (
+            torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext()
+        ):
             loss, self.stats = fused_linear_dft_loss(
                 hidden.to(dtype),
                 weight.to(dtype),
@@ -324,14 +326,22 @@ def _run_fused(model, state: PatchState, stock_forward, kwargs: dict):
     handle = _lm_head(model).register_forward_pre_hook(call.capture)
     try:
         out = stock_forward(model, **kwargs)
+    except Exception as exc:
+        if call.head_calls and call.lm_loss is None:
+            raise RuntimeError(
+                f"fused_dft: {state.base_class.__qualname__} computes its loss from the logits "
+                "itself, not through self.loss_function, so the fused loss cannot replace it "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        raise
     finally:
         handle.remove()
         del model.__dict__[CALL_ATTR]
     call.check()
     if isinstance(out, tuple):
         raise TypeError(
-            f"fused_dft: {state.base_class.__qualname__} returned a tuple although return_dict=True "
-            "was asked; it cannot be patched"
+            f"fused_dft: {state.base_class.__qualname__} returned a tuple although "
+            "return_dict=True was asked; it cannot be patched"
         )
 
     if skip_logits:
@@ -477,20 +487,41 @@ def _text_config(model):
         return config
 
 
-def _read_transform(config) -> LogitTransform:
-    def number(name):
-        value = getattr(config, name, None)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"patch_model: config.{name} must be a number, got {value!r}")
-        return float(value)
+# Config numbers a family may apply to its logits after lm_head. verify=True finds which ones the
+# family applies, and how (multiply or divide), by matching the stock logits; without it the
+# usual reading is used: logit_scale multiplies (Cohere), logits_scaling divides (Granite).
+SCALE_NAMES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+SOFTCAP_NAME = "final_logit_softcapping"
 
+
+def _config_number(config, name: str) -> float | None:
+    value = getattr(config, name, None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"patch_model: config.{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _read_transform(config) -> LogitTransform:
     return LogitTransform(
-        multiply=number("logit_scale"),
-        divide=number("logits_scaling"),
-        softcap=number("final_logit_softcapping"),
+        multiply=_config_number(config, "logit_scale"),
+        divide=_config_number(config, "logits_scaling"),
+        softcap=_config_number(config, SOFTCAP_NAME),
     )
+
+
+def _candidate_transforms(config) -> list[LogitTransform]:
+    """The usual reading first, then each config number alone, multiplying or dividing, with and
+    without the softcap, then no transform at all."""
+    softcap = _config_number(config, SOFTCAP_NAME)
+    numbers = [v for v in (_config_number(config, n) for n in SCALE_NAMES) if v not in (None, 0)]
+    candidates = [_read_transform(config)]
+    for cap in dict.fromkeys((softcap, None)):
+        candidates += [LogitTransform(multiply=v, softcap=cap) for v in numbers]
+        candidates += [LogitTransform(divide=v, softcap=cap) for v in numbers]
+        candidates.append(LogitTransform(softcap=cap))
+    return list(dict.fromkeys(candidates))
 
 
 def _positional_names(forward) -> tuple[str, ...]:
@@ -507,59 +538,86 @@ def _keyword_names(forward) -> frozenset[str] | None:
 
 
 def _verify(model, state: PatchState) -> None:
-    """Refuse the model unless the patched path reproduces the stock logits and loss."""
+    """Refuse the model unless the patched path reproduces the stock logits and loss.
+
+    Also settles which of the config's logit transforms the family applies (the state's
+    transform is replaced by the one that matches).
+    """
     head = _lm_head(model)
     weight = head.weight
-    vocab = weight.shape[0]
+    embeddings = model.get_input_embeddings()
+    vocab = min(weight.shape[0], getattr(embeddings, "num_embeddings", weight.shape[0]))
     generator = torch.Generator().manual_seed(0)  # the caller's RNG stream stays untouched
     input_ids = torch.randint(0, vocab, (2, 9), generator=generator).to(weight.device)
     labels = input_ids.clone()
     labels[0, :3] = state.loss_options["ignore_index"]
-    inputs = {"input_ids": input_ids, "labels": labels}
-    for key, value in (("use_cache", False), ("output_router_logits", True)):
-        if key == "output_router_logits" and not state.is_moe:
-            continue
-        if state.accepts_kwargs is None or key in state.accepts_kwargs:
-            inputs[key] = value
+    inputs = {"input_ids": input_ids, "labels": labels, "return_dict": True}
+    if state.accepts_kwargs is None or "use_cache" in state.accepts_kwargs:
+        inputs["use_cache"] = False
     name = f"{state.base_class.__qualname__} ({state.base_class.__module__})"
     refused = f"patch_model(verify=True): {name} was left unpatched"
 
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            stock = state.base_class.forward(model, **inputs, return_dict=True)
-            ce_state = dataclasses.replace(state, loss_type="ce")
-            try:
-                ours, call = _run_fused(
-                    model, ce_state, state.base_class.forward, {**inputs, "skip_logits": True}
-                )
-            except (RuntimeError, TypeError, ValueError) as exc:
-                raise ValueError(f"{refused}: the patched forward fails on it: {exc}") from exc
-            logits = state.transform.kernel_view(F.linear(call.hidden, weight, head.bias))
-    finally:
-        for module, training in modes:
-            module.training = training
+    def patched_ce(transform: LogitTransform):
+        ce_state = dataclasses.replace(state, loss_type="ce", transform=transform)
+        try:
+            return _run_fused(
+                model, ce_state, state.base_class.forward, {**inputs, "skip_logits": True}
+            )
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"{refused}: the patched forward fails on it: {exc}") from exc
 
-    stock_logits = getattr(stock, "logits", None)
-    if not torch.is_tensor(stock_logits) or tuple(stock_logits.shape) != tuple(logits.shape):
-        got = tuple(stock_logits.shape) if torch.is_tensor(stock_logits) else None
-        raise ValueError(
-            f"{refused}: it returns logits of shape {got}, but its lm_head on the hidden states "
-            f"it feeds the head gives {tuple(logits.shape)}"
+    with _eval_mode(model), torch.no_grad():
+        stock = None
+        if state.is_moe:  # with the router loss, where the stock forward can compute it
+            try:
+                stock = state.base_class.forward(model, **inputs, output_router_logits=True)
+                inputs["output_router_logits"] = True
+            except Exception:
+                stock = None
+        if stock is None:
+            try:
+                stock = state.base_class.forward(model, **inputs)
+            except Exception as exc:
+                raise ValueError(
+                    f"{refused}: its stock forward fails on a short random batch with labels "
+                    f"({type(exc).__name__}: {exc}), so the patch cannot be checked"
+                ) from exc
+        ours, call = patched_ce(state.transform)
+        raw = F.linear(call.hidden, weight, head.bias)
+
+        # 1. the logits: which of the config's transforms the family applies after its lm_head
+        stock_logits = getattr(stock, "logits", None)
+        if not torch.is_tensor(stock_logits) or tuple(stock_logits.shape) != tuple(raw.shape):
+            got = tuple(stock_logits.shape) if torch.is_tensor(stock_logits) else None
+            raise ValueError(
+                f"{refused}: it returns logits of shape {got}, but its lm_head on the hidden "
+                f"states it feeds the head gives {tuple(raw.shape)}"
+            )
+        tol = max(1e-5, 4 * torch.finfo(stock_logits.dtype).eps)
+        reference = stock_logits.to(torch.float64 if raw.dtype == torch.float64 else torch.float32)
+
+        def mismatch(transform: LogitTransform) -> torch.Tensor:
+            return (transform.kernel_view(raw) - reference).abs() > tol * (1 + reference.abs())
+
+        transform = next(
+            (t for t in _candidate_transforms(_text_config(model)) if not mismatch(t).any()), None
         )
-    tol = max(1e-5, 4 * torch.finfo(stock_logits.dtype).eps)
-    reference = stock_logits.to(logits.dtype)
-    excess = (logits - reference).abs() - tol * (1 + reference.abs())
-    if not bool((excess <= 0).all()):
-        where = tuple(int(i) for i in torch.nonzero(excess > 0)[0])
-        raise ValueError(
-            f"patch_model(verify=True): the logits the fused loss would use differ from the stock "
-            f"forward's for {name}: at index {where} fused_dft has {float(logits[where]):.6g}, the "
-            f"model {float(reference[where]):.6g} (transforms read from the config: "
-            f"{state.transform}). This family applies a logit transform fused_dft does not know, "
-            "so training it with the fused loss would be wrong; the model was left unpatched."
-        )
+        if transform is None:
+            where = tuple(int(i) for i in torch.nonzero(mismatch(state.transform))[0])
+            raise ValueError(
+                f"patch_model(verify=True): the logits the fused loss would use differ from the "
+                f"stock forward's for {name}: at index {where} fused_dft has "
+                f"{float(state.transform.kernel_view(raw)[where]):.6g}, the model "
+                f"{float(reference[where]):.6g} (transforms read from the config: "
+                f"{state.transform}). This family applies a logit transform fused_dft does not "
+                "know, so training it with the fused loss would be wrong; the model was left "
+                "unpatched."
+            )
+        if transform != state.transform:
+            ours, _ = patched_ce(transform)
+            setattr(model, STATE_ATTR, dataclasses.replace(state, transform=transform))
+
+    # 2. the loss: the cross-entropy (+ router loss) of the patched forward is the stock one
     stock_loss = getattr(stock, "loss", None)
     if stock_loss is None or not math.isclose(
         float(ours.loss), float(stock_loss), rel_tol=tol, abs_tol=tol
@@ -571,3 +629,14 @@ def _verify(model, state: PatchState) -> None:
             "the causal-LM cross-entropy (+ router loss) fused_dft reproduces, so it was left "
             "unpatched."
         )
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -653,5 +653,6 @@ def test_refuses_lora_on_lm_head():
     model = peft.get_peft_model(
         tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"])
     )
-    with pytest.raises(TypeError, match=r"is a peft\.tuners\.lora\.layer\.Linear.*keep lm_head out of target_modules"):
+    message = r"is a peft\.tuners\.lora\.layer\.Linear.*keep lm_head out of target_modules"
+    with pytest.raises(TypeError, match=message):
         fused_dft.patch_model(model)
