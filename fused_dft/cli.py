@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fused-dft", description="fused_dft: benchmark and self-check of the fused DFT loss."
     )
-    sub = parser.add_subparsers(dest="command", metavar="{bench,check}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,check,families}")
 
     bench = sub.add_parser(
         "bench",
@@ -71,6 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    bench.add_argument(
+        "--e2e",
+        action="store_true",
+        help="full training steps (forward, backward, AdamW) of a config-built causal LM, stock "
+        "vs patched: tokens/s and peak memory (--e2e-* options; --vocab sweeps the vocabulary)",
+    )
+    bench.add_argument("--e2e-seq", type=int, default=2048, help="e2e: tokens per sequence")
+    bench.add_argument("--e2e-batch", type=int, default=1, help="e2e: sequences per step")
+    bench.add_argument("--e2e-layers", type=int, default=2, help="e2e: decoder layers")
+
+    families = sub.add_parser(
+        "families",
+        help="patch_model on a tiny model of every causal-LM family of the installed transformers",
+        description="Builds a tiny config of each entry of transformers' "
+        "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, patches it and compares loss, every gradient, eval "
+        "logits, generate and unpatch with the stock model. Prints one line per family (ok / "
+        "refused with the reason / failed with numbers / not built) and exits 1 on any failure.",
+    )
+    families.add_argument("model_types", nargs="*", help="only these model types (default all)")
+    families.add_argument("--markdown", help="also write the table as Markdown to this file")
+
     check = sub.add_parser(
         "check",
         help="every impl on a small problem against the float64 reference: PASS or FAIL",
@@ -94,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(args, parser, argv)
     if args.command == "check":
         return check_main(args, parser)
+    if args.command == "families":
+        return families_main(args, parser)
     parser.print_help()
     return 2
 
@@ -303,3 +326,39 @@ def check_main(args, parser) -> int:
     counts = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
     print(f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped")
     return 1 if counts["FAIL"] else 0
+
+
+# -- families ------------------------------------------------------------------------------------
+
+
+def families_main(args, parser) -> int:
+    try:
+        import transformers
+    except ImportError:
+        parser.error("families: transformers is not installed (pip install 'fused_dft[hf]')")
+    import torch
+
+    from . import families
+    from .bench import report
+
+    known = families.model_types()
+    unknown = [t for t in args.model_types if t not in known]
+    if unknown:
+        parser.error(
+            f"families: unknown model types {unknown}; transformers {transformers.__version__} "
+            f"has {len(known)}, e.g. {', '.join(known[:5])}"
+        )
+    info = report.machine_info("cpu")
+    header = (
+        f"transformers {transformers.__version__}, torch {torch.__version__}, "
+        f"{info['date'][:10]}: tiny fp32 models on the CPU"
+    )
+    print(f"fused-dft families: {header}", flush=True)
+    results = families.sweep(args.model_types or None, progress=lambda r: print(r.line()))
+    counts = families.counts(results)
+    print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    if args.markdown:
+        title = f"# patch_model on every causal-LM family\n\n`fused-dft families`: {header}."
+        Path(args.markdown).write_text(families.markdown(results, title))
+        print(f"markdown  {args.markdown}")
+    return 1 if counts["failed"] else 0

@@ -52,6 +52,8 @@ from .options import LossOptions
 STATE_ATTR = "_fused_dft_patch"
 CALL_ATTR = "_fused_dft_call"  # the FusedCall of the forward in progress, on the instance
 # Batch figures of the fused pass attached to the output (detached; means over the valid tokens).
+# The output also carries `lm_loss`: the fused loss before any router loss (with its gradient; it
+# is `loss` for dense models), for trainers that weight the router loss themselves.
 STAT_NAMES = ("ce_loss", "entropy", "token_accuracy", "num_tokens")
 # Options of patch_model that go to fused_linear_dft_loss unchanged, with their defaults; the
 # logit transforms come from the config instead. A new loss option is one entry here.
@@ -348,7 +350,7 @@ def _run_fused(model, state: PatchState, stock_forward, kwargs: dict):
         fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
         out = type(out)(**{**fields, "logits": None})
     figures = (call.stats.ce, call.stats.entropy, call.stats.accuracy, call.stats.num_tokens)
-    for name, value in zip(STAT_NAMES, figures):
+    for name, value in zip(STAT_NAMES + ("lm_loss",), figures + (call.lm_loss,)):
         if out.logits is None:
             # a key as well as an attribute: survives wrappers that rebuild the output dict
             # (accelerate's mixed-precision forward wrapper does)
