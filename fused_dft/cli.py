@@ -178,6 +178,8 @@ def parse_sizes(option: str, text: str | None, default: int, parser) -> list[int
 
 
 def bench_main(args, parser, argv: list[str]) -> int:
+    if args.e2e:
+        return e2e_main(args, parser, argv)
     from .bench import plot, report
     from .bench.problem import PRESETS, Problem
     from .bench.providers import parse_providers
@@ -285,6 +287,73 @@ def bench_main(args, parser, argv: list[str]) -> int:
             f"problem: {r['label']}: {r.get('reason') or 'error above tolerance'}", file=sys.stderr
         )
     return 1 if bad else 0
+
+
+E2E_VOCABS = "128256,262144"
+
+
+def e2e_main(args, parser, argv: list[str]) -> int:
+    """`fused-dft bench --e2e`: training steps of a config-built Llama, stock vs patched."""
+    try:
+        import transformers
+    except ImportError:
+        parser.error("--e2e: transformers is not installed (pip install transformers)")
+    from .bench import e2e, plot, report
+
+    device = resolve_device(args.device, parser)
+    dtype = resolve_dtype(args.dtype, device, parser)
+    smoke = args.smoke
+    vocabs = parse_sizes("--vocab", args.vocab or ("500" if smoke else E2E_VOCABS), 0, parser)
+    hidden = parse_sizes("--hidden", args.hidden, 32 if smoke else 1024, parser)
+    if len(hidden) > 1:
+        parser.error("--e2e: --hidden takes one size (the vocabulary is what is swept)")
+    for name in ("e2e_seq", "e2e_batch", "e2e_layers"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer")
+    repeats = args.repeats if args.repeats is not None else (1 if smoke else 3)
+    if repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    problems = [
+        e2e.E2EProblem(vocab=v, hidden=hidden[0], layers=args.e2e_layers,
+                       seq=16 if smoke else args.e2e_seq, batch=args.e2e_batch, dtype=dtype,
+                       device=device, seed=args.seed)
+        for v in vocabs
+    ]  # fmt: skip
+    p = problems[0]
+    description = (
+        f"Llama, hidden {p.hidden}, {p.layers} layers, tied embeddings, vocab "
+        f"{','.join(map(str, vocabs))}, {p.batch} x {p.seq} tokens, {dtype} on {device}, AdamW; "
+        f"median of {repeats} steps (+{args.warmup} warm-up); transformers "
+        f"{transformers.__version__}"
+    )
+    info = report.machine_info(device)
+    print(f"fused-dft bench --e2e: {description}")
+    print(f"machine: {report.machine_line(info)}", flush=True)
+    records = e2e.run(
+        problems, repeats, args.warmup, args.timeout,
+        progress=lambda r: print(f"  {r['problem']['vocab']} {r['provider']}: {r['status']}",
+                                 flush=True),
+    )  # fmt: skip
+    meta = {"command": "fused-dft " + shlex.join(argv), "description": description,
+            "machine": info, "repeats": repeats, "warmup": args.warmup}  # fmt: skip
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "e2e.json", "markdown": out / "e2e.md", "plot": out / "e2e.png"}
+    paths["json"].write_text(report.to_json(records, meta))
+    paths["markdown"].write_text(e2e.markdown(records, meta))
+    sweep = "vocab" if len(vocabs) > 1 else None
+    title = _wrap(f"fused-dft bench --e2e: {description}")
+    plot.plot(records, paths["plot"], title, report.machine_line(info), sweep)
+    print()
+    print(e2e.terminal_table(records))
+    print()
+    for kind, path in paths.items():
+        print(f"{kind:<9} {path}")
+    failed = [r for r in records if r["status"] != "ok"]
+    for r in failed:
+        print(f"problem: {r['label']} at vocab {r['problem']['vocab']}: {r.get('reason')}",
+              file=sys.stderr)  # fmt: skip
+    return 1 if failed else 0
 
 
 def _wrap(text: str, width: int = 110) -> str:

@@ -13,6 +13,8 @@ import functools
 import inspect
 import io
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -304,8 +306,42 @@ def test_eval_with_labels_returns_logits_and_fused_loss():
         assert patched(**inputs, labels=labels, skip_logits=True).logits is None
         loss, logits_tuple = patched(**inputs, labels=labels, return_dict=False, use_cache=False)
         torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(logits_tuple, logits, rtol=1e-6, atol=1e-6)
         lean = fused_dft.patch_model(copy.deepcopy(stock), eval_logits=False)
         assert lean(**inputs, labels=labels).logits is None
+
+
+# return_dict=False gives the stock tuple, with the logits slot kept (None) where no logits are
+# built, so every other field keeps its stock index: (loss, logits, cache) for Llama, (loss,
+# aux_loss, logits, cache, router_logits) for Mixtral.
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_return_dict_false_keeps_the_stock_order(family):
+    stock = tiny_model(family)
+    patched = fused_dft.patch_model(copy.deepcopy(stock))
+    inputs, labels = ragged_batch()
+    expected = stock(**inputs, labels=labels, return_dict=False)
+    got = patched(**inputs, labels=labels, return_dict=False)
+    slot = 2 if family in MOE_FAMILIES else 1
+    assert len(got) == len(expected) and got[slot] is None
+    assert expected[slot].shape == (*labels.shape, V)
+    assert [type(x) for i, x in enumerate(got) if i != slot] == [
+        type(x) for i, x in enumerate(expected) if i != slot
+    ]
+    dft = loss_from_logits(expected[slot], shifted(labels))
+    if family in MOE_FAMILIES:
+        torch.testing.assert_close(got[1], expected[1], rtol=RTOL, atol=ATOL)
+        dft = dft + stock.config.router_aux_loss_coef * expected[1]
+    torch.testing.assert_close(got[0], dft, rtol=RTOL, atol=ATOL)
+
+
+# `fused_dft.transformers.is_patched` after a bare `import fused_dft`, in a fresh process.
+def test_submodule_reachable_from_a_bare_import():
+    code = (
+        "import sys, fused_dft; assert 'transformers' not in sys.modules; "
+        "print(fused_dft.transformers.is_patched.__name__)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "is_patched", proc.stderr
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
