@@ -608,44 +608,6 @@ def tiny_tokenizer():
     )
 
 
-# TRL >= 1.0 computes SFT losses itself from its own fused LM head, never from the model's loss:
-# the recipe (docs/transformers.md) is a subclass whose compute_loss is Trainer's, i.e. the
-# patched model's loss, here also logging the CE next to DFT.
-def test_trl_sft_trainer_trains_patched_model(tmp_path):
-    trl = pytest.importorskip("trl")
-    datasets = pytest.importorskip("datasets")
-
-    class DFTSFTTrainer(trl.SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = transformers.Trainer.compute_loss(
-                self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
-            if "ce_loss" in outputs:
-                mode = "train" if model.training else "eval"
-                self._metrics[mode]["ce_loss"].append(float(outputs["ce_loss"]))
-            return (loss, outputs) if return_outputs else loss
-
-    model = fused_dft.patch_model(tiny_model("qwen2"))
-    rows = training_rows(seed=11)
-    before = figures(model, rows)
-    args = trl.SFTConfig(
-        output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
-        gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=1, report_to=[],
-        use_cpu=True, save_strategy="no", max_length=32,
-    )  # fmt: skip
-    trainer = DFTSFTTrainer(
-        model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=tiny_tokenizer(),
-    )  # fmt: skip
-    trainer.train()
-    after = figures(model, rows)
-
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert len(logs) == 8 and all("ce_loss" in h for h in logs)
-    assert all(h["loss"] < h["ce_loss"] / 5 for h in logs)  # the trained loss is DFT, not CE
-    assert after[1] < before[1] - 0.3, (before, after)
-
-
 # PEFT LoRA: patch_model goes through to the base model; the frozen lm_head gets no gradient, the
 # loss equals the stock DFT of the LoRA model, and a few steps lower the CE.
 def test_peft_lora():
