@@ -331,8 +331,8 @@ def e2e_main(args, parser, argv: list[str]) -> int:
     print(f"machine: {report.machine_line(info)}", flush=True)
     records = e2e.run(
         problems, repeats, args.warmup, args.timeout,
-        progress=lambda r: print(f"  {r['problem']['vocab']} {r['provider']}: {r['status']}",
-                                 flush=True),
+        progress=lambda r: print(f"  vocab {r['problem']['vocab']} {r['provider']}: "
+                                 + e2e.progress_line(r), flush=True),
     )  # fmt: skip
     meta = {"command": "fused-dft " + shlex.join(argv), "description": description,
             "machine": info, "repeats": repeats, "warmup": args.warmup}  # fmt: skip

@@ -137,6 +137,17 @@ def run(problems: list[E2EProblem], repeats: int, warmup: int, timeout_s, progre
     return records
 
 
+def progress_line(r: dict) -> str:
+    from .report import fmt_bytes, fmt_time
+
+    if r["status"] != "ok":
+        return f"{r['status']}: {r.get('reason', '')}"
+    held = fmt_bytes(r["between_steps_bytes"])
+    speed = f"{r['tokens_per_s']:.0f} tokens/s"
+    peak = fmt_bytes(r["peak_mem_bytes"])
+    return f"step {fmt_time(r['time_s'])}, {speed}, peak {peak} above {held}"
+
+
 COLUMNS = ("vocab", "provider", "step time", "tokens/s", "vs stock", "peak mem", "vs stock",
            "total peak", "note")  # fmt: skip
 
