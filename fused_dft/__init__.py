@@ -27,6 +27,19 @@ def is_patched(model) -> bool:
     return _is_patched(model)
 
 
+_SUBMODULES = ("transformers", "families", "integrations")
+
+
+def __getattr__(name: str):
+    # `fused_dft.transformers.is_patched` works after a bare `import fused_dft`, without importing
+    # transformers (or TRL) at `import fused_dft` time
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "FusedLinearDFTLoss",
     "LossOptions",

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fused-dft", description="fused_dft: benchmark and self-check of the fused DFT loss."
     )
-    sub = parser.add_subparsers(dest="command", metavar="{bench,check,kernels}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,check,kernels,families}")
 
     bench = sub.add_parser(
         "bench",
@@ -81,6 +81,27 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tiny problem, one repeat ({SMOKE_SHAPE}): checks the set-up in seconds",
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    bench.add_argument(
+        "--e2e",
+        action="store_true",
+        help="full training steps (forward, backward, AdamW) of a config-built causal LM, stock "
+        "vs patched: tokens/s and peak memory (--e2e-* options; --vocab sweeps the vocabulary)",
+    )
+    bench.add_argument("--e2e-seq", type=int, default=2048, help="e2e: tokens per sequence")
+    bench.add_argument("--e2e-batch", type=int, default=1, help="e2e: sequences per step")
+    bench.add_argument("--e2e-layers", type=int, default=2, help="e2e: decoder layers")
+
+    families = sub.add_parser(
+        "families",
+        help="patch_model on a tiny model of every causal-LM family of the installed transformers",
+        description="Builds a tiny config of each entry of transformers' "
+        "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, patches it and compares loss, every gradient, eval "
+        "logits, generate and unpatch with the stock model. Prints one line per family (ok / "
+        "refused with the reason / failed with numbers / not built) and exits 1 on any failure.",
+    )
+    families.add_argument("model_types", nargs="*", help="only these model types (default all)")
+    families.add_argument("--markdown", help="also write the table as Markdown to this file")
 
     check = sub.add_parser(
         "check",
@@ -139,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         return check_main(args, parser)
     if args.command == "kernels":
         return kernels_main(args, parser)
+    if args.command == "families":
+        return families_main(args, parser)
     parser.print_help()
     return 2
 
@@ -200,6 +223,8 @@ def parse_sizes(option: str, text: str | None, default: int, parser) -> list[int
 
 
 def bench_main(args, parser, argv: list[str]) -> int:
+    if args.e2e:
+        return e2e_main(args, parser, argv)
     from .bench import plot, report
     from .bench.problem import PRESETS, Problem
     from .bench.providers import parse_providers
@@ -316,6 +341,73 @@ def bench_main(args, parser, argv: list[str]) -> int:
     return 1 if bad else 0
 
 
+E2E_VOCABS = "128256,262144"
+
+
+def e2e_main(args, parser, argv: list[str]) -> int:
+    """`fused-dft bench --e2e`: training steps of a config-built Llama, stock vs patched."""
+    try:
+        import transformers
+    except ImportError:
+        parser.error("--e2e: transformers is not installed (pip install transformers)")
+    from .bench import e2e, plot, report
+
+    device = resolve_device(args.device, parser)
+    dtype = resolve_dtype(args.dtype, device, parser)
+    smoke = args.smoke
+    vocabs = parse_sizes("--vocab", args.vocab or ("500" if smoke else E2E_VOCABS), 0, parser)
+    hidden = parse_sizes("--hidden", args.hidden, 32 if smoke else 1024, parser)
+    if len(hidden) > 1:
+        parser.error("--e2e: --hidden takes one size (the vocabulary is what is swept)")
+    for name in ("e2e_seq", "e2e_batch", "e2e_layers"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer")
+    repeats = args.repeats if args.repeats is not None else (1 if smoke else 3)
+    if repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    problems = [
+        e2e.E2EProblem(vocab=v, hidden=hidden[0], layers=args.e2e_layers,
+                       seq=16 if smoke else args.e2e_seq, batch=args.e2e_batch, dtype=dtype,
+                       device=device, seed=args.seed)
+        for v in vocabs
+    ]  # fmt: skip
+    p = problems[0]
+    description = (
+        f"Llama, hidden {p.hidden}, {p.layers} layers, tied embeddings, vocab "
+        f"{','.join(map(str, vocabs))}, {p.batch} x {p.seq} tokens, {dtype} on {device}, AdamW; "
+        f"median of {repeats} steps (+{args.warmup} warm-up); transformers "
+        f"{transformers.__version__}"
+    )
+    info = report.machine_info(device)
+    print(f"fused-dft bench --e2e: {description}")
+    print(f"machine: {report.machine_line(info)}", flush=True)
+    records = e2e.run(
+        problems, repeats, args.warmup, args.timeout,
+        progress=lambda r: print(f"  vocab {r['problem']['vocab']} {r['provider']}: "
+                                 + e2e.progress_line(r), flush=True),
+    )  # fmt: skip
+    meta = {"command": "fused-dft " + shlex.join(argv), "description": description,
+            "machine": info, "repeats": repeats, "warmup": args.warmup}  # fmt: skip
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "e2e.json", "markdown": out / "e2e.md", "plot": out / "e2e.png"}
+    paths["json"].write_text(report.to_json(records, meta))
+    paths["markdown"].write_text(e2e.markdown(records, meta))
+    sweep = "vocab" if len(vocabs) > 1 else None
+    title = _wrap(f"fused-dft bench --e2e: {description}")
+    plot.plot(records, paths["plot"], title, report.machine_line(info), sweep)
+    print()
+    print(e2e.terminal_table(records))
+    print()
+    for kind, path in paths.items():
+        print(f"{kind:<9} {path}")
+    failed = [r for r in records if r["status"] != "ok"]
+    for r in failed:
+        print(f"problem: {r['label']} at vocab {r['problem']['vocab']}: {r.get('reason')}",
+              file=sys.stderr)  # fmt: skip
+    return 1 if failed else 0
+
+
 def _wrap(text: str, width: int = 110) -> str:
     import textwrap
 
@@ -397,3 +489,39 @@ def kernels_main(args, parser) -> int:
         print(f"json      {args.json}")
     failed = [r for r in rows if "error" in r]
     return 1 if failed else 0
+
+
+# -- families ------------------------------------------------------------------------------------
+
+
+def families_main(args, parser) -> int:
+    try:
+        import transformers
+    except ImportError:
+        parser.error("families: transformers is not installed (pip install 'fused_dft[hf]')")
+    import torch
+
+    from . import families
+    from .bench import report
+
+    known = families.model_types()
+    unknown = [t for t in args.model_types if t not in known]
+    if unknown:
+        parser.error(
+            f"families: unknown model types {unknown}; transformers {transformers.__version__} "
+            f"has {len(known)}, e.g. {', '.join(known[:5])}"
+        )
+    info = report.machine_info("cpu")
+    header = (
+        f"transformers {transformers.__version__}, torch {torch.__version__}, "
+        f"{info['date'][:10]}: tiny fp32 models on the CPU"
+    )
+    print(f"fused-dft families: {header}", flush=True)
+    results = families.sweep(args.model_types or None, progress=lambda r: print(r.line()))
+    counts = families.counts(results)
+    print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    if args.markdown:
+        title = f"# patch_model on every causal-LM family\n\n`fused-dft families`: {header}."
+        Path(args.markdown).write_text(families.markdown(results, title))
+        print(f"markdown  {args.markdown}")
+    return 1 if counts["failed"] else 0

@@ -1,36 +1,45 @@
 """patch_model / unpatch_model: train a Hugging Face causal LM with the fused loss, no logits built.
 
-One generic causal-LM forward serves every family: run the decoder (`model.base_model`), take the
-last hidden states and compute the loss with `fused_linear_dft_loss` against the shifted labels.
-Whatever a family does between its lm_head and its loss is read from the config and handed to the
-kernel (`final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`), and the
-MoE router loss is added as the family's own forward adds it. Calls without labels (generation,
-inference) run the stock forward untouched. `verify=True` checks all of this against the stock
-forward at patch time and refuses the model when it differs.
+One generic causal-LM forward serves every family, and it is the family's own: the stock forward
+runs unchanged, with two hooks on this call only.
+  - A forward pre-hook on the lm_head (the module `get_output_embeddings()` returns) records the
+    hidden states the stock forward feeds it and hands the head an empty slice of them, so the
+    `(batch, seq, vocab)` logits are never built (in eval mode the head runs on all of them, so
+    `compute_metrics` gets the stock logits).
+  - `loss_function`, which every transformers causal LM calls for its loss, returns the fused
+    loss of the recorded hidden states against the labels instead of the cross-entropy of the
+    logits.
+Everything else is the family's forward: the decoder call and its arguments, the MoE router loss
+(the family's own function, coefficient and conditions), the output class and its fields. What a
+family does between its lm_head and its loss is read from the config and handed to the kernel
+(`final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`). Calls without
+labels (generation, inference) run the stock forward untouched. `verify=True` checks all of this
+against the stock forward at patch time and refuses the model when it differs.
 
 How the patch is applied: the instance's `__class__` is swapped for a subclass of its own class
-(created once per class, with the same name and module) whose only additions are `forward` and
-pickling support; `unpatch_model` swaps it back. Nothing process-wide changes, and compared with
-binding a forward on the instance (`model.forward = MethodType(...)`) this keeps:
+(created once per class, with the same name and module) whose only additions are `forward`,
+`loss_function` and pickling support; `unpatch_model` swaps it back. Nothing process-wide
+changes, and compared with binding a forward on the instance (`model.forward = MethodType(...)`)
+this keeps:
   - the class-level signature that Trainer and TRL inspect (`find_labels(model.__class__)`, the
     dataset columns kept, `model_accepts_loss_kwargs`): the new forward wraps the stock one
     (`functools.wraps`), so `inspect.signature` reports the stock parameters, `**kwargs` included;
-  - instance-level wrappers working on top of it (accelerate's autocast wrapper, TRL's fused LM
-    head), `nn.DataParallel` replicas (a bound method would stay bound to the original module),
-    `copy.deepcopy`, and `pickle` / `torch.save` (a pickled bound method comes back as the
-    stock forward, silently unpatching the copy);
+  - instance-level wrappers working on top of it (accelerate's autocast wrapper), `nn.DataParallel`
+    replicas (a bound method would stay bound to the original module), `copy.deepcopy`, and
+    `pickle` / `torch.save` (a pickled bound method comes back as the stock forward, silently
+    unpatching the copy);
   - the class name that `save_pretrained` writes into `config.architectures`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import dataclasses
 import functools
 import inspect
 import math
 import sys
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -41,10 +50,28 @@ from .loss import fused_linear_dft_loss, make_options, validate_impl
 from .parallel import is_dtensor
 
 STATE_ATTR = "_fused_dft_patch"
+# On the lm_head: the patch's slot, a list holding the FusedCall of the forward in progress (empty
+# between calls), which the lm_head's permanent pre-hook (_capture_pre_hook) reads.
+SLOT_ATTR = "_fused_dft_slot"
 # Batch figures of the fused pass attached to the output (detached; means over the valid tokens).
+# The output also carries `lm_loss`: the fused loss before any router loss (with its gradient; it
+# is `loss` for dense models), for trainers that weight the router loss themselves.
 STAT_NAMES = ("ce_loss", "entropy", "token_accuracy", "num_tokens")
-# Options of patch_model that go to the loss; the logit transforms come from the config instead.
-LOSS_OPTIONS = ("chunk_size", "ignore_index")
+# Options of patch_model that go to fused_linear_dft_loss unchanged, with their defaults; the
+# logit transforms come from the config instead. A new loss option is one entry here.
+LOSS_OPTIONS: dict[str, Any] = {
+    "chunk_size": None,
+    "ignore_index": -100,
+    "power_q": None,
+    "eaft_alpha": None,
+    "clip_eps": None,
+    "z_loss": 0.0,
+    "label_smoothing": 0.0,
+    "validate": None,
+}
+# Per-token batch columns the patched forward takes as keywords, aligned with `labels` and shifted
+# with them (HF Trainer / TRL datasets can carry them): they go to the loss, not to the decoder.
+TOKEN_COLUMNS = ("token_weights", "old_logprobs")
 
 _PATCHED_CLASSES: dict[type, type] = {}
 
@@ -66,16 +93,6 @@ class LogitTransform:
         scale = 1.0 if self.multiply is None else float(self.multiply)
         return scale if self.divide is None else scale / float(self.divide)
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits a stock forward returns, with the same operations in the same dtype."""
-        if self.multiply is not None:
-            logits = logits * self.multiply
-        if self.divide is not None:
-            logits = logits / self.divide
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
     def kernel_view(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits the kernel uses: fp32, logit_scale then softcap (see LossOptions)."""
         z = logits.float() if logits.dtype != torch.float64 else logits
@@ -93,14 +110,14 @@ class PatchState:
     base_class: type
     loss_type: str
     impl: str
-    chunk_size: int | None
-    ignore_index: int
+    loss_options: dict
     eval_logits: bool
     transform: LogitTransform
     is_moe: bool
-    output_class: type
-    output_fields: frozenset[str]  # read at patch time: dataclasses.fields is not traceable
     positional: tuple[str, ...]
+    accepts_kwargs: frozenset[str] | None  # the forward's keyword names; None: it takes **kwargs
+    slot: list = dataclasses.field(default_factory=list, compare=False)  # see SLOT_ATTR
+    hook_id: int | None = None  # the lm_head pre-hook's key in its _forward_pre_hooks
 
 
 def patch_model(
@@ -117,15 +134,23 @@ def patch_model(
     With labels, the forward returns the fused loss (`loss_type` "dft" or "ce", `impl` as in
     fused_linear_dft_loss) and `logits=None`, plus the detached batch figures `ce_loss`, `entropy`,
     `token_accuracy` and `num_tokens` (see STAT_NAMES). `num_items_in_batch` (passed by HF Trainer
-    and TRL) makes the loss sum / num_items_in_batch, as the stock loss does.
+    and TRL) makes the loss sum / num_items_in_batch, as the stock loss does. A MoE family adds
+    its router loss exactly as its own forward does.
     In eval mode (`model.training` False) with labels the logits are also returned, built as the
     stock forward builds them, so `compute_metrics` works; `eval_logits=False` keeps eval
     logits-free too. A per-call `skip_logits=True/False` kwarg overrides both.
-    loss_options: `chunk_size` (see fused_linear_dft_loss), `ignore_index` (default -100).
-    verify: check on a short random input that the logits and the cross-entropy the patched path
-    computes match the stock forward's, and refuse the model otherwise. It runs the stock forward
-    in this process, so patch before fully_shard / parallelize_module (the patch is kept), or pass
-    verify=False for a model already sharded.
+    loss_options: see LOSS_OPTIONS, as in fused_linear_dft_loss: `chunk_size`, `ignore_index`,
+    the loss_type's parameters (`power_q`, `eaft_alpha`, `clip_eps`), `z_loss`,
+    `label_smoothing`, `validate`. Per call, the keywords `token_weights` and `old_logprobs`
+    (tensors shaped like `labels`, aligned with them) are shifted like the labels and passed to
+    the loss; with loss_type="psft" (or `return_token_logprobs=True`) the output also carries
+    `token_logprobs`, the detached log-probability of each label, aligned with `labels` (0 where
+    nothing is predicted): next step's `old_logprobs`.
+    verify: check on a short random input that the logits and the loss the patched path computes
+    match the stock forward's, and refuse the model otherwise.
+
+    verify runs the stock forward in this process, so patch before fully_shard /
+    parallelize_module (the patch is kept), or pass verify=False for a model already sharded.
 
     Distributed (docs/distributed.md): under DDP nothing changes. With lm_head an FSDP2 unit
     (fully_shard(model.lm_head), or fully_shard([embed_tokens, lm_head]) when tied) the loss runs
@@ -142,10 +167,15 @@ def patch_model(
             f"patch_model got unexpected options {sorted(unknown)}; loss options are "
             f"{list(LOSS_OPTIONS)} (logit_scale and softcap are read from the model's config)"
         )
-    chunk_size = loss_options.get("chunk_size")
-    ignore_index = loss_options.get("ignore_index", -100)
-    make_options(loss_type=loss_type, ignore_index=ignore_index)
-    validate_impl(impl, chunk_size)
+    options = {**LOSS_OPTIONS, **loss_options}
+    make_options(
+        loss_type=loss_type,
+        **{k: v for k, v in options.items() if k not in ("chunk_size", "validate")},
+    )
+    validate_impl(impl, options["chunk_size"])
+    from .loss import resolve_validate
+
+    resolve_validate(options["validate"], torch.device("cpu"))  # the value, not the device
 
     target = _causal_lm(model)
     if is_patched(target):
@@ -156,26 +186,29 @@ def patch_model(
         raise RuntimeError(
             f"patch_model: this {type(target).__name__}'s forward was replaced on the instance "
             f"(by {name}), which would hide the patch. Patch the model before handing it to a "
-            "trainer or wrapper (TRL's SFTTrainer and accelerate's autocast set model.forward)."
+            "trainer or wrapper (TRL's SFTTrainer and accelerate's autocast set model.forward); "
+            "for TRL use fused_dft.integrations.trl.SFTTrainer."
         )
     _lm_head(target)
 
     base = type(target)
     config = _text_config(target)
-    output_class = _output_class(base, hasattr(config, "output_router_logits"))
     state = PatchState(
         base_class=base,
         loss_type=loss_type,
         impl=impl,
-        chunk_size=chunk_size,
-        ignore_index=ignore_index,
+        loss_options=options,
         eval_logits=bool(eval_logits),
         transform=_read_transform(config),
         is_moe=hasattr(config, "output_router_logits"),
-        output_class=output_class,
-        output_fields=frozenset(f.name for f in dataclasses.fields(output_class)),
         positional=_positional_names(base.forward),
+        accepts_kwargs=_keyword_names(base.forward),
     )
+    head = _lm_head(target)
+    slot = state.slot
+    head.__dict__[SLOT_ATTR] = slot
+    hook = head.register_forward_pre_hook(_capture_pre_hook)
+    state = dataclasses.replace(state, slot=slot, hook_id=hook.id)
     target.__class__ = _patched_class(base)
     setattr(target, STATE_ATTR, state)
     if verify:
@@ -203,6 +236,10 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         )
     target.__class__ = state.base_class
     delattr(target, STATE_ATTR)
+    head = target.get_output_embeddings()
+    if head is not None:
+        head._forward_pre_hooks.pop(state.hook_id, None)
+        head.__dict__.pop(SLOT_ATTR, None)
     return model
 
 
@@ -212,7 +249,127 @@ def is_patched(model: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# The patched forward
+# The patched forward: the stock forward, its lm_head input recorded and its loss_function fused
+
+
+class FusedCall:
+    """One patched forward call: records lm_head's input and computes the fused loss from it."""
+
+    def __init__(self, model: nn.Module, state: PatchState, keep_logits: bool,
+                 columns: dict, want_logprobs: bool) -> None:  # fmt: skip
+        self.model = model
+        self.state = state
+        self.keep_logits = keep_logits
+        self.columns = columns  # TOKEN_COLUMNS given to this call, aligned with labels
+        self.want_logprobs = want_logprobs
+        self.head_calls = 0
+        self.hidden: torch.Tensor | None = None
+        self.lm_loss: torch.Tensor | None = None  # the fused loss, before any router loss
+        self.stats = None
+        self.token_logprobs: torch.Tensor | None = None  # aligned with labels
+        self.head = _lm_head(model)  # the real one, also while a stand-in takes its place
+
+    def capture(self, module: nn.Module, args: tuple):
+        """lm_head forward pre-hook: record the hidden states; training gets an empty slice."""
+        self.head_calls += 1
+        self.hidden = args[0]
+        if self.keep_logits:
+            return None
+        return (args[0][..., :0, :],) + tuple(args[1:])
+
+    def loss(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=None,
+             shift_labels=None, **kwargs):  # fmt: skip
+        """The loss_function the stock forward calls: fused loss of the recorded hidden states."""
+        state, hidden = self.state, self.hidden
+        if hidden is None:
+            raise RuntimeError(
+                f"fused_dft: {state.base_class.__qualname__} computed its loss before calling its "
+                "lm_head; it cannot be patched"
+            )
+        if self.lm_loss is not None:
+            raise RuntimeError(
+                f"fused_dft: {state.base_class.__qualname__} calls loss_function more than once "
+                "per forward; it cannot be patched"
+            )
+        if ignore_index is None:
+            ignore_index = state.loss_options["ignore_index"]
+        # 1. next-token labels: shift, unless the caller passed them shifted (context
+        #    parallelism); the per-token columns are shifted with them
+        columns = dict(self.columns)
+        shifted_here = shift_labels is None
+        if shifted_here:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+            columns = {k: F.pad(v, (0, 1))[..., 1:] for k, v in columns.items()}
+        if tuple(shift_labels.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(
+                f"fused_dft: labels of shape {tuple(shift_labels.shape)} for hidden states of "
+                f"shape {tuple(hidden.shape)}: with labels the lm_head must see every position "
+                "(logits_to_keep is for generation, without labels)"
+            )
+        head = self.head
+        weight = head.weight
+        hidden = hidden.to(weight.device)
+        shift_labels = shift_labels.to(weight.device)
+        columns = {k: v.to(weight.device) for k, v in columns.items()}
+
+        # 2. the fused loss, in the dtype the lm_head would run in: autocast's, else the weight's
+        device_type = hidden.device.type
+        autocast_on = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast_on else weight.dtype
+        options = {**state.loss_options, "ignore_index": ignore_index}
+
+        def head_loss(hidden_in, labels_in):
+            weight, bias = _head_params(self.model, head)  # read after FSDP's unshard
+            return fused_linear_dft_loss(
+                hidden_in.to(dtype),
+                weight.to(dtype),
+                labels_in,
+                None if bias is None else bias.to(dtype),
+                loss_type=state.loss_type,
+                reduction="mean" if num_items_in_batch is None else "sum",
+                logit_scale=state.transform.kernel_scale,
+                softcap=state.transform.softcap,
+                impl=state.impl,
+                return_stats=True,
+                return_logprobs=True,
+                **columns,
+                **options,
+            )
+
+        with (
+            torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext()
+        ):
+            loss, self.stats, logprobs = _as_lm_head_forward(head, head_loss, hidden, shift_labels)
+        if self.want_logprobs:
+            # back to the labels' positions: position t + 1 holds log p(labels[t + 1] | <= t)
+            self.token_logprobs = F.pad(logprobs, (1, 0))[..., :-1] if shifted_here else logprobs
+        if num_items_in_batch is not None:
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        self.lm_loss = loss
+        # a copy: families add their router loss in place (`loss += coef * aux_loss`)
+        return loss.clone()
+
+    def check(self) -> None:
+        name = self.state.base_class.__qualname__
+        if self.head_calls != 1 or self.lm_loss is None:
+            raise RuntimeError(
+                f"fused_dft: {name}'s forward called its lm_head {self.head_calls} time(s) and "
+                f"{'did not call' if self.lm_loss is None else 'called'} loss_function; the "
+                "patch needs one lm_head call followed by self.loss_function(logits, labels, ...)"
+            )
+
+
+def _capture_pre_hook(module: nn.Module, args: tuple):
+    """The lm_head's forward pre-hook while patched: inside a patched forward, the FusedCall
+    records the hidden states (and, in training, hands the head an empty slice); otherwise it does
+    nothing. Registered once at patch time (compiled graphs trace it; a module-level function so
+    copies and pickles of the model keep it)."""
+    slot = module.__dict__.get(SLOT_ATTR)
+    if not slot:
+        return None
+    return slot[-1].capture(module, args)
 
 
 def _fused_forward(model, stock_forward, args: tuple, kwargs: dict):
@@ -222,136 +379,70 @@ def _fused_forward(model, stock_forward, args: tuple, kwargs: dict):
     if state is None or kwargs.get("labels") is None:
         # no labels (generation, inference), or unpatched while someone still holds this forward
         return stock_forward(model, **kwargs)
-    return _loss_forward(model, state, kwargs)
+    out, _ = _run_fused(model, state, stock_forward, kwargs)
+    return out
 
 
-def _loss_forward(model, state: PatchState, kwargs: dict):
-    """decoder -> last hidden states -> fused loss (+ router loss); logits only when asked."""
+def _run_fused(model, state: PatchState, stock_forward, kwargs: dict):
+    """The stock forward with the fused loss; returns (output, the FusedCall)."""
     kwargs = dict(kwargs)
-    labels = kwargs.pop("labels")
-    shift_labels = kwargs.pop("shift_labels", None)
-    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-    ignore_index = kwargs.pop("ignore_index", state.ignore_index)
-    logits_to_keep = kwargs.pop("logits_to_keep", 0)
     skip_logits = kwargs.pop("skip_logits", None)
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
-    config = _text_config(model)
-    output_router_logits = False
-    if state.is_moe:
-        output_router_logits = kwargs.pop("output_router_logits", None)
-        if output_router_logits is None:
-            output_router_logits = bool(config.output_router_logits)
-        kwargs["output_router_logits"] = output_router_logits
-
-    # 1. the decoder, called with the forward's remaining kwargs as the stock forward calls it
-    decoder_out = model.base_model(**kwargs, return_dict=True)
-    hidden = decoder_out[0]
-
-    # 2. next-token labels: shift, unless the caller passed them shifted (context parallelism)
-    lm_head = _lm_head(model)
-    weight = lm_head.weight
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    hidden_for_loss = hidden.to(weight.device)
-    shift_labels = shift_labels.to(weight.device)
-
-    # 3. the fused loss, in the dtype the lm_head would run in: autocast's, else the weight's
-    device_type = hidden_for_loss.device.type
-    autocast_on = torch.is_autocast_enabled(device_type)
-    dtype = torch.get_autocast_dtype(device_type) if autocast_on else weight.dtype
-
-    def head_loss(hidden_in, labels_in):
-        weight, bias = _head_params(model, lm_head)  # read after FSDP's unshard
-        return fused_linear_dft_loss(
-            hidden_in.to(dtype),
-            weight.to(dtype),
-            labels_in,
-            None if bias is None else bias.to(dtype),
-            loss_type=state.loss_type,
-            ignore_index=ignore_index,
-            reduction="mean" if num_items_in_batch is None else "sum",
-            logit_scale=state.transform.kernel_scale,
-            softcap=state.transform.softcap,
-            impl=state.impl,
-            return_stats=True,
-            chunk_size=state.chunk_size,
-        )
-
-    with torch.autocast(device_type, enabled=False) if autocast_on else nullcontext():
-        loss, stats = _as_lm_head_forward(lm_head, head_loss, hidden_for_loss, shift_labels)
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-
-    # 4. MoE: the router load-balancing loss, as the family's forward adds it
-    aux_loss = None
-    if output_router_logits:
-        aux_loss = _router_aux_loss(model, state, decoder_out, kwargs.get("attention_mask"))
-        loss = loss + _router_aux_coef(model, config) * aux_loss.to(loss.device)
-
-    # 5. logits only for evaluation (metrics need them), or when the caller asks
+    if state.accepts_kwargs is None or "return_dict" in state.accepts_kwargs:
+        kwargs["return_dict"] = True
     if skip_logits is None:
         skip_logits = model.training or not state.eval_logits
-    logits = None
-    if not skip_logits:
-        logits = state.transform.apply(lm_head(_keep_positions(hidden, logits_to_keep)))
+    columns = {k: kwargs.pop(k) for k in TOKEN_COLUMNS if kwargs.get(k) is not None}
+    for k in TOKEN_COLUMNS:
+        kwargs.pop(k, None)
+    want_logprobs = bool(kwargs.pop("return_token_logprobs", state.loss_type == "psft"))
 
-    fields = state.output_fields
-    values = {k: v for k, v in decoder_out.items() if k in fields and k != "last_hidden_state"}
-    values.update(loss=loss, logits=logits)
-    if "aux_loss" in fields:
-        values["aux_loss"] = aux_loss
-    out = state.output_class(**values)
-    figures = (stats.ce, stats.entropy, stats.accuracy, stats.num_tokens)
-    for name, value in zip(STAT_NAMES, figures):
-        if logits is None:
+    call = FusedCall(model, state, not skip_logits, columns, want_logprobs)
+    if state.slot:
+        raise RuntimeError("fused_dft: a patched forward is already running on this model")
+    state.slot.append(call)  # the lm_head's pre-hook and loss_function find it there
+    try:
+        with _fsdp_head_stand_in(model, call):
+            out = stock_forward(model, **kwargs)
+    except Exception as exc:
+        if call.head_calls and call.lm_loss is None:
+            raise RuntimeError(
+                f"fused_dft: {state.base_class.__qualname__} computes its loss from the logits "
+                "itself, not through self.loss_function, so the fused loss cannot replace it "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        raise
+    finally:
+        state.slot.clear()
+    call.check()
+    if isinstance(out, tuple):
+        raise TypeError(
+            f"fused_dft: {state.base_class.__qualname__} returned a tuple although "
+            "return_dict=True was asked; it cannot be patched"
+        )
+
+    if skip_logits:
+        fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        out = type(out)(**{**fields, "logits": None})
+    figures = (call.stats.ce, call.stats.entropy, call.stats.accuracy, call.stats.num_tokens)
+    extra = {"lm_loss": call.lm_loss}
+    if call.token_logprobs is not None:
+        extra["token_logprobs"] = call.token_logprobs
+    for name, value in zip(STAT_NAMES + tuple(extra), figures + tuple(extra.values())):
+        if out.logits is None:
             # a key as well as an attribute: survives wrappers that rebuild the output dict
             # (accelerate's mixed-precision forward wrapper does)
             out[name] = value
         else:
             # attribute only: Trainer.prediction_step gathers every key but "loss" as predictions
             object.__setattr__(out, name, value)
-    return out if return_dict else out.to_tuple()
-
-
-def _router_aux_loss(model, state: PatchState, decoder_out, attention_mask) -> torch.Tensor:
-    module = sys.modules.get(state.base_class.__module__)
-    loss_func = getattr(module, "load_balancing_loss_func", None)
-    if loss_func is None:
-        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-        loss_func = load_balancing_loss_func
-    config = _text_config(model)
-    num_experts = _first_attr(
-        (model, "num_experts"), (config, "num_experts"), (config, "num_local_experts")
-    )
-    top_k = _first_attr((model, "num_experts_per_tok"), (config, "num_experts_per_tok"))
-    return loss_func(decoder_out.router_logits, num_experts, top_k, attention_mask)
-
-
-def _router_aux_coef(model, config) -> float:
-    return _first_attr(
-        (model, "router_aux_loss_coef"), (model, "aux_loss_coef"), (config, "router_aux_loss_coef")
-    )
-
-
-def _first_attr(*candidates):
-    for obj, name in candidates:
-        value = getattr(obj, name, None)
-        if value is not None:
-            return value
-    names = ", ".join(name for _, name in candidates)
-    raise AttributeError(f"fused_dft: cannot find the MoE setting ({names}) on the model or config")
-
-
-def _keep_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
-    """The stock `logits_to_keep`: an int keeps the last n positions (0: all), a tensor indexes."""
-    if isinstance(logits_to_keep, int):
-        return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:, :]
-    return hidden[:, logits_to_keep, :]
+    if not return_dict:
+        # the stock tuple (the non-None fields in order), with the logits slot kept when None
+        values = [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
+        return tuple(v for k, v in values if v is not None or k == "logits"), call
+    return out, call
 
 
 def _bind_positional(state, stock_forward, args: tuple, kwargs: dict) -> dict:
@@ -386,6 +477,41 @@ def _as_lm_head_forward(lm_head: nn.Module, fn, hidden: torch.Tensor, labels: to
         setattr(lm_head, _FSDP_HEAD_METHOD, _call_fn.__get__(lm_head))
         fsdp.register_fsdp_forward_method(lm_head, _FSDP_HEAD_METHOD)
     return getattr(lm_head, _FSDP_HEAD_METHOD)(fn, hidden, labels)
+
+
+class _HeadStandIn(nn.Module):
+    """Takes a distributed lm_head's place during a patched training forward: records the hidden
+    states and returns empty logits, so the stock forward never runs the head; the fused loss then
+    runs as an FSDP unit's one forward (_as_lm_head_forward), or vocab-parallel on a TP head."""
+
+    def __init__(self, call, out_features: int) -> None:
+        super().__init__()
+        self.call, self.out_features = call, out_features
+
+    def forward(self, hidden, *args, **kwargs):
+        self.call.capture(self, (hidden,))
+        return hidden.new_empty(tuple(hidden.shape[:-2]) + (0, self.out_features))
+
+
+@contextlib.contextmanager
+def _fsdp_head_stand_in(model: nn.Module, call):
+    """With a distributed lm_head (an FSDP2 unit, or a tensor-parallel DTensor weight) in
+    training (empty logits), swap in _HeadStandIn for the call: the stock call of such a head on
+    an empty slice would be a second FSDP unit forward, or a zero-size DTensor op."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    head = call.head
+    distributed = is_dtensor(head.weight) or (
+        fsdp is not None and isinstance(head, fsdp.FSDPModule)
+    )
+    name = next((n for n, m in model.named_children() if m is head), None)
+    if call.keep_logits or not distributed or name is None:
+        yield
+        return
+    setattr(model, name, _HeadStandIn(call, head.out_features))
+    try:
+        yield
+    finally:
+        setattr(model, name, head)
 
 
 def _call_fn(self, fn, *args):
@@ -449,10 +575,20 @@ def _patched_class(base: type) -> type:
     if cls is not None:
         return cls
     stock_forward = base.forward
+    stock_loss_function = inspect.getattr_static(base, "loss_function", None)
 
     @functools.wraps(stock_forward)
     def forward(self, *args, **kwargs):
         return _fused_forward(self, stock_forward, args, kwargs)
+
+    def get_loss_function(self):
+        state = self.__dict__.get(STATE_ATTR)
+        if state is not None and state.slot:
+            return state.slot[-1].loss
+        return stock_loss_function.__get__(self, type(self))
+
+    def set_loss_function(self, value):
+        stock_loss_function.__set__(self, value)
 
     def __reduce_ex__(self, protocol):
         # Rebuild as the patched class although it is not importable by name (see _new_patched).
@@ -472,6 +608,7 @@ def _patched_class(base: type) -> type:
         (base,),
         {
             "forward": forward,
+            "loss_function": property(get_loss_function, set_loss_function),
             "__reduce_ex__": __reduce_ex__,
             "__module__": base.__module__,
             "__qualname__": base.__qualname__,
@@ -500,6 +637,7 @@ def _causal_lm(model: nn.Module, check: bool = True) -> nn.Module:
         isinstance(model, nn.Module)
         and hasattr(model, "config")
         and callable(getattr(model, "get_output_embeddings", None))
+        and isinstance(inspect.getattr_static(type(model), "loss_function", None), property)
     ):
         raise TypeError(
             f"patch_model needs a Hugging Face causal LM (a PreTrainedModel with an lm_head), "
@@ -508,27 +646,24 @@ def _causal_lm(model: nn.Module, check: bool = True) -> nn.Module:
     return model
 
 
-def _lm_head(model) -> nn.Module:
+def _lm_head(model) -> nn.Linear:
     """The output projection; the fused loss computes F.linear(hidden, lm_head.weight, bias)."""
     name = type(model).__name__
-    decoder = getattr(model, "base_model", model)
     head = model.get_output_embeddings()
-    if decoder is model or head is None:
+    if head is None:
         raise TypeError(
-            f"patch_model: {name} has no decoder + lm_head structure (base_model: "
-            f"{type(decoder).__name__ if decoder is not model else 'missing'}, "
-            f"get_output_embeddings(): {type(head).__name__ if head is not None else 'None'}); "
-            "it needs a causal LM such as LlamaForCausalLM"
+            f"patch_model: {name} has no lm_head (get_output_embeddings() returns None); it needs "
+            "a causal LM with an output projection, such as LlamaForCausalLM"
         )
-    weight = getattr(head, "weight", None)
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        kind = f"{type(head).__module__}.{type(head).__qualname__}"
         raise TypeError(
-            f"patch_model: the lm_head of {name} is a {type(head).__qualname__}, not a plain "
-            "nn.Linear, so the fused loss cannot reproduce it (a PEFT adapter or "
-            "modules_to_save on lm_head, or a quantized head, are not supported: keep lm_head "
-            "out of target_modules)"
+            f"patch_model: the lm_head of {name} is a {kind}, which computes more than "
+            "F.linear(hidden, weight, bias), so the fused loss cannot reproduce it. A PEFT adapter "
+            "(LoRA) or modules_to_save on lm_head, or a quantized head, are not supported: keep "
+            "lm_head out of target_modules."
         )
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    if not isinstance(head.weight, torch.Tensor) or head.weight.dim() != 2:
         raise TypeError(f"patch_model: the lm_head weight of {name} is not a 2-D tensor")
     return head
 
@@ -536,35 +671,49 @@ def _lm_head(model) -> nn.Module:
 def _text_config(model):
     config = model.config
     get_text_config = getattr(config, "get_text_config", None)
-    return get_text_config() if callable(get_text_config) else config
+    if not callable(get_text_config):
+        return config
+    try:
+        return get_text_config(decoder=True)
+    except (TypeError, ValueError):
+        return config
+
+
+# Config numbers a family may apply to its logits after lm_head. verify=True finds which ones the
+# family applies, and how (multiply or divide), by matching the stock logits; without it the
+# usual reading is used: logit_scale multiplies (Cohere), logits_scaling divides (Granite).
+SCALE_NAMES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+SOFTCAP_NAME = "final_logit_softcapping"
+
+
+def _config_number(config, name: str) -> float | None:
+    value = getattr(config, name, None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"patch_model: config.{name} must be a number, got {value!r}")
+    return float(value)
 
 
 def _read_transform(config) -> LogitTransform:
-    def number(name):
-        value = getattr(config, name, None)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"patch_model: config.{name} must be a number, got {value!r}")
-        return float(value)
-
     return LogitTransform(
-        multiply=number("logit_scale"),
-        divide=number("logits_scaling"),
-        softcap=number("final_logit_softcapping"),
+        multiply=_config_number(config, "logit_scale"),
+        divide=_config_number(config, "logits_scaling"),
+        softcap=_config_number(config, SOFTCAP_NAME),
     )
 
 
-def _output_class(base: type, is_moe: bool) -> type:
-    from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
-    from transformers.utils import ModelOutput
-
-    annotation = inspect.signature(base.forward).return_annotation
-    if isinstance(annotation, type) and issubclass(annotation, ModelOutput):
-        fields = {f.name for f in dataclasses.fields(annotation)}
-        if {"loss", "logits"} <= fields:
-            return annotation
-    return MoeCausalLMOutputWithPast if is_moe else CausalLMOutputWithPast
+def _candidate_transforms(config) -> list[LogitTransform]:
+    """The usual reading first, then each config number alone, multiplying or dividing, with and
+    without the softcap, then no transform at all."""
+    softcap = _config_number(config, SOFTCAP_NAME)
+    numbers = [v for v in (_config_number(config, n) for n in SCALE_NAMES) if v not in (None, 0)]
+    candidates = [_read_transform(config)]
+    for cap in dict.fromkeys((softcap, None)):
+        candidates += [LogitTransform(multiply=v, softcap=cap) for v in numbers]
+        candidates += [LogitTransform(divide=v, softcap=cap) for v in numbers]
+        candidates.append(LogitTransform(softcap=cap))
+    return list(dict.fromkeys(candidates))
 
 
 def _positional_names(forward) -> tuple[str, ...]:
@@ -573,63 +722,114 @@ def _positional_names(forward) -> tuple[str, ...]:
     return tuple(p.name for p in params if p.kind in kinds)
 
 
+def _keyword_names(forward) -> frozenset[str] | None:
+    params = list(inspect.signature(forward).parameters.values())[1:]
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind != inspect.Parameter.VAR_POSITIONAL)
+
+
 def _verify(model, state: PatchState) -> None:
-    """Refuse the model unless the patched path reproduces the stock logits and cross-entropy."""
+    """Refuse the model unless the patched path reproduces the stock logits and loss.
+
+    Also settles which of the config's logit transforms the family applies (the state's
+    transform is replaced by the one that matches).
+    """
     _refuse_sharded_for_verify(model)
-    weight = _lm_head(model).weight
-    vocab = weight.shape[0]
+    head = _lm_head(model)
+    weight = head.weight
+    embeddings = model.get_input_embeddings()
+    vocab = min(weight.shape[0], getattr(embeddings, "num_embeddings", weight.shape[0]))
     generator = torch.Generator().manual_seed(0)  # the caller's RNG stream stays untouched
     input_ids = torch.randint(0, vocab, (2, 9), generator=generator).to(weight.device)
     labels = input_ids.clone()
-    labels[0, :3] = state.ignore_index
-    extra = {"use_cache": False}
-    if state.is_moe:
-        extra["output_router_logits"] = True
+    labels[0, :3] = state.loss_options["ignore_index"]
+    inputs = {"input_ids": input_ids, "labels": labels, "return_dict": True}
+    if state.accepts_kwargs is None or "use_cache" in state.accepts_kwargs:
+        inputs["use_cache"] = False
     name = f"{state.base_class.__qualname__} ({state.base_class.__module__})"
+    refused = f"patch_model(verify=True): {name} was left unpatched"
 
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            stock = state.base_class.forward(
-                model, input_ids=input_ids, labels=labels, return_dict=True, **extra
+    def patched_ce(transform: LogitTransform):
+        ce_state = dataclasses.replace(state, loss_type="ce", transform=transform)
+        try:
+            return _run_fused(
+                model, ce_state, state.base_class.forward, {**inputs, "skip_logits": True}
             )
-            hidden = model.base_model(input_ids=input_ids, return_dict=True, **extra)[0]
-            ours = F.linear(hidden.to(weight.device), weight, _lm_head(model).bias)
-            ours = state.transform.kernel_view(ours)
-            ce_state = dataclasses.replace(state, loss_type="ce", eval_logits=False)
-            ce = _loss_forward(model, ce_state, {"input_ids": input_ids, "labels": labels, **extra})
-    finally:
-        for module, training in modes:
-            module.training = training
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"{refused}: the patched forward fails on it: {exc}") from exc
 
-    stock_logits = getattr(stock, "logits", None)
-    if stock_logits is None or tuple(stock_logits.shape) != tuple(ours.shape):
-        got = None if stock_logits is None else tuple(stock_logits.shape)
-        raise ValueError(
-            f"patch_model(verify=True): {name} returns logits of shape {got}, but lm_head on the "
-            f"last hidden states gives {tuple(ours.shape)}; this model cannot be patched"
+    with _eval_mode(model), torch.no_grad():
+        stock = None
+        if state.is_moe:  # with the router loss, where the stock forward can compute it
+            try:
+                stock = state.base_class.forward(model, **inputs, output_router_logits=True)
+                inputs["output_router_logits"] = True
+            except Exception:
+                stock = None
+        if stock is None:
+            try:
+                stock = state.base_class.forward(model, **inputs)
+            except Exception as exc:
+                raise ValueError(
+                    f"{refused}: its stock forward fails on a short random batch with labels "
+                    f"({type(exc).__name__}: {exc}), so the patch cannot be checked"
+                ) from exc
+        ours, call = patched_ce(state.transform)
+        raw = F.linear(call.hidden, weight, head.bias)
+
+        # 1. the logits: which of the config's transforms the family applies after its lm_head
+        stock_logits = getattr(stock, "logits", None)
+        if not torch.is_tensor(stock_logits) or tuple(stock_logits.shape) != tuple(raw.shape):
+            got = tuple(stock_logits.shape) if torch.is_tensor(stock_logits) else None
+            raise ValueError(
+                f"{refused}: it returns logits of shape {got}, but its lm_head on the hidden "
+                f"states it feeds the head gives {tuple(raw.shape)}"
+            )
+        tol = max(1e-5, 4 * torch.finfo(stock_logits.dtype).eps)
+        reference = stock_logits.to(torch.float64 if raw.dtype == torch.float64 else torch.float32)
+
+        def mismatch(transform: LogitTransform) -> torch.Tensor:
+            return (transform.kernel_view(raw) - reference).abs() > tol * (1 + reference.abs())
+
+        transform = next(
+            (t for t in _candidate_transforms(_text_config(model)) if not mismatch(t).any()), None
         )
-    tol = max(1e-5, 4 * torch.finfo(stock_logits.dtype).eps)
-    reference = stock_logits.to(ours.dtype)
-    excess = (ours - reference).abs() - tol * (1 + reference.abs())
-    if not bool((excess <= 0).all()):
-        where = tuple(int(i) for i in torch.nonzero(excess > 0)[0])
-        raise ValueError(
-            f"patch_model(verify=True): the logits the fused loss would use differ from the stock "
-            f"forward's for {name}: at index {where} fused_dft has {float(ours[where]):.6g}, the "
-            f"model {float(reference[where]):.6g} (transforms read from the config: "
-            f"{state.transform}). This family applies a logit transform fused_dft does not know, "
-            "so training it with the fused loss would be wrong; the model was left unpatched."
-        )
+        if transform is None:
+            where = tuple(int(i) for i in torch.nonzero(mismatch(state.transform))[0])
+            raise ValueError(
+                f"patch_model(verify=True): the logits the fused loss would use differ from the "
+                f"stock forward's for {name}: at index {where} fused_dft has "
+                f"{float(state.transform.kernel_view(raw)[where]):.6g}, the model "
+                f"{float(reference[where]):.6g} (transforms read from the config: "
+                f"{state.transform}). This family applies a logit transform fused_dft does not "
+                "know, so training it with the fused loss would be wrong; the model was left "
+                "unpatched."
+            )
+        if transform != state.transform:
+            ours, _ = patched_ce(transform)
+            setattr(model, STATE_ATTR, dataclasses.replace(state, transform=transform))
+
+    # 2. the loss: the cross-entropy (+ router loss) of the patched forward is the stock one
     stock_loss = getattr(stock, "loss", None)
     if stock_loss is None or not math.isclose(
-        float(ce.loss), float(stock_loss), rel_tol=tol, abs_tol=tol
+        float(ours.loss), float(stock_loss), rel_tol=tol, abs_tol=tol
     ):
         raise ValueError(
             f"patch_model(verify=True): the cross-entropy the patched forward computes "
-            f"({float(ce.loss):.6g}) differs from the stock forward's loss "
+            f"({float(ours.loss):.6g}) differs from the stock forward's loss "
             f"({None if stock_loss is None else float(stock_loss)}) for {name}; its loss is not "
             "the causal-LM cross-entropy (+ router loss) fused_dft reproduces, so it was left "
             "unpatched."
         )
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -268,3 +268,19 @@ def test_check_reports_a_wrong_impl_as_fail(monkeypatch, capsys):
     fails = [line for line in out.splitlines() if line.startswith("FAIL")]
     assert fails and all(line.split()[1] == "chunked" for line in fails), out
     assert any(line.startswith("PASS  reference") for line in out.splitlines())
+
+
+# `fused-dft bench --e2e --smoke`: a tiny config-built Llama, stock and patched, each in its own
+# process; the JSON has both with times, tokens/s and memory, and the patched loss is DFT-sized.
+def test_bench_e2e_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    proc = run_cli("bench", "--e2e", "--smoke", "--device", "cpu", "--output", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    records = {r["provider"]: r for r in data["results"]}
+    assert set(records) == {"naive", "patched"}
+    for r in records.values():
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["time_s"] > 0
+        assert r["total_peak_bytes"] >= r["peak_mem_bytes"] >= 0
+    assert records["patched"]["loss"] < records["naive"]["loss"] / 5  # DFT vs the stock CE
+    assert (tmp_path / "e2e.png").stat().st_size > 0 and "tokens/s" in proc.stdout

@@ -17,6 +17,12 @@ RESULT_PREFIX = "FUSED_DFT_BENCH_RESULT "
 def main(argv: list[str] | None = None) -> int:
     args = json.loads((argv if argv is not None else sys.argv[1:])[0])
     try:
+        if args.get("e2e"):  # a training step of a whole model (e2e.py)
+            from .e2e import measure_e2e
+
+            result = measure_e2e(args["provider"], args["problem"], args["repeats"], args["warmup"])
+            print(RESULT_PREFIX + json.dumps(result), flush=True)
+            return 0
         from .measure import measure
         from .problem import Problem
 
