@@ -69,6 +69,8 @@ LOSS_OPTIONS: dict[str, Any] = {
     "label_smoothing": 0.0,
     "validate": None,
 }
+# The options that define the loss itself (verify checks against the stock cross-entropy without)
+FAMILY_OPTIONS = ("power_q", "eaft_alpha", "clip_eps", "z_loss", "label_smoothing")
 # Per-token batch columns the patched forward takes as keywords, aligned with `labels` and shifted
 # with them (HF Trainer / TRL datasets can carry them): they go to the loss, not to the decoder.
 TOKEN_COLUMNS = ("token_weights", "old_logprobs")
@@ -263,6 +265,7 @@ class FusedCall:
         self.columns = columns  # TOKEN_COLUMNS given to this call, aligned with labels
         self.want_logprobs = want_logprobs
         self.head_calls = 0
+        self.loss_called = False
         self.hidden: torch.Tensor | None = None
         self.lm_loss: torch.Tensor | None = None  # the fused loss, before any router loss
         self.stats = None
@@ -280,6 +283,7 @@ class FusedCall:
     def loss(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=None,
              shift_labels=None, **kwargs):  # fmt: skip
         """The loss_function the stock forward calls: fused loss of the recorded hidden states."""
+        self.loss_called = True
         state, hidden = self.state, self.hidden
         if hidden is None:
             raise RuntimeError(
@@ -407,7 +411,7 @@ def _run_fused(model, state: PatchState, stock_forward, kwargs: dict):
         with _fsdp_head_stand_in(model, call):
             out = stock_forward(model, **kwargs)
     except Exception as exc:
-        if call.head_calls and call.lm_loss is None:
+        if call.head_calls and not call.loss_called:
             raise RuntimeError(
                 f"fused_dft: {state.base_class.__qualname__} computes its loss from the logits "
                 "itself, not through self.loss_function, so the fused loss cannot replace it "
@@ -581,6 +585,8 @@ def _patched_class(base: type) -> type:
     def forward(self, *args, **kwargs):
         return _fused_forward(self, stock_forward, args, kwargs)
 
+    forward.__signature__ = _with_token_columns(inspect.signature(stock_forward))
+
     def get_loss_function(self):
         state = self.__dict__.get(STATE_ATTR)
         if state is not None and state.slot:
@@ -617,6 +623,21 @@ def _patched_class(base: type) -> type:
     )
     _PATCHED_CLASSES[base] = cls
     return cls
+
+
+def _with_token_columns(signature: inspect.Signature) -> inspect.Signature:
+    """The stock signature plus keyword-only TOKEN_COLUMNS (default None), so HF Trainer's
+    remove_unused_columns keeps a dataset's token_weights / old_logprobs columns."""
+    params = list(signature.parameters.values())
+    names = {p.name for p in params}
+    tail = [p for p in params if p.kind == inspect.Parameter.VAR_KEYWORD]
+    head = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD]
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+        for name in TOKEN_COLUMNS
+        if name not in names
+    ]
+    return signature.replace(parameters=head + extra + tail)
 
 
 def _new_patched(base: type, *args):
@@ -751,7 +772,10 @@ def _verify(model, state: PatchState) -> None:
     refused = f"patch_model(verify=True): {name} was left unpatched"
 
     def patched_ce(transform: LogitTransform):
-        ce_state = dataclasses.replace(state, loss_type="ce", transform=transform)
+        ce_options = {**state.loss_options, **{k: LOSS_OPTIONS[k] for k in FAMILY_OPTIONS}}
+        ce_state = dataclasses.replace(
+            state, loss_type="ce", transform=transform, loss_options=ce_options
+        )
         try:
             return _run_fused(
                 model, ce_state, state.base_class.forward, {**inputs, "skip_logits": True}

@@ -88,8 +88,8 @@ def ragged_batch(seed: int = 1, batch: int = 3, length: int = 11):
     return {"input_ids": input_ids, "attention_mask": attention_mask}, labels
 
 
-def shifted(labels: torch.Tensor) -> torch.Tensor:
-    return F.pad(labels, (0, 1), value=-100)[..., 1:]
+def shifted(labels: torch.Tensor, fill=-100) -> torch.Tensor:
+    return F.pad(labels, (0, 1), value=fill)[..., 1:]
 
 
 def loss_from_logits(logits, shift_labels, loss_type="dft", num_items=None):
@@ -398,6 +398,41 @@ def test_signature_seen_by_trainer(tmp_path):
     inputs, labels = ragged_batch()
     out = model(inputs["input_ids"], inputs["attention_mask"], labels=labels)
     torch.testing.assert_close(out.loss, model(**inputs, labels=labels).loss)
+
+
+# The loss family through the patch: options at patch time, token_weights / old_logprobs as batch
+# columns aligned with labels (shifted with them), token_logprobs back aligned with labels.
+def family_expected(model, inputs, labels, **options):
+    """The fused loss of the stock model's last hidden states (reference impl), shifted labels."""
+    hidden = model.model(**inputs).last_hidden_state
+    columns = {k: shifted(v, fill=0.0) for k, v in options.pop("columns", {}).items()}
+    return fused_dft.fused_linear_dft_loss(
+        hidden, model.lm_head.weight, shifted(labels), impl="reference", **columns, **options
+    )
+
+
+def test_family_options_and_token_columns_through_the_patch():
+    stock = tiny_model("llama")
+    inputs, labels = ragged_batch()
+    weights = torch.rand(labels.shape)
+    options = dict(loss_type="power", power_q=0.5, z_loss=1e-3)
+    model = fused_dft.patch_model(copy.deepcopy(stock), **options)
+    assert "token_weights" in inspect.signature(model.forward).parameters
+    out = model(**inputs, labels=labels, token_weights=weights)
+    expected = family_expected(stock, inputs, labels, columns={"token_weights": weights}, **options)
+    torch.testing.assert_close(out.loss, expected, rtol=RTOL, atol=ATOL)
+    # psft: token_logprobs come back aligned with labels; fed back as old_logprobs at the same
+    # parameters every ratio is 1, so the loss is -1 per token
+    model = fused_dft.patch_model(copy.deepcopy(stock), loss_type="psft", clip_eps=0.1)
+    first = model(**inputs, labels=labels, old_logprobs=torch.zeros(labels.shape))
+    assert first.token_logprobs.shape == labels.shape
+    assert bool((first.token_logprobs[:, 0] == 0).all())
+    again = model(**inputs, labels=labels, old_logprobs=first.token_logprobs)
+    torch.testing.assert_close(again.loss, torch.tensor(-1.0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="power_q is a parameter of loss_type 'power'"):
+        fused_dft.patch_model(copy.deepcopy(stock), power_q=2.0)
+    with pytest.raises(ValueError, match="loss_type='psft' requires old_logprobs"):
+        model(**inputs, labels=labels)
 
 
 # (Llama: in this transformers, MoE models hold output-capturing hooks that even the stock model
