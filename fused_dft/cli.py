@@ -17,6 +17,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from .options import LOSS_TYPES
+
 DEFAULT_SHAPE = {"tokens": 1024, "hidden": 1024, "vocab": 32000}
 SMOKE_SHAPE = {"tokens": 64, "hidden": 32, "vocab": 500}
 
@@ -40,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
     bench.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, float64")
-    bench.add_argument("--loss-type", default="dft", choices=("dft", "ce"))
+    bench.add_argument(
+        "--loss-type",
+        default="dft",
+        choices=LOSS_TYPES,
+        help="any member of the family, at its default parameters (psft: fixed old_logprobs)",
+    )
     bench.add_argument("--preset", help=f"D and V of a real model: {', '.join(PRESETS)}")
     size = "; comma-separated values sweep it (one size at a time)"
     bench.add_argument("--tokens", help=f"N, tokens (default {DEFAULT_SHAPE['tokens']}){size}")
@@ -91,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--e2e-seq", type=int, default=2048, help="e2e: tokens per sequence")
     bench.add_argument("--e2e-batch", type=int, default=1, help="e2e: sequences per step")
     bench.add_argument("--e2e-layers", type=int, default=2, help="e2e: decoder layers")
+    bench.add_argument(
+        "--e2e-compile",
+        action="store_true",
+        help="e2e: also the patched model under torch.compile(fullgraph=True)",
+    )
 
     families = sub.add_parser(
         "families",
@@ -385,6 +397,7 @@ def e2e_main(args, parser, argv: list[str]) -> int:
         problems, repeats, args.warmup, args.timeout,
         progress=lambda r: print(f"  vocab {r['problem']['vocab']} {r['provider']}: "
                                  + e2e.progress_line(r), flush=True),
+        compiled=args.e2e_compile,
     )  # fmt: skip
     meta = {"command": "fused-dft " + shlex.join(argv), "description": description,
             "machine": info, "repeats": repeats, "warmup": args.warmup}  # fmt: skip

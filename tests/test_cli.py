@@ -284,3 +284,17 @@ def test_bench_e2e_smoke(tmp_path):
         assert r["total_peak_bytes"] >= r["peak_mem_bytes"] >= 0
     assert records["patched"]["loss"] < records["naive"]["loss"] / 5  # DFT vs the stock CE
     assert (tmp_path / "e2e.png").stat().st_size > 0 and "tokens/s" in proc.stdout
+
+
+# every member of the family runs through the bench; libraries without it are skipped with why
+def test_bench_loss_type_family_member(tmp_path):
+    from fused_dft.cli import main
+
+    code = main(["bench", "--smoke", "--loss-type", "psft", "--providers", "naive,auto,torch",
+                 "--output", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    records = json.loads((tmp_path / "bench.json").read_text())["results"]
+    by = {r["provider"]: r for r in records}
+    assert by["auto"]["status"] == "ok" and by["auto"]["error_ok"]
+    assert by["naive"]["status"] == "ok"
+    assert by["torch"]["status"] == "skipped" and "psft" in by["torch"]["reason"]

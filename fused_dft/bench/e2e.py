@@ -26,6 +26,8 @@ PROVIDERS = {
     "naive": "stock forward (full logits, CE)",
     "patched": "fused_dft.patch_model (DFT)",
 }
+# with --e2e-compile: the patched model under torch.compile (fullgraph), its compile in the warm-up
+COMPILED = {"compiled": "fused_dft.patch_model + torch.compile (DFT)"}
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,15 @@ def measure_e2e(provider: str, problem: dict, repeats: int = 3, warmup: int = 1)
     problem = E2EProblem(**problem)
     device = torch.device(problem.device)
     model = build_model(problem)
-    if provider == "patched":
+    forward = model
+    if provider in ("patched", "compiled"):
         import fused_dft
 
         fused_dft.patch_model(model)
+        if provider == "compiled":
+            forward = torch.compile(model, fullgraph=True)
     elif provider != "naive":
-        raise ValueError(f"e2e provider {provider!r}: choose from {list(PROVIDERS)}")
+        raise ValueError(f"e2e provider {provider!r}: choose from {list(PROVIDERS | COMPILED)}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     g = torch.Generator().manual_seed(problem.seed + 1)
     input_ids = torch.randint(0, problem.vocab, (problem.batch, problem.seq), generator=g)
@@ -84,7 +89,7 @@ def measure_e2e(provider: str, problem: dict, repeats: int = 3, warmup: int = 1)
     def step() -> tuple[float, float]:
         _sync(device)
         start = time.perf_counter()
-        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        loss = forward(input_ids=input_ids, labels=input_ids, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -113,14 +118,17 @@ def measure_e2e(provider: str, problem: dict, repeats: int = 3, warmup: int = 1)
     }
 
 
-def run(problems: list[E2EProblem], repeats: int, warmup: int, timeout_s, progress=None):
-    """One record per (problem, provider), each measured in a worker process."""
+def run(problems: list[E2EProblem], repeats: int, warmup: int, timeout_s, progress=None,
+        compiled: bool = False):  # fmt: skip
+    """One record per (problem, provider), each measured in a worker process; compiled adds the
+    patched model under torch.compile."""
     from .runner import run_worker
 
+    providers = PROVIDERS | (COMPILED if compiled else {})
     records = []
     for problem in problems:
         group = []
-        for key, label in PROVIDERS.items():
+        for key, label in providers.items():
             request = {"e2e": True, "provider": key, "problem": problem.as_dict(),
                        "repeats": repeats, "warmup": warmup}  # fmt: skip
             record = {"provider": key, "label": label, "problem": problem.as_dict()}

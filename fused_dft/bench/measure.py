@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import torch
 
-from .problem import Problem, make_inputs, reference_float64, rel_error
+from .problem import Problem, family_inputs, make_inputs, reference_float64, rel_error
 from .providers import PROVIDERS
 
 
@@ -165,7 +165,9 @@ def errors_on_prefix(loss_fn, hidden, weight, labels, problem: Problem, check_to
     y = labels[:k]
     loss = loss_fn(h, w, y)
     loss.backward()
-    ref_loss, ref_dh, ref_dw, _ = reference_float64(h, w, y, problem.loss_type)
+    ref_loss, ref_dh, ref_dw, _ = reference_float64(
+        h, w, y, problem.loss_type, **family_inputs(problem, y)
+    )
     errors = {
         "loss": rel_error(loss, ref_loss),
         "dh": rel_error(h.grad, ref_dh),

@@ -40,7 +40,8 @@ DTYPES: dict[str, torch.dtype] = {
 
 @dataclass(frozen=True)
 class Problem:
-    """tokens N, hidden D, vocab V; dtype as a torch name ("float32"); loss_type "dft" or "ce"."""
+    """tokens N, hidden D, vocab V; dtype as a torch name ("float32"); loss_type any member of
+    fused_dft's family (options.LOSS_TYPES), at its default parameters."""
 
     tokens: int
     hidden: int
@@ -86,6 +87,17 @@ def make_inputs(problem: Problem, requires_grad: bool = True):
     hidden = hidden.to(device=device, dtype=dtype).requires_grad_(requires_grad)
     weight = weight.to(device=device, dtype=dtype).requires_grad_(requires_grad)
     return hidden, weight, labels.to(device)
+
+
+def family_inputs(problem: Problem, labels: torch.Tensor) -> dict:
+    """The per-token inputs a loss_type needs besides labels, the same for any prefix of the
+    tokens: psft's old_logprobs cycle through 0, -0.2, ..., -3 (ratios p / exp(old) land below,
+    inside and above the clip range)."""
+    if problem.loss_type != "psft":
+        return {}
+    n = labels.shape[0]
+    old = -(torch.arange(n, device=labels.device) % 16).float() * 0.2
+    return {"old_logprobs": old}
 
 
 def reference_float64(hidden, weight, labels, loss_type: str, bias=None, **options):

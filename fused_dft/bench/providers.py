@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .problem import IGNORE_INDEX, Problem
+from .problem import IGNORE_INDEX, Problem, family_inputs
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -68,6 +68,11 @@ def dft_mean(token_ce: torch.Tensor, labels: torch.Tensor, loss_type: str) -> to
 
 
 def _naive(problem: Problem) -> LossFn:
+    if problem.loss_type not in ("dft", "ce"):
+        # the other members on full logits, as trainers compute them (LLaMA-Factory's flags):
+        # fused_dft's plain-torch definition, which materializes the fp32 logits the same way
+        return _fused_dft("reference")(problem)
+
     def loss_fn(hidden, weight, labels):
         logits = hidden @ weight.T  # in the input dtype, like the model's lm_head
         if logits.dtype != torch.float64:
@@ -121,6 +126,7 @@ def _fused_dft(impl: str) -> Callable[[Problem], LossFn]:
                 loss_type=problem.loss_type,
                 ignore_index=IGNORE_INDEX,
                 impl=impl,
+                **family_inputs(problem, labels),
             )
 
         return loss_fn
@@ -150,6 +156,8 @@ def resolved_impl(impl: str, problem: Problem) -> str:
 
 def _needs_cuda(package: str, pip_name: str, what: str) -> Callable[[Problem], str | None]:
     def reason(problem: Problem) -> str | None:
+        if problem.loss_type not in ("dft", "ce"):
+            return f"{package} computes cross-entropy and DFT only, not {problem.loss_type!r}"
         if importlib.util.find_spec(package) is None:
             return f"{package} is not importable (pip install {pip_name})"
         if not problem.device.startswith("cuda"):
@@ -171,6 +179,8 @@ def _liger(problem: Problem) -> LossFn:
 
 
 def _torch_unavailable(problem: Problem) -> str | None:
+    if problem.loss_type not in ("dft", "ce"):
+        return f"torch's linear_cross_entropy has no loss_type {problem.loss_type!r}"
     if not hasattr(F, "linear_cross_entropy"):
         return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy"
     return None
