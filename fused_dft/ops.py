@@ -196,6 +196,10 @@ def _setup_context(ctx, inputs, output):
     ctx.weight_dtype = weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.consumed = False
+    # only the loss is differentiable; without this, autograd would hand backward zero-filled
+    # gradients shaped like every other output (an fp32 dW-sized buffer among them)
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[1:])
     # the op's extra outputs are data for backward, not part of the graph: saved detached
     if _precomputed(decode_options(options), impl, need):
         ctx.save_for_backward(dh.detach(), dw.detach(), db.detach())

@@ -322,3 +322,30 @@ def test_autocast_casts_like_the_lm_head_would():
     expected.backward()
     assert torch.equal(loss, expected)
     assert torch.equal(w.grad, w_bf16.grad.float())
+
+
+# The chunked path computes dW in the forward pass; backward must hand that very buffer to
+# autograd (no copy: at 128k x 4k an fp32 dW is 2 GB), and allocate nothing of dW's size (autograd
+# would, for instance, zero-fill gradients of the op's other outputs unless told not to).
+def test_backward_of_precomputed_gradients_allocates_no_weight_sized_buffer(monkeypatch):
+    from torch.profiler import ProfilerActivity, profile
+
+    from fused_dft import chunked
+
+    seen = {}
+    real = chunked.chunked_forward
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen["dw"] = out[4][1].data_ptr()
+        return out
+
+    monkeypatch.setattr(chunked, "chunked_forward", spy)
+    hidden, weight, labels, _ = make_inputs(N, D, V)
+    w = weight.clone().requires_grad_(True)
+    loss = fused_dft.fused_linear_dft_loss(hidden, w, labels, impl="chunked")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss.backward()
+    big = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage >= V * D * 4]
+    assert not big, f"weight-sized allocations in backward: {big}"
+    assert w.grad.data_ptr() == seen["dw"]
