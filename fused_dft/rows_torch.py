@@ -18,7 +18,7 @@ import torch
 
 from .options import LossOptions
 
-_ENTROPY_ROWS = 64  # rows per temporary when summing e * (z - m) for the entropy
+_ENTROPY_ROWS = 16  # rows of the exp buffer when the entropy is needed
 
 
 def transform_(x: torch.Tensor, opts: LossOptions, keep_dtanh: bool) -> torch.Tensor | None:
@@ -49,10 +49,17 @@ def rows_partials_(x: torch.Tensor, labels: torch.Tensor, opts: LossOptions) -> 
     x.sub_(m[:, None])
     t = torch.zeros_like(m)
     if opts.needs_entropy:
+        # one exp per element, as without the entropy: e = exp(z - m) of a block of rows into a
+        # small buffer, t = sum e (z - m) as a batched dot (no product temporary), then e over x
+        buffer = torch.empty((min(_ENTROPY_ROWS, x.shape[0]), x.shape[1]), dtype=x.dtype,
+                             device=x.device)  # fmt: skip
         for r in range(0, x.shape[0], _ENTROPY_ROWS):
             block = x[r : r + _ENTROPY_ROWS]
-            t[r : r + _ENTROPY_ROWS] = (block.exp() * block).sum(1)
-    x.exp_()
+            e = torch.exp(block, out=buffer[: block.shape[0]])
+            t[r : r + _ENTROPY_ROWS] = (e.unsqueeze(1) @ block.unsqueeze(2)).view(-1)
+            block.copy_(e)
+    else:
+        x.exp_()
     s = x.sum(1)
     return torch.stack([m, s, t, z_y, sum_z])
 
