@@ -22,47 +22,23 @@ Inside the ops the work is opaque to dynamo: with validate="sync" they may read 
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import functools
-
 import torch
 from torch import Tensor
 
-from .options import LossOptions
-
-IMPLS = ("chunked", "chunked_torch", "fused")  # chunked = Triton row kernels, torch matmuls
-
-
-def encode_options(opts: LossOptions) -> str:
-    return repr(dataclasses.astuple(opts))
-
-
-@functools.lru_cache(maxsize=256)
-def decode_options(text: str) -> LossOptions:
-    return LossOptions(*ast.literal_eval(text))
-
-
-def _acc(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from .backends import BACKENDS
+from .backends.base import Saved, acc_dtype
+from .driver import BACKWARD_TWICE, path_backward, path_forward, scale_precomputed
+from .options import LossOptions, decode_options, encode_options
+from .selection import gather_rows, scatter_rows, select_rows
 
 
 def _precomputed(opts: LossOptions, impl: str, need) -> bool:
     """Whether the forward op computes the gradients (chunked, mean/sum, a gradient needed)."""
-    return impl != "fused" and opts.reduction != "none" and any(need)
+    return BACKENDS[impl].precomputes(opts, need)
 
 
 def _empty(like: Tensor, dtype=None) -> Tensor:
     return like.new_empty((0,), dtype=dtype or like.dtype)
-
-
-def _select(labels, opts: LossOptions, token_weights, old_logprobs, acc, vocab):
-    from .reduction import select_rows
-
-    return select_rows(
-        labels, opts, token_weights, old_logprobs, acc, vocab,
-        exact=opts.validate == "sync", poison_bad=opts.validate == "device",
-    )  # fmt: skip
 
 
 @torch.library.custom_op("fused_dft::linear_loss_fwd", mutates_args=())
@@ -78,36 +54,19 @@ def linear_loss_fwd(
     chunk_size: int,
     need: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from .reduction import reduce_token_loss, scatter_rows
-    from .validate import check_values
-
     opts = decode_options(options)
-    if opts.validate == "sync":
-        check_values(labels, weight.shape[0], opts, token_weights, old_logprobs)
-    acc, n_rows = _acc(hidden), hidden.shape[0]
-    rows = _select(labels, opts, token_weights, old_logprobs, acc, weight.shape[0])
-    grads = None
-    if impl == "fused":
-        from .function import fused_forward
-
-        token_loss, logp, sums, saved = fused_forward(hidden, weight, bias, rows, opts, None)
-        saved = saved if any(need) else None
-    else:
-        from .chunked import chunk_rows_for, chunked_forward
-
-        token_loss, logp, sums, saved, grads = chunked_forward(
-            hidden, weight, bias, rows, opts, chunk_rows_for(chunk_size or None, weight, hidden),
-            impl == "chunked", need,
-        )  # fmt: skip
-    loss = reduce_token_loss(token_loss, rows, n_rows, opts)
-    logprobs = scatter_rows(logp, rows, n_rows)
+    acc, n_rows = acc_dtype(hidden), hidden.shape[0]
+    loss, sums, num_valid, logprobs, rows, saved, grads = path_forward(
+        hidden, weight, bias, labels, token_weights, old_logprobs, opts, impl, chunk_size or None,
+        need,
+    )  # fmt: skip
     dh, dw, db = grads if grads is not None else (None, None, None)
     lse = coefs = None
     if saved is not None:  # back to the original row order, zero at ignored rows
         lse = scatter_rows(saved.lse.to(acc), rows, n_rows)
         coefs = torch.stack([scatter_rows(c.to(acc), rows, n_rows) for c in saved.coefs])
     return (
-        loss, sums, rows.num_valid, logprobs,
+        loss, sums, num_valid, logprobs,
         dh if dh is not None else _empty(hidden),
         dw if dw is not None else _empty(hidden, acc),
         db if db is not None else _empty(hidden, acc),
@@ -119,7 +78,7 @@ def linear_loss_fwd(
 @linear_loss_fwd.register_fake
 def _(hidden, weight, bias, labels, token_weights, old_logprobs, options, impl, chunk_size, need):
     opts = decode_options(options)
-    n_rows, acc = hidden.shape[0], _acc(hidden)
+    n_rows, acc = hidden.shape[0], acc_dtype(hidden)
     now = _precomputed(opts, impl, need)
     keep = any(need) and not now
     return (
@@ -149,34 +108,16 @@ def linear_loss_bwd(
     chunk_size: int,
     need: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from .reduction import gather_rows, mean_scale
-
     opts = decode_options(options)
-    acc = _acc(hidden)
-    rows = _select(labels, opts, None, None, acc, weight.shape[0])
-    if opts.reduction == "none":
-        upstream = gather_rows(grad_loss.to(acc), rows)
-    else:
-        upstream = grad_loss.to(acc) * mean_scale(opts, rows, acc)
-    lse_r, coefs_r = gather_rows(lse, rows), gather_rows(coefs, rows)
-    if impl == "fused":
-        from .function import fused_backward
-
-        coefs_r = (coefs_r * upstream).float().contiguous()
-        dh, dw, db = fused_backward(
-            hidden, weight, bias, rows, lse_r.float(), coefs_r, opts, need, None
-        )
-    else:
-        from .chunked import Saved, chunk_rows_for, chunked_backward
-
-        dh, dw, db = chunked_backward(
-            hidden, weight, bias, rows, Saved(lse_r, coefs_r), upstream.expand(rows.n), opts,
-            chunk_rows_for(chunk_size or None, weight, hidden), impl == "chunked", need,
-        )  # fmt: skip
+    rows = select_rows(labels, opts, None, None, acc_dtype(hidden), weight.shape[0])
+    saved = Saved(gather_rows(lse, rows), gather_rows(coefs, rows))
+    dh, dw, db = path_backward(
+        hidden, weight, bias, rows, saved, grad_loss, opts, impl, chunk_size or None, need
+    )
     return (
         dh if dh is not None else _empty(hidden),
-        dw.to(weight.dtype) if dw is not None else _empty(weight),
-        db.to(bias.dtype) if db is not None else _empty(weight),
+        dw if dw is not None else _empty(weight),
+        db if db is not None else _empty(weight),
     )
 
 
@@ -211,13 +152,9 @@ def _backward(ctx, grad_loss, *_grads_of_other_outputs):
     need = ctx.need
     if _precomputed(decode_options(ctx.options), ctx.impl, need):
         if ctx.consumed:
-            raise RuntimeError(
-                "fused_dft: backward through the same graph twice is not supported with "
-                "reduction='mean'/'sum' (gradients are computed in the forward pass and "
-                "consumed); use reduction='none' or recompute the loss"
-            )
+            raise RuntimeError(BACKWARD_TWICE)
         ctx.consumed = True
-        dh, dw, db = _scale(ctx.saved_tensors, grad_loss)
+        dh, dw, db = scale_precomputed(ctx.saved_tensors, grad_loss)
         dw = dw.to(ctx.weight_dtype) if need[1] else None
         db = db.to(ctx.bias_dtype) if need[2] else None
         dh = dh if need[0] else None
@@ -229,18 +166,6 @@ def _backward(ctx, grad_loss, *_grads_of_other_outputs):
         )  # fmt: skip
         dh, dw, db = (g if flag else None for g, flag in zip((dh, dw, db), need))
     return dh, dw, db, None, None, None, None, None, None, None
-
-
-def _scale(grads, grad_loss):
-    """Precomputed gradients (for an upstream gradient of 1) times the upstream scalar, the
-    product in fp32 (a bf16 dh is rounded once, not scaled by a bf16-rounded factor). In place
-    in eager mode; out of place where torch.compile traces the backward."""
-    if torch.compiler.is_compiling():
-        factor = grad_loss.double() if grad_loss.dtype == torch.float64 else grad_loss.float()
-        return tuple((g * factor).to(g.dtype) for g in grads)
-    from .chunked import scale_precomputed
-
-    return scale_precomputed(grads, grad_loss)
 
 
 linear_loss_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,30 +1,20 @@
 """Options shared by every implementation, and the statistics they return.
 
-Non-tensor options travel together in one frozen dataclass so that an autograd Function gets a
-single hashable argument instead of a long tuple.
+Non-tensor options travel together in one frozen dataclass (built and checked by
+arguments.make_options): the vocab-parallel autograd Function takes it as one argument, and the
+custom ops (ops.py) take it encoded as one string (encode_options / decode_options).
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
 
-# The token-reweighted SFT family (weights.py has the formulas).
-LOSS_TYPES = ("dft", "ce", "power", "eaft", "psft")
-REDUCTIONS = ("mean", "sum", "none")
-IMPLS = ("auto", "reference", "chunked", "fused")
-
-# Each loss_type's own parameters and their defaults; a parameter given for a loss_type that does
-# not use it is an error. psft also requires the tensor `old_logprobs`.
-FAMILY_PARAMS: dict[str, dict[str, float]] = {
-    "ce": {},
-    "dft": {},
-    "power": {"power_q": 1.0},
-    "eaft": {"eaft_alpha": 1.0},
-    "psft": {"clip_eps": 0.2},
-}
-ALL_FAMILY_PARAMS = ("power_q", "eaft_alpha", "clip_eps")
+from .family import member
 
 
 @dataclass(frozen=True)
@@ -33,8 +23,10 @@ class LossOptions:
 
     z <- logit_scale * z; if softcap: z <- softcap * tanh(z / softcap)
     lse = logsumexp(z); log p = z_y - lse; H = lse - sum softmax(z) z
-    loss_t = w_t * (-log p) with a gradient-stopped per-token weight w_t (weights.py), plus
-    z_loss * lse^2, times token_weights[t]; ignored tokens contribute nothing.
+    loss_t = w_t * (-log p) with a gradient-stopped per-token weight w_t (the loss_type's record
+    in family.py, with its parameters in family_params), plus z_loss * lse^2, times
+    token_weights[t]; ignored tokens contribute nothing. Built and checked by
+    arguments.make_options.
     """
 
     loss_type: str = "dft"
@@ -44,26 +36,35 @@ class LossOptions:
     softcap: float | None = None
     return_stats: bool = False
     return_logprobs: bool = False
-    power_q: float = 1.0
-    eaft_alpha: float = 1.0
-    clip_eps: float = 0.2
+    family_params: tuple[tuple[str, float], ...] = ()  # (name, value) of the loss_type's params
     z_loss: float = 0.0
     label_smoothing: float = 0.0
-    validate: str = "sync"  # validate.py: "sync", "device" or "off"
+    validate: str = "sync"  # arguments.py: "sync", "device" or "off"
 
     @property
-    def is_dft(self) -> bool:
-        return self.loss_type == "dft"
+    def params(self) -> dict[str, float]:
+        """The loss_type's parameters by name."""
+        return dict(self.family_params)
 
     @property
     def needs_entropy(self) -> bool:
         """Whether the per-token entropy must be computed (for the weight or for the stats)."""
-        return self.return_stats or self.loss_type == "eaft"
+        return self.return_stats or member(self.loss_type).needs_entropy
 
     @property
     def needs_logit_sum(self) -> bool:
         """Whether sum_j z_j is needed (label smoothing's uniform term)."""
         return self.label_smoothing > 0
+
+
+def encode_options(opts: LossOptions) -> str:
+    """LossOptions as one string (a torch custom op's non-tensor argument)."""
+    return repr(dataclasses.astuple(opts))
+
+
+@functools.lru_cache(maxsize=256)
+def decode_options(text: str) -> LossOptions:
+    return LossOptions(*ast.literal_eval(text))
 
 
 @dataclass(frozen=True)

@@ -50,10 +50,9 @@ import torch
 import torch.distributed as dist
 
 from . import partials as P
-from .chunked import Shard, acc_dtype
+from .backends.base import VocabShard
+from .driver import BACKWARD_TWICE, cast_grads, path_backward, path_forward, scale_precomputed
 from .options import LossOptions
-from .reduction import mean_scale, reduce_token_loss, scatter_rows, select_rows
-from .validate import check_values
 
 SUPPORTED = (
     "supported: weight (and bias) a DTensor with placements (Shard(0),) on a 1-D device mesh "
@@ -149,9 +148,6 @@ def vocab_parallel_layout(hidden, weight, bias, labels) -> VocabLayout | None:
     return VocabLayout(mesh.get_group(), world, rank, vocab, offset, local_vocab)
 
 
-# -- the cross-rank merge and the dh reduction -------------------------------------------------
-
-
 def _all_gather(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
     # all_gather_single is all_gather_into_tensor's newer name (torch >= 2.13)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -191,101 +187,53 @@ class SumGradAcrossRanks(torch.autograd.Function):
         return all_reduce_sum_(grad.contiguous().clone(), ctx.group), None
 
 
-# -- the loss on a shard: the chunked or fused building blocks with a Shard hook -------------------
-
-
 class VocabParallelFunction(torch.autograd.Function):
     """The loss of one rank's vocabulary shard, with partials merged across the mesh.
 
     forward(hidden (N, D), weight (V_r, D), bias (V_r,) or None, labels (N,) global ids,
-    token_weights, old_logprobs, opts, impl, chunk_rows, use_triton, shard) -> (loss, stat sums
-    (4,), num_valid, log p_y (N,)); backward returns this shard's dh term (summed across the
-    ranks by SumGradAcrossRanks below it), dW_r and db_r.
+    token_weights, old_logprobs, opts, impl, chunk_size, shard) -> (loss, stat sums (4,),
+    num_valid, log p_y (N,)); backward returns this shard's dh term (summed across the ranks by
+    SumGradAcrossRanks below it), dW_r and db_r. The path is the driver's (driver.py), with the
+    shard's merge between a backend's partials and its coefficients.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, token_weights, old_logprobs,
-                opts: LossOptions, impl, chunk_rows, use_triton, shard: Shard):  # fmt: skip
-        from .chunked import chunked_forward
-        from .function import fused_forward
-
-        acc = acc_dtype(hidden)
-        if opts.validate == "sync":
-            check_values(labels, shard.vocab, opts, token_weights, old_logprobs)
-        rows = select_rows(
-            labels, opts, token_weights, old_logprobs, acc, shard.vocab,
-            exact=opts.validate == "sync", poison_bad=opts.validate == "device",
-        )  # fmt: skip
+                opts: LossOptions, impl, chunk_size, shard: VocabShard):  # fmt: skip
         need = (*ctx.needs_input_grad[:2], bias is not None and ctx.needs_input_grad[2])
-        grads = None
-        if impl == "fused":
-            token_loss, logp, sums, saved = fused_forward(
-                hidden, weight, bias, rows, opts, None, shard
-            )
-        else:
-            token_loss, logp, sums, saved, grads = chunked_forward(
-                hidden, weight, bias, rows, opts, chunk_rows, use_triton, need, shard
-            )
-        n_rows = hidden.shape[0]
-        loss = reduce_token_loss(token_loss, rows, n_rows, opts)
-        logprobs = scatter_rows(logp, rows, n_rows)
-        ctx.opts, ctx.impl, ctx.chunk_rows, ctx.use_triton = opts, impl, chunk_rows, use_triton
-        ctx.shard, ctx.rows, ctx.need, ctx.saved, ctx.precomputed = shard, rows, need, saved, grads
+        loss, sums, num_valid, logprobs, rows, saved, grads = path_forward(
+            hidden, weight, bias, labels, token_weights, old_logprobs, opts, impl, chunk_size,
+            need, shard,
+        )  # fmt: skip
+        ctx.opts, ctx.impl, ctx.chunk_size, ctx.shard = opts, impl, chunk_size, shard
+        ctx.rows, ctx.need, ctx.saved, ctx.precomputed = rows, need, saved, grads
         ctx.save_for_backward(hidden, weight, bias)
-        ctx.mark_non_differentiable(sums, rows.num_valid, logprobs)
-        return loss, sums, rows.num_valid, logprobs
+        ctx.mark_non_differentiable(sums, num_valid, logprobs)
+        return loss, sums, num_valid, logprobs
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums, _grad_num, _grad_logprobs):
-        from .chunked import chunked_backward, scale_precomputed
-        from .function import fused_backward
-
-        opts, rows, need = ctx.opts, ctx.rows, ctx.need
         hidden, weight, bias = ctx.saved_tensors
         if ctx.precomputed is not None:  # chunked, mean / sum: computed in the forward pass
-            dh, dw, db = scale_precomputed(ctx.precomputed, grad_loss)
+            dh, dw, db = cast_grads(scale_precomputed(ctx.precomputed, grad_loss), weight, bias)
             ctx.precomputed = None
         elif ctx.saved is None:
-            raise RuntimeError(
-                "fused_dft: backward through the same graph twice is not supported with "
-                "reduction='mean'/'sum' (gradients are computed in the forward pass and "
-                "consumed); use reduction='none' or recompute the loss"
-            )
+            raise RuntimeError(BACKWARD_TWICE)
         else:
-            acc = acc_dtype(hidden)
-            if opts.reduction == "none":
-                upstream = grad_loss.to(acc).index_select(0, rows.idx)
-            else:
-                upstream = grad_loss.to(acc) * mean_scale(opts, rows, acc)
-            if ctx.impl == "fused":
-                coefs = (ctx.saved.coefs * upstream).float().contiguous()
-                dh, dw, db = fused_backward(
-                    hidden, weight, bias, rows, ctx.saved.lse.float(), coefs, opts, need, None,
-                    ctx.shard,
-                )  # fmt: skip
-            else:
-                dh, dw, db = chunked_backward(
-                    hidden, weight, bias, rows, ctx.saved, upstream.expand(rows.n), opts,
-                    ctx.chunk_rows, ctx.use_triton, need, ctx.shard,
-                )  # fmt: skip
-        dw = dw.to(weight.dtype) if dw is not None else None
-        db = db.to(bias.dtype) if db is not None else None
-        return dh, dw, db, *(None,) * 8
-
-
-# -- entry point --------------------------------------------------------------------------------
+            dh, dw, db = path_backward(
+                hidden, weight, bias, ctx.rows, ctx.saved, grad_loss, ctx.opts, ctx.impl,
+                ctx.chunk_size, ctx.need, ctx.shard,
+            )  # fmt: skip
+        return dh, dw, db, *(None,) * 7
 
 
 def vocab_parallel_loss(hidden, weight, labels, bias, opts: LossOptions, impl: str,
                         chunk_size, layout: VocabLayout, token_weights=None,
                         old_logprobs=None):  # fmt: skip
     """hidden (N, D) plain or Replicate DTensor; weight (V, D), bias (V,) or None: Shard(0)
-    DTensors; labels (N,) global ids. impl: resolved ("chunked", "chunked_torch" or "fused").
+    DTensors; labels (N,) global ids. impl: as loss.resolve_impl leaves it ("chunked" only where
+    the Triton row kernels run, "chunked_torch" or "fused").
     Returns (loss, stat sums (4,), number of valid tokens, log p_y (N,)), plain tensors."""
-    from .chunked import chunk_rows_for
-    from .loss import TRITON_DTYPES
-    from .runtime import can_run_triton
-
     if impl == "reference":
         raise ValueError(
             "impl='reference' materializes the logits on one device; with a vocab-parallel "
@@ -296,11 +244,7 @@ def vocab_parallel_loss(hidden, weight, labels, bias, opts: LossOptions, impl: s
     hidden = SumGradAcrossRanks.apply(hidden, layout.group)
     weight = weight.to_local()  # differentiable: dW comes back as a Shard(0) DTensor
     bias = None if bias is None else bias.to_local()
-    shard = Shard(layout.offset, layout.vocab, lambda part: merge_across_ranks(part, layout))
-    use_triton = (
-        impl == "chunked" and can_run_triton(hidden.device) and hidden.dtype in TRITON_DTYPES
-    )
+    shard = VocabShard(layout.offset, layout.vocab, lambda part: merge_across_ranks(part, layout))
     return VocabParallelFunction.apply(
-        hidden, weight, bias, labels, token_weights, old_logprobs, opts, impl,
-        chunk_rows_for(chunk_size, weight, hidden), use_triton, shard,
-    )  # fmt: skip
+        hidden, weight, bias, labels, token_weights, old_logprobs, opts, impl, chunk_size, shard
+    )

@@ -35,7 +35,6 @@ class TokenStats(NamedTuple):
     entropy: torch.Tensor
     correct: torch.Tensor
     sum_z: torch.Tensor
-    row_max: torch.Tensor
 
 
 def merge(part: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -63,11 +62,4 @@ def finalize(part: torch.Tensor) -> TokenStats:
         entropy=log_s - t / s,
         correct=(z_y >= m).to(part.dtype),
         sum_z=sum_z,
-        row_max=m,
     )
-
-
-def stat_sums(stats: TokenStats) -> torch.Tensor:
-    """fp32 (4,): sums over the given tokens of -log p_y, entropy, correct, lse (LossStats)."""
-    per_token = torch.stack([-stats.logp, stats.entropy, stats.correct, stats.lse])
-    return per_token.sum(1).float()

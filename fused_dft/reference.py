@@ -2,18 +2,18 @@
 
 Logits are computed with F.linear in the input dtype (as a model's lm_head does) and upcast to
 fp32 (float64 inputs stay float64); everything after that is in that precision, and every
-gradient comes from torch autograd through the definitions below (sg = .detach()).
+gradient comes from torch autograd through the definitions below and each loss_type's own
+`definition` in family.py (sg = .detach()).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from .arguments import checked_labels
+from .family import member
 from .options import LossOptions
-from .validate import checked_labels
 
 
 def transform_logits(z: torch.Tensor, opts: LossOptions) -> torch.Tensor:
@@ -23,27 +23,6 @@ def transform_logits(z: torch.Tensor, opts: LossOptions) -> torch.Tensor:
     if opts.softcap is not None:
         z = opts.softcap * torch.tanh(z / opts.softcap)
     return z
-
-
-def family_loss(logp_y, logp, opts: LossOptions, old_logprobs):
-    """Per-token loss of the loss_type from log p_y (n,) and the log-softmax (n, V)."""
-    if opts.loss_type == "ce":
-        return -logp_y
-    if opts.loss_type == "dft":
-        return -logp_y.detach().exp() * logp_y
-    if opts.loss_type == "power":
-        return -torch.expm1(opts.power_q * logp_y) / opts.power_q  # (1 - p^q) / q
-    if opts.loss_type == "eaft":
-        with torch.no_grad():
-            entropy = -(logp.exp() * logp).sum(-1)
-            vocab = logp.shape[-1]
-            w = (entropy.clamp(min=0) / (math.log(vocab) if vocab > 1 else 1.0)) ** opts.eaft_alpha
-        return -w * logp_y
-    if opts.loss_type == "psft":
-        ratio = torch.exp(logp_y - old_logprobs)
-        eps = opts.clip_eps
-        return -torch.minimum(ratio, ratio.clamp(1 - eps, 1 + eps))
-    raise AssertionError(f"unhandled loss_type {opts.loss_type!r}")
 
 
 def reference_loss(
@@ -81,7 +60,7 @@ def reference_loss(
         old_logprobs = torch.where(valid, old_logprobs.to(logp.dtype), zero)
     if token_weights is not None:
         token_weights = torch.where(valid, token_weights.to(logp.dtype), zero)
-    token_loss = family_loss(logp_y, logp, opts, old_logprobs)
+    token_loss = member(opts.loss_type).definition(logp_y, logp, opts.params, old_logprobs)
     lse = torch.logsumexp(z, dim=-1)
     if opts.label_smoothing > 0:
         uniform_nll = -logp.mean(-1)  # -(1/V) sum_j log p_j

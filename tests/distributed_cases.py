@@ -3,11 +3,12 @@
 Each suite runs all its cases in one set of processes (a process costs seconds to start); every
 case records None or the traceback of its failure per rank, and test_distributed.py turns each
 case into a test. The truth is always one process: the closed-form float64 oracle of
-test_family.py for the loss, the stock Hugging Face model for the training set-ups.
+test_loss_family.py for the loss, the stock Hugging Face model for the training set-ups.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -24,7 +25,8 @@ IGNORE = -100
 
 # vocab-parallel cases: impl "auto" is the chunked path on torch ops (float64 here), "chunked" the
 # Triton row kernel and "fused" the fused kernels (both fp32, through Triton's interpreter).
-# `member` takes test_family's member inputs (token_weights, z_loss, softcap, logit_scale, bias).
+# `member` takes test_loss_family's member inputs (token_weights, z_loss, softcap, logit_scale,
+# bias).
 VOCAB_PARALLEL = {
     "dft-mean-bias-softcap": dict(opts=dict(softcap=3.0)),
     "dft-sum-logit-scale-no-bias": dict(opts=dict(reduction="sum", logit_scale=0.7), bias=False),
@@ -141,7 +143,7 @@ def _mesh(world):
 def _case_inputs(spec: dict):
     """float64 (hidden, weight, labels, bias, opts), the same on every rank (seeded)."""
     from .helpers import make_inputs
-    from .test_family import member_inputs
+    from .test_loss_family import member_inputs
 
     if "member" in spec:
         hidden, weight, labels, bias, opts = member_inputs(spec["member"], torch.float64)
@@ -163,8 +165,8 @@ def _case_inputs(spec: dict):
 
 
 def _expected(hidden, weight, labels, bias, upstream, opts):
-    """One process, float64: test_family's closed-form oracle, plus the accuracy."""
-    from .test_family import oracle
+    """One process, float64: test_loss_family's closed-form oracle, plus the accuracy."""
+    from .test_loss_family import oracle
 
     h2, y1 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     loss, grads, logp, stats = oracle(h2, weight, y1, bias, upstream.reshape(-1), **opts)
@@ -183,7 +185,8 @@ def _expected(hidden, weight, labels, bias, upstream, opts):
 
 def run_vocab_parallel(case: str, world: int) -> None:
     import fused_dft
-    from fused_dft import chunked, function, parallel
+    from fused_dft import parallel
+    from fused_dft.backends import chunked, fused
     from fused_dft.kernels import configs, rows
 
     from .helpers import SMALL_FUSED
@@ -220,10 +223,10 @@ def run_vocab_parallel(case: str, world: int) -> None:
         return logits(h_c, w_c, b_c)
 
     chunked._logits = spy
-    saved = (rows.DEFAULT_BLOCK_V, function.TOKEN_CHUNK, function.DZ_SCRATCH_BYTES)
+    saved = (rows.DEFAULT_BLOCK_V, fused.TOKEN_CHUNK, fused.DZ_SCRATCH_BYTES)
     # small tiles: the ragged shards span several tiles and splits of the kernels, and the fused
     # backward several token and vocab chunks
-    rows.DEFAULT_BLOCK_V, function.TOKEN_CHUNK, function.DZ_SCRATCH_BYTES = 16, 16, 16 * 4 * 48
+    rows.DEFAULT_BLOCK_V, fused.TOKEN_CHUNK, fused.DZ_SCRATCH_BYTES = 16, 16, 16 * 4 * 48
     os.environ[configs.ENV_CONFIG] = SMALL_FUSED.spec
     try:
         loss, stats, logprobs = fused_dft.fused_linear_dft_loss(
@@ -234,7 +237,7 @@ def run_vocab_parallel(case: str, world: int) -> None:
         grads = torch.autograd.grad(loss, inputs, upstream.to(loss.dtype))
     finally:
         chunked._logits = logits
-        rows.DEFAULT_BLOCK_V, function.TOKEN_CHUNK, function.DZ_SCRATCH_BYTES = saved
+        rows.DEFAULT_BLOCK_V, fused.TOKEN_CHUNK, fused.DZ_SCRATCH_BYTES = saved
         os.environ.pop(configs.ENV_CONFIG)
 
     where = f"rank {layout.rank}"
@@ -314,7 +317,8 @@ def run_bad_input(case: str, world: int) -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     import fused_dft
-    from fused_dft import chunked, parallel
+    from fused_dft import parallel
+    from fused_dft.backends import BACKENDS
 
     mesh = _mesh(world)
     hidden = torch.randn(N, D)
@@ -346,13 +350,16 @@ def run_bad_input(case: str, world: int) -> None:
     def no_compute(*args, **kwargs):
         raise AssertionError("the loss started computing on bad input")
 
-    saved = (parallel.vocab_parallel_loss, chunked.chunked_forward)
-    parallel.vocab_parallel_loss = chunked.chunked_forward = no_compute
+    saved = (parallel.vocab_parallel_loss, dict(BACKENDS))
+    parallel.vocab_parallel_loss = no_compute
+    for name, backend in saved[1].items():
+        BACKENDS[name] = dataclasses.replace(backend, forward=no_compute)
     try:
         with pytest.raises(ValueError) as info:
             fused_dft.fused_linear_dft_loss(hidden, weight, labels, bias)
     finally:
-        parallel.vocab_parallel_loss, chunked.chunked_forward = saved
+        parallel.vocab_parallel_loss = saved[0]
+        BACKENDS.update(saved[1])
     message = str(info.value)
     assert found in message, message
     assert "supported" in message or "use fewer ranks" in message, message

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fused_dft
-from fused_dft import function
+from fused_dft.backends import BACKENDS, fused
 from fused_dft.kernels import configs, rows
 
 from .device import DEVICE
@@ -28,10 +28,20 @@ def use_impl(case: str, monkeypatch: pytest.MonkeyPatch) -> str:
     if case == "fused_small_tiles":
         monkeypatch.setenv(configs.ENV_CONFIG, SMALL_FUSED.spec)
         # backward over several token chunks (fp32 dW accumulated) and several vocab chunks
-        monkeypatch.setattr(function, "TOKEN_CHUNK", 16)
-        monkeypatch.setattr(function, "DZ_SCRATCH_BYTES", 16 * 4 * 48)
+        monkeypatch.setattr(fused, "TOKEN_CHUNK", 16)
+        monkeypatch.setattr(fused, "DZ_SCRATCH_BYTES", 16 * 4 * 48)
         return "fused"
     return case
+
+
+def replace_backend_forwards(monkeypatch: pytest.MonkeyPatch, wrap) -> None:
+    """Every registered backend's forward replaced by wrap(its forward) for this test."""
+    import dataclasses
+
+    for name, backend in list(BACKENDS.items()):
+        monkeypatch.setitem(
+            BACKENDS, name, dataclasses.replace(backend, forward=wrap(backend.forward))
+        )
 
 
 def make_inputs(n, d, v, dtype=torch.float32, bias=False, ignore_frac=0.3, ignore_index=-100,

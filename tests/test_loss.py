@@ -6,13 +6,14 @@ import pytest
 import torch
 
 import fused_dft
-from fused_dft import chunked
+from fused_dft.backends import chunked
 
 from .helpers import (
     IMPL_CASES,
     assert_close,
     assert_within_torch_error,
     make_inputs,
+    replace_backend_forwards,
     run,
     truth,
     use_impl,
@@ -330,17 +331,17 @@ def test_autocast_casts_like_the_lm_head_would():
 def test_backward_of_precomputed_gradients_allocates_no_weight_sized_buffer(monkeypatch):
     from torch.profiler import ProfilerActivity, profile
 
-    from fused_dft import chunked
-
     seen = {}
-    real = chunked.chunked_forward
 
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        seen["dw"] = out[4][1].data_ptr()
-        return out
+    def spy(real):
+        def forward(*args, **kwargs):
+            out = real(*args, **kwargs)
+            seen["dw"] = out.grads[1].data_ptr()
+            return out
 
-    monkeypatch.setattr(chunked, "chunked_forward", spy)
+        return forward
+
+    replace_backend_forwards(monkeypatch, spy)
     hidden, weight, labels, _ = make_inputs(N, D, V)
     w = weight.clone().requires_grad_(True)
     loss = fused_dft.fused_linear_dft_loss(hidden, w, labels, impl="chunked")

@@ -2,7 +2,7 @@
 the dtype and the D/V buckets, the override for experiments, and the triton.autotune switch.
 
 Which config a fused launch uses, first match wins:
-  0. a FusedConfig passed to the launcher (dft_fwd / dft_bwd) by its caller;
+  0. a FusedConfig passed to the launcher (fused_partials / fused_dz) by its caller;
   1. an override: `use_fused_config(...)` in Python, else FUSED_DFT_FUSED_CONFIG in the environment
      ("block_n=128,num_stages=3": unnamed fields keep the bucket's default);
   2. the interpreter (CPU): INTERPRETER_CONFIG, one fixed config (it cannot autotune several);
@@ -281,9 +281,10 @@ class LaunchPlan:
     def launch(self, kernel, grid, *args, reset_to_zero: tuple[str, ...] = (), **flags) -> None:
         """kernel[grid](*args, **flags) with this plan's config(s); grid takes the meta dict.
 
-        reset_to_zero: outputs the kernel accumulates into (atomics); autotuning zeroes them
-        before each timed trial and once more before the real launch, so the first launch of a
-        new key must find them all zero.
+        reset_to_zero: outputs the kernel writes only in part and that are summed afterwards
+        (db's per-block rows: a config with larger blocks leaves the last rows unwritten);
+        autotuning zeroes them before each timed trial and once more before the real launch, so
+        the first launch of a new key must find them all zero.
         """
         if len(self.candidates) == 1:
             c = self.candidates[0]

@@ -29,7 +29,7 @@ from .fused_fwd import kernel_flags
 
 
 @triton.jit
-def _dft_dz_kernel(
+def _fused_dz_kernel(
     h_ptr,
     w_ptr,
     b_ptr,
@@ -116,7 +116,7 @@ def _dft_dz_kernel(
     )
 
 
-def dft_dz(
+def fused_dz(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -148,7 +148,7 @@ def dft_dz(
     if n == 0 or vc == 0:
         return out
     plan.launch(
-        _dft_dz_kernel,
+        _fused_dz_kernel,
         lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(vc, meta["BLOCK_V"]),),
         hidden, weight, bias if bias is not None else weight, row_idx, labels, count,
         count_offset, lse, coefs, coefs.stride(0), out, out.stride(0),

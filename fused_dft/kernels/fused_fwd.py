@@ -6,11 +6,13 @@ Grid: one program per (token block, vocab split), ordered by kernels.common.grou
 that the programs in flight at once cover GROUP_N token blocks x the splits: the hidden block
 (BLOCK_N x D) of a token block stays in L2 while its splits stream their weight tiles, and each
 weight tile is read from HBM about once per group instead of once per token block. A program owns
-BLOCK_N tokens and a contiguous range of vocab tiles; for each tile it computes
-x = h W_tile^T (+ b) over D in BLOCK_D steps (tensor cores: wgmma on sm_90), z = transform(x),
-and updates per token (online log-sum-exp, one exp per element):
-    m' = max(m, max_j z_j);  alpha = exp(m - m');  e_j = exp(z_j - m')
-    s <- alpha s + sum e;  t <- alpha (t + (m - m') s) + sum e (z - m');  z_y, sum z.
+BLOCK_N tokens and a contiguous range of vocab tiles; for each tile it
+  1. computes x = h W_tile^T (+ b) over D in BLOCK_D steps (tensor cores: wgmma on sm_90) and
+     z = transform(x);
+  2. updates per token (online log-sum-exp, one exp per element):
+         m' = max(m, max_j z_j);  alpha = exp(m - m');  e_j = exp(z_j - m')
+         s <- alpha s + sum e;  t <- alpha (t + (m - m') s) + sum e (z - m');
+  3. adds the label logit z_y (in the tile that holds y) and sum z (label smoothing).
 The number of splits is chosen from the SM count and the number of token blocks so that about one
 wave of programs is one group (small batches still fill the GPU). Partials (5, splits, n) are
 merged in O(n * splits) by partials.merge: lse = m + log s, entropy = log s - t / s.
@@ -37,7 +39,7 @@ from .configs import FusedConfig
 
 
 @triton.jit
-def _dft_fwd_kernel(
+def _fused_partials_kernel(
     h_ptr,
     w_ptr,
     b_ptr,
@@ -153,7 +155,7 @@ def vocab_split_cols(n: int, v: int, device: torch.device, plan: configs.LaunchP
     return triton.cdiv(triton.cdiv(v, splits), unit) * unit  # no split is empty
 
 
-def dft_fwd(
+def fused_partials(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -179,7 +181,7 @@ def dft_fwd(
     if n == 0:
         return part[:, 0]
     plan.launch(
-        _dft_fwd_kernel,
+        _fused_partials_kernel,
         lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,),
         hidden, weight, bias if bias is not None else weight, row_idx, labels, count, part,
         n, v, d, split_cols, splits,

@@ -1,6 +1,6 @@
-"""Token selection and reduction shared by the chunked and fused paths.
+"""Which tokens the backends see (Rows), and the reduction of their losses back to the caller's.
 
-Two ways to select the tokens the matmuls see (validate.py decides which):
+Two ways to select the tokens the matmuls see (the validate mode, arguments.py, decides which):
   exact  (validate="sync"): the non-ignored rows, found with nonzero() — a host sync on CUDA; every
          selected row is a real token and ignored tokens cost no work at all.
   static (validate="device" / "off"): all N rows, the non-ignored ones moved to the front by a
@@ -15,9 +15,9 @@ from typing import NamedTuple
 
 import torch
 
+from .coefficients import TokenTerms
 from .options import LossOptions
 from .partials import TokenStats
-from .weights import TokenTerms
 
 
 class Rows(NamedTuple):
@@ -43,17 +43,15 @@ def select_rows(
     old_logprobs: torch.Tensor | None,
     acc_dtype: torch.dtype,
     vocab: int,
-    exact: bool,
-    poison_bad: bool = False,
 ) -> Rows:
     """labels (N,); token_weights / old_logprobs (N,) or None.
 
-    exact: the non-ignored rows only (a host sync on CUDA); else all rows, non-ignored first.
-    A label outside [0, vocab) becomes -1 (never read); with poison_bad its token's loss and
-    gradient become NaN (validate="device"), else it is treated as absent (validate="off").
+    validate="sync": the non-ignored rows only (a host sync on CUDA); else all rows, non-ignored
+    first. A label outside [0, vocab) becomes -1 (never read); with validate="device" its
+    token's loss and gradient become NaN, with "off" it is treated as absent.
     """
     valid = labels != opts.ignore_index
-    if exact:
+    if opts.validate == "sync":
         idx = valid.nonzero().squeeze(1)
         row_valid = None
     else:
@@ -63,7 +61,7 @@ def select_rows(
     outside = (y < 0) | (y >= vocab)
     if row_valid is not None:
         outside = outside & row_valid
-    bad = outside if poison_bad else None
+    bad = outside if opts.validate == "device" else None
     drop = outside if row_valid is None else outside | ~row_valid
     y = torch.where(drop, torch.full_like(y, -1), y)
 

@@ -14,8 +14,8 @@ import fused_dft
 from fused_dft.kernels import configs
 from fused_dft.kernels.configs import FusedConfig
 
-from .device import DEVICE
-from .helpers import assert_close, assert_within_torch_error, make_inputs, run, truth
+from ..device import DEVICE
+from ..helpers import assert_close, assert_within_torch_error, make_inputs, run, truth
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")  # only a name here: nothing is allocated on it

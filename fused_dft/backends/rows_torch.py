@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .options import LossOptions
+from ..options import LossOptions
 
 _ENTROPY_ROWS = 16  # rows of the exp buffer when the entropy is needed
 

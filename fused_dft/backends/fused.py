@@ -20,29 +20,31 @@ from __future__ import annotations
 
 import torch
 
-from . import partials as P
-from .chunked import Saved, Shard
+from .. import partials as P
+from ..coefficients import token_terms
+from ..options import LossOptions
+from ..selection import Rows, mask_terms, stat_sums, token_logprobs
+from .base import Backend, Forward, Saved, VocabShard, full_vocab, local_labels
 from .matmul import addmm_fp32_
-from .options import LossOptions
-from .reduction import Rows, mask_terms, stat_sums, token_logprobs
-from .weights import token_terms
 
 
-def fused_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, config,
-                  shard: Shard | None = None):  # fmt: skip
-    """Returns token_loss (n,), logp (n,), stat sums (4,) and Saved (lse, coefs (3, n)).
-    shard: weight is this rank's slice of a vocab-parallel head (chunked.Shard)."""
-    from .kernels.fused_fwd import dft_fwd
+def fused_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
+                  shard: VocabShard | None = None, chunk_size=None,
+                  config=None) -> Forward:  # fmt: skip
+    """Saved (lse, coefs (3, n)) when a gradient is needed. shard: weight is this rank's slice
+    of a vocab-parallel head; chunk_size: unused (the kernel reads every token in place)."""
+    from ..kernels.fused_fwd import fused_partials
 
-    labels = rows.labels - shard.offset if shard is not None else rows.labels
-    part = dft_fwd(hidden, weight, bias, rows.idx, labels, rows.num_valid, opts, config)
+    labels = local_labels(rows.labels, shard)
+    part = fused_partials(hidden, weight, bias, rows.idx, labels, rows.num_valid, opts, config)
     if shard is not None:
         part = shard.merge(part)
-    vocab = shard.vocab if shard is not None else weight.shape[0]
     stats = P.finalize(part)
-    terms = mask_terms(token_terms(stats, opts, vocab, rows.token_weights, rows.old_logprobs), rows)
-    saved = Saved(stats.lse, terms.scaled(1))
-    return terms.loss, token_logprobs(stats, rows), stat_sums(stats, rows), saved
+    terms = token_terms(stats, opts, full_vocab(weight, shard), rows.token_weights,
+                        rows.old_logprobs)  # fmt: skip
+    terms = mask_terms(terms, rows)
+    saved = Saved(stats.lse, terms.scaled(1)) if any(need) else None
+    return Forward(terms.loss, token_logprobs(stats, rows), stat_sums(stats, rows), saved, None)
 
 
 # bytes of the logit-gradient scratch (token chunk x vocab chunk) and the most tokens per chunk
@@ -52,17 +54,21 @@ TOKEN_CHUNK = 16384
 _COLUMN_MULTIPLE = 128  # vocab chunks a multiple of the GEMM tile
 
 
-def fused_backward(hidden, weight, bias, rows: Rows, lse, coefs, opts: LossOptions, need, config,
-                   shard: Shard | None = None):  # fmt: skip
+def fused_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, opts: LossOptions,
+                   need, shard: VocabShard | None = None, chunk_size=None,
+                   config=None):  # fmt: skip
     """dh (N, D) in hidden's dtype (zero at rows not selected), dW and db in the weight's dtype,
-    each None when not needed. lse (n,) and coefs (3, n) fp32 = (a, b, u) x the upstream
-    gradient, per selected row. shard: as in fused_forward (dh is then this shard's term)."""
-    from .kernels import configs
-    from .kernels.fused_bwd import dft_dz
+    each None when not needed. saved: per selected row lse (n,) and (a, b, u) (3, n); upstream
+    (n,): each row's upstream gradient. shard: as in fused_forward (dh is then this shard's
+    term)."""
+    from ..kernels import configs
+    from ..kernels.fused_bwd import fused_dz
 
+    lse = saved.lse.float()
+    coefs = (saved.coefs * upstream).float().contiguous()
     n, (v, d) = rows.n, weight.shape
     dev = hidden.device
-    labels = rows.labels - shard.offset if shard is not None else rows.labels
+    labels = local_labels(rows.labels, shard)
     dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need[0] else None
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need[2] else None
     token_chunk = max(1, min(n, TOKEN_CHUNK))
@@ -97,7 +103,7 @@ def fused_backward(hidden, weight, bias, rows: Rows, lse, coefs, opts: LossOptio
                 dz = scratch[: t1 - t0, : v1 - v0]
                 if db_part is not None:
                     db_part.zero_()
-                dft_dz(hidden, weight, bias, idx, labels[t0:t1], rows.num_valid, t0,
+                fused_dz(hidden, weight, bias, idx, labels[t0:t1], rows.num_valid, t0,
                        lse[t0:t1], coefs[:, t0:t1], v0, dz, opts, plan, db_part)  # fmt: skip
                 if dw is not None:
                     if one_pass:
@@ -113,3 +119,6 @@ def fused_backward(hidden, weight, bias, rows: Rows, lse, coefs, opts: LossOptio
     dw = dw.to(weight.dtype) if dw is not None else None
     db = db.to(bias.dtype) if db is not None else None
     return dh, dw, db
+
+
+FUSED = Backend(name="fused", forward=fused_forward, backward=fused_backward)

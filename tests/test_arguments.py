@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import fused_dft
-from fused_dft import chunked, function
+
+from .helpers import replace_backend_forwards
 
 N, D, V = 6, 8, 10
 
@@ -18,8 +19,7 @@ def no_compute(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("computation started before the argument error")
 
-    monkeypatch.setattr(chunked, "chunked_forward", forbidden)
-    monkeypatch.setattr(function, "fused_forward", forbidden)
+    replace_backend_forwards(monkeypatch, lambda forward: forbidden)
     monkeypatch.setattr(torch.nn.functional, "linear", forbidden)  # the reference's logits
 
 

@@ -5,12 +5,14 @@ fused_dft's own reference (closed-form gradients, no autograd), and the referenc
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fused_dft
+from fused_dft import family
 
 from .helpers import IMPL_CASES, assert_close, make_inputs, use_impl
 
@@ -268,3 +270,89 @@ def test_member_bf16_within_torch_error(member, case, monkeypatch):
         err = float((g.double() - g_t).abs().max())
         err_torch = float((g_ref.double() - g_t).abs().max())
         assert err <= 2 * err_torch + margin * float(g_t.abs().max()), (name, err, err_torch)
+
+
+# The family is one registry (fused_dft/family.py): the tests above cover every registered
+# member, and the docs table is generated from the records.
+def test_every_registered_member_is_tested_here():
+    tested = {opts.get("loss_type", name) for name, opts in MEMBERS.items()}
+    assert tested == set(family.loss_types())
+
+
+def test_docs_table_is_the_registry():
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "losses.md").read_text()
+    assert family.markdown_table() in docs, "regenerate docs/losses.md's table from the registry"
+
+
+@pytest.mark.parametrize("member_name", list(family.loss_types()))
+def test_parameter_checks_come_from_the_record(member_name):
+    rec = family.member(member_name)
+    old = {"old_logprobs": -torch.rand(N)} if rec.needs_old_logprobs else {}
+    hidden, weight, labels = torch.randn(N, D), torch.randn(V, D), torch.randint(0, V, (N,))
+    for p in rec.params:
+        with pytest.raises(ValueError, match=f"{p.name} must be {p.bound}"):
+            fused_dft.fused_linear_dft_loss(
+                hidden, weight, labels, loss_type=member_name, **{p.name: p.low - 1.0}, **old
+            )
+        others = [
+            t for t in family.loss_types() if t != member_name and not family.member(t).params
+        ]
+        with pytest.raises(ValueError, match=f"{p.name} is a parameter of loss_type"):
+            fused_dft.fused_linear_dft_loss(
+                hidden, weight, labels, loss_type=others[0], **{p.name: p.default}
+            )
+
+
+# Adding a member is one record: a weight registered at run time (a focal-style weight
+# w = (1 - p)^gamma, gradient-stopped) runs on every impl, checked against its formula written
+# here in float64 with autograd.
+def focal_coefficients(stats, params, vocab, old):
+    w = (-torch.expm1(stats.logp)).pow(params["focal_gamma"])
+    return -w * stats.logp, w
+
+
+def focal_definition(logp_y, logp, params, old):
+    return -(-torch.expm1(logp_y.detach())).pow(params["focal_gamma"]) * logp_y
+
+
+@pytest.fixture
+def focal_member(monkeypatch):
+    monkeypatch.setattr(family, "REGISTRY", dict(family.REGISTRY))
+    family.register(
+        family.Member(
+            name="focal_test",
+            coefficients=focal_coefficients,
+            definition=focal_definition,
+            loss_text="`-sg((1 - p)^gamma) log p`",
+            weight_text="`(1 - p)^gamma`",
+            params=(family.Param("focal_gamma", 2.0, 0.0, True),),
+        )
+    )
+    with pytest.raises(ValueError, match="registered already"):
+        family.register(family.member("focal_test"))
+
+
+@pytest.mark.parametrize("case", ["reference", *IMPL_CASES])
+def test_a_registered_member_runs_on_every_impl(focal_member, case, monkeypatch):
+    hidden, weight, labels, bias = make_inputs(N, D, V, bias=True, scale=2.0, ignore_index=IGNORE)
+    h, w, b = (t.double().requires_grad_(True) for t in (hidden, weight, bias))
+    p_y = torch.log_softmax(h @ w.t() + b, -1)
+    valid = labels != IGNORE
+    logp = p_y.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)
+    weight_t = (1 - logp.detach().exp()) ** 1.5
+    expected = torch.where(valid, -weight_t * logp, 0.0).sum() / valid.sum()
+    expected.backward()
+    impl = use_impl(case, monkeypatch)
+    h2, w2, b2 = (t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias))
+    loss = fused_dft.fused_linear_dft_loss(
+        h2, w2, labels, b2, loss_type="focal_test", focal_gamma=1.5, impl=impl,
+        ignore_index=IGNORE, chunk_size=8,
+    )  # fmt: skip
+    loss.backward()
+    assert_close(loss, expected, "loss", rtol=1e-5, atol_frac=1e-6)
+    for name, got, want in (
+        ("dh", h2.grad, h.grad),
+        ("dW", w2.grad, w.grad),
+        ("db", b2.grad, b.grad),
+    ):
+        assert_close(got, want, name)

@@ -197,7 +197,7 @@ def test_bad_label_without_sync_gives_nan_and_no_out_of_range_read(case, monkeyp
 
 
 def test_validate_defaults_and_bad_value():
-    from fused_dft.validate import default_validate
+    from fused_dft.arguments import default_validate
 
     assert default_validate(torch.device("cpu")) == "sync"
     assert default_validate(torch.device("cuda", 0)) == "device"

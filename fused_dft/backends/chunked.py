@@ -16,17 +16,18 @@ applies c = the token's upstream gradient (8*N*D*V FLOPs).
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import NamedTuple
 
 import torch
 
-from . import partials as P
+from .. import partials as P
+from ..coefficients import token_terms
+from ..options import LossOptions
+from ..selection import Rows, chunk_of, mask_terms, mean_scale, stat_sums, token_logprobs
+from .base import Backend, Forward, Saved, VocabShard, acc_dtype, full_vocab, local_labels
 from .matmul import addmm_fp32_
-from .options import LossOptions
-from .reduction import Rows, chunk_of, mask_terms, mean_scale, stat_sums, token_logprobs
 from .rows_torch import rows_grad_, rows_grad_from_logits_, rows_partials_, transform_
-from .weights import token_terms
 
 # Elements of one chunk's logits buffer: 32M (128 MB in fp32) on the CPU; on CUDA at most 256M,
 # and at most a share of the free memory
@@ -36,11 +37,6 @@ _MIN_CHUNK_ROWS = 16
 # 16-bit ones and a temporary) may take 1/_CUDA_FREE_SHARE of the free memory
 _CUDA_ROW_MULTIPLE = 128
 _CUDA_FREE_SHARE = 4
-
-
-def acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """Accumulation dtype: fp32, or fp64 for fp64 inputs."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def default_chunk_rows(vocab: int, device: torch.device) -> int:
@@ -65,25 +61,6 @@ def default_chunk_rows(vocab: int, device: torch.device) -> int:
 def _accumulate_outer(acc: torch.Tensor, dx: torch.Tensor, h: torch.Tensor) -> None:
     """acc (fp32) += dx^T h with fp32 accumulation (the weight gradient of a chunk)."""
     addmm_fp32_(acc, dx.t(), h)
-
-
-class Shard(NamedTuple):
-    """This rank's slice of a vocab-parallel LM head (None on one device).
-
-    offset: first vocab id of the shard; vocab: the full V; merge: partials (5, n) of the shard
-    -> partials of the whole vocabulary (a collective across the ranks)."""
-
-    offset: int
-    vocab: int
-    merge: object
-
-
-class Saved(NamedTuple):
-    """What backward needs when gradients are not computed in the forward pass: per selected row,
-    lse and the coefficients (a, b, u) before the upstream gradient."""
-
-    lse: torch.Tensor
-    coefs: torch.Tensor
 
 
 def _logits(h_c, weight, bias):
@@ -119,34 +96,38 @@ def new_grads(hidden, weight, need):
     )
 
 
-def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, chunk_rows: int,
-                    use_triton: bool, need, shard: Shard | None = None):  # fmt: skip
+def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
+                    shard: VocabShard | None, chunk_size: int | None,
+                    use_triton: bool) -> Forward:  # fmt: skip
     """hidden (N, D); rows: the selected tokens (only one chunk of them is gathered at a time).
 
     need = (dh, dW, db). With reduction "mean"/"sum" and a gradient needed, the gradients are
     computed now (for an upstream gradient of 1); with "none", Saved is returned instead.
-    Returns token_loss (n,), logp (n,), stat sums (4,), Saved or None, and (dh (N, D), dW, db)
-    or None.
     """
     n = rows.n
     acc = acc_dtype(hidden)
     dev = hidden.device
-    vocab = shard.vocab if shard is not None else weight.shape[0]
+    vocab = full_vocab(weight, shard)
+    chunk_rows = chunk_rows_for(chunk_size, weight, hidden)
     grads_now = any(need) and opts.reduction != "none"
     keep = any(need) and not grads_now
     token_loss = torch.empty(n, dtype=acc, device=dev)
     logp = torch.empty(n, dtype=acc, device=dev)
     sums = torch.zeros(4, dtype=torch.float32, device=dev)
-    saved = Saved(torch.empty(n, dtype=acc, device=dev), torch.empty(3, n, dtype=acc, device=dev))
+    saved = None
+    if keep:
+        saved = Saved(
+            torch.empty(n, dtype=acc, device=dev), torch.empty(3, n, dtype=acc, device=dev)
+        )
     grads = new_grads(hidden, weight, need) if grads_now else None
     grad_scale = mean_scale(opts, rows, acc)
     if use_triton:
-        from .kernels import rows as rows_triton
+        from ..kernels import rows as rows_triton
 
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
         rows_c = chunk_of(rows, start, stop)
-        y_c = rows_c.labels - shard.offset if shard is not None else rows_c.labels
+        y_c = local_labels(rows_c.labels, shard)
         h_c = _gather_hidden(hidden, rows_c)
         x = _logits(h_c, weight, bias)
         # 1. partials of this shard's vocabulary, merged across shards, per-token figures
@@ -178,23 +159,24 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, chunk_r
             rows_grad_(x, y_c, torch.exp(m_local - stats.lse), coefs, dtanh, opts)
         _apply_dx(x.to(hidden.dtype), h_c, rows_c.idx, weight, *grads)
         del x
-    return token_loss, logp, sums, (saved if keep else None), grads
+    return Forward(token_loss, logp, sums, saved, grads)
 
 
-def chunked_backward(hidden, weight, bias, rows: Rows, saved: Saved, grad_tokens, opts,
-                     chunk_rows: int, use_triton: bool, need,
-                     shard: Shard | None = None):  # fmt: skip
-    """The gradients from Saved: grad_tokens (n,) is each selected row's upstream gradient
+def chunked_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, opts, need,
+                     shard: VocabShard | None, chunk_size: int | None,
+                     use_triton: bool):  # fmt: skip
+    """The gradients from Saved: upstream (n,) is each selected row's upstream gradient
     (already times the mean scale). Recomputes each chunk's logits; returns dh, dW, db (fp32)
     or None."""
+    chunk_rows = chunk_rows_for(chunk_size, weight, hidden)
     grads = new_grads(hidden, weight, need)
-    coefs_all = saved.coefs * grad_tokens.to(saved.coefs.dtype)
+    coefs_all = saved.coefs * upstream.to(saved.coefs.dtype)
     if use_triton:
-        from .kernels import rows as rows_triton
+        from ..kernels import rows as rows_triton
     for start in range(0, rows.n, chunk_rows):
         stop = min(start + chunk_rows, rows.n)
         rows_c = chunk_of(rows, start, stop)
-        y_c = rows_c.labels - shard.offset if shard is not None else rows_c.labels
+        y_c = local_labels(rows_c.labels, shard)
         h_c = _gather_hidden(hidden, rows_c)
         x = _logits(h_c, weight, bias)
         lse, coefs = saved.lse[start:stop], coefs_all[:, start:stop]
@@ -207,19 +189,20 @@ def chunked_backward(hidden, weight, bias, rows: Rows, saved: Saved, grad_tokens
     return grads
 
 
-def scale_precomputed(grads, grad_loss):
-    """Precomputed gradients (for an upstream gradient of 1) times the upstream scalar, in place,
-    the product in fp32 (a bf16 dh is rounded once, not scaled by a bf16-rounded factor)."""
-    if grad_loss.device.type == "cpu" and bool(grad_loss == 1):
-        return grads  # the common case; a free check on the CPU
-    factor = grad_loss.float() if grad_loss.dtype != torch.float64 else grad_loss
-    for g in grads:
-        if g is not None:
-            g.mul_(factor)
-    return grads
-
-
 def chunk_rows_for(chunk_size: int | None, weight: torch.Tensor, hidden: torch.Tensor) -> int:
     """Tokens per chunk: chunk_size, else default_chunk_rows; never more than the tokens."""
     rows = chunk_size or default_chunk_rows(weight.shape[0], hidden.device)
     return max(1, min(rows, hidden.shape[0]))
+
+
+def _backend(name: str, use_triton: bool) -> Backend:
+    return Backend(
+        name=name,
+        forward=functools.partial(chunked_forward, use_triton=use_triton),
+        backward=functools.partial(chunked_backward, use_triton=use_triton),
+        grads_in_forward=True,
+    )
+
+
+CHUNKED = _backend("chunked", use_triton=True)  # Triton row kernels (CUDA, or the interpreter)
+CHUNKED_TORCH = _backend("chunked_torch", use_triton=False)  # torch row ops

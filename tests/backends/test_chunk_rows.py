@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fused_dft import chunked
+from fused_dft.backends import chunked
 
 CUDA = torch.device("cuda")
 GIB = 2**30

@@ -1,0 +1,99 @@
+"""The path of one call, shared by the custom ops (ops.py, one device) and the vocab-parallel
+Function (parallel.py, one rank's shard): check values, select rows, run a backend, reduce.
+
+    forward:  check_values (validate="sync")   arguments.py: bad labels raise before any compute
+              select_rows                      selection.py: the tokens the matmuls see
+              backend.forward                  backends/: partials -> (loss, a, b, u) per token
+              reduce_token_loss                mean / sum / none back over the N rows
+    backward: upstream per row = grad_output x mean scale (or per token for "none")
+              backend.backward                 dz = a softmax - b onehot - u, then dh, dW, db
+              gradients in the parameters' dtypes
+A backend that computed the gradients in its forward pass (chunked, "mean" / "sum") is not run
+again: backward scales what it returned (scale_precomputed), once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .arguments import check_values
+from .backends import BACKENDS
+from .backends.base import Saved, VocabShard, acc_dtype
+from .options import LossOptions
+from .selection import Rows, mean_scale, reduce_token_loss, scatter_rows, select_rows
+
+BACKWARD_TWICE = (
+    "fused_dft: backward through the same graph twice is not supported with "
+    "reduction='mean'/'sum' (gradients are computed in the forward pass and consumed); use "
+    "reduction='none' or recompute the loss"
+)
+
+
+class PathForward(NamedTuple):
+    """loss (reduced), stat sums (4,), num_valid, log p_y (N,) in the caller's row order; and for
+    backward the selected rows with the backend's Saved or its precomputed gradients."""
+
+    loss: torch.Tensor
+    sums: torch.Tensor
+    num_valid: torch.Tensor
+    logprobs: torch.Tensor
+    rows: Rows
+    saved: Saved | None
+    grads: tuple | None
+
+
+def path_forward(hidden, weight, bias, labels, token_weights, old_logprobs, opts: LossOptions,
+                 impl: str, chunk_size: int | None, need,
+                 shard: VocabShard | None = None) -> PathForward:  # fmt: skip
+    """hidden (N, D), labels (N,) global ids; need = (dh, dW, db); impl: a name in BACKENDS.
+    With validate="sync" the value checks run first, before any compute."""
+    vocab = shard.vocab if shard is not None else weight.shape[0]
+    if opts.validate == "sync":
+        check_values(labels, vocab, opts, token_weights, old_logprobs)
+    rows = select_rows(labels, opts, token_weights, old_logprobs, acc_dtype(hidden), vocab)
+    out = BACKENDS[impl].forward(hidden, weight, bias, rows, opts, need, shard, chunk_size)
+    n_rows = hidden.shape[0]
+    loss = reduce_token_loss(out.token_loss, rows, n_rows, opts)
+    logprobs = scatter_rows(out.logp, rows, n_rows)
+    return PathForward(loss, out.sums, rows.num_valid, logprobs, rows, out.saved, out.grads)
+
+
+def path_backward(hidden, weight, bias, rows: Rows, saved: Saved, grad_loss, opts: LossOptions,
+                  impl: str, chunk_size: int | None, need,
+                  shard: VocabShard | None = None):  # fmt: skip
+    """(dh (N, D), dW, db) from Saved (per selected row) and the upstream gradient of the loss,
+    in the parameters' dtypes; None where not needed."""
+    acc = acc_dtype(hidden)
+    if opts.reduction == "none":
+        upstream = grad_loss.to(acc).index_select(0, rows.idx)
+    else:
+        upstream = (grad_loss.to(acc) * mean_scale(opts, rows, acc)).expand(rows.n)
+    grads = BACKENDS[impl].backward(
+        hidden, weight, bias, rows, saved, upstream, opts, need, shard, chunk_size
+    )
+    return cast_grads(grads, weight, bias)
+
+
+def cast_grads(grads, weight, bias):
+    """(dh, dW, db) with dW / db in the weight's / bias's dtype (they accumulate in fp32)."""
+    dh, dw, db = grads
+    dw = dw.to(weight.dtype) if dw is not None else None
+    db = db.to(bias.dtype) if db is not None else None
+    return dh, dw, db
+
+
+def scale_precomputed(grads, grad_loss):
+    """Precomputed gradients (for an upstream gradient of 1) times the upstream scalar, the
+    product in fp32 (a bf16 dh is rounded once, not scaled by a bf16-rounded factor). In place in
+    eager mode; out of place where torch.compile traces the backward."""
+    factor = grad_loss.double() if grad_loss.dtype == torch.float64 else grad_loss.float()
+    if torch.compiler.is_compiling():
+        return tuple(None if g is None else (g * factor).to(g.dtype) for g in grads)
+    if grad_loss.device.type == "cpu" and bool(grad_loss == 1):
+        return grads  # the common case; a free check on the CPU
+    for g in grads:
+        if g is not None:
+            g.mul_(factor)
+    return grads
