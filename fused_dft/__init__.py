@@ -8,31 +8,32 @@ __version__ = "0.1.0"
 
 def patch_model(model, **kwargs):
     """Patch a Hugging Face causal LM instance to train with the fused loss."""
-    from .transformers import patch_model as _patch
+    from .hf import patch_model as _patch
 
     return _patch(model, **kwargs)
 
 
 def unpatch_model(model):
     """Undo patch_model on that instance."""
-    from .transformers import unpatch_model as _unpatch
+    from .hf import unpatch_model as _unpatch
 
     return _unpatch(model)
 
 
 def is_patched(model) -> bool:
     """Whether patch_model is in effect on that instance (or on a PEFT model's base model)."""
-    from .transformers import is_patched as _is_patched
+    from .hf import is_patched as _is_patched
 
     return _is_patched(model)
 
 
-_SUBMODULES = ("transformers", "families", "integrations")
+_SUBMODULES = ("hf", "transformers", "families", "integrations")
 
 
 def __getattr__(name: str):
-    # `fused_dft.transformers.is_patched` works after a bare `import fused_dft`, without importing
-    # transformers (or TRL) at `import fused_dft` time
+    # `fused_dft.hf.is_patched` (and the compatibility `fused_dft.transformers.is_patched`) work
+    # after a bare `import fused_dft`, without importing transformers (or TRL) at `import
+    # fused_dft` time
     if name in _SUBMODULES:
         import importlib
 

@@ -460,7 +460,7 @@ def run_fsdp(case: str, world: int, rank: int, batches) -> None:
     from torch.distributed.fsdp import fully_shard
 
     import fused_dft
-    from fused_dft.transformers import _head_params
+    from fused_dft.hf.heads import _head_params
 
     mesh = _mesh(world)
     tied = "tied" in case

@@ -36,8 +36,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "fused_dft.integrations.trl needs TRL: pip install trl (or 'fused_dft[hf]')"
     ) from exc
 
+from ..hf import LOSS_OPTIONS, is_patched, patch_model
 from ..loss import validate_impl
-from ..transformers import LOSS_OPTIONS, is_patched, patch_model
 
 # TRL's loss_type -> fused_dft's loss_type: the losses the fused kernels compute. A new pair is
 # one entry here.

@@ -23,7 +23,7 @@ peft = pytest.importorskip("peft")
 import fused_dft  # noqa: E402
 from fused_dft.integrations.trl import SFTTrainer  # noqa: E402
 
-from .test_transformers import V, tiny_model, tiny_tokenizer  # noqa: E402
+from ..hf.helpers import V, tiny_model, tiny_tokenizer  # noqa: E402
 
 LOSS_RTOL = 1e-5  # logged losses (means of fp32 sums over ~100 tokens)
 PARAM_ATOL = 1e-6  # parameters after 3 SGD steps at lr 0.5 (updates of order 1e-2)

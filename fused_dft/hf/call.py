@@ -1,0 +1,238 @@
+"""The patched call: the family's own forward, its lm_head input recorded and its loss fused.
+
+One generic causal-LM forward serves every family, and it is the family's own: the stock forward
+runs unchanged, with two hooks on this call only.
+  - A forward pre-hook on the lm_head (the module `get_output_embeddings()` returns) records the
+    hidden states the stock forward feeds it and hands the head an empty slice of them, so the
+    `(batch, seq, vocab)` logits are never built (in eval mode the head runs on all of them, so
+    `compute_metrics` gets the stock logits).
+  - `loss_function`, which every transformers causal LM calls for its loss, returns the fused
+    loss of the recorded hidden states against the labels instead of the cross-entropy of the
+    logits.
+Everything else is the family's forward: the decoder call and its arguments, the MoE router loss
+(the family's own function, coefficient and conditions), the output class and its fields. What a
+family does between its lm_head and its loss is read from the config and handed to the kernel
+(`final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`; see model.py).
+Calls without labels (generation, inference) run the stock forward untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..loss import fused_linear_dft_loss
+from .heads import _as_lm_head_forward, _fsdp_head_stand_in, _head_params
+from .model import _lm_head, _positional_names
+from .state import SLOT_ATTR, STAT_NAMES, STATE_ATTR, TOKEN_COLUMNS, PatchState
+
+
+class FusedCall:
+    """One patched forward call: records lm_head's input and computes the fused loss from it."""
+
+    def __init__(self, model: nn.Module, state: PatchState, keep_logits: bool,
+                 columns: dict, want_logprobs: bool) -> None:  # fmt: skip
+        self.model = model
+        self.state = state
+        self.keep_logits = keep_logits
+        self.columns = columns  # TOKEN_COLUMNS given to this call, aligned with labels
+        self.want_logprobs = want_logprobs
+        self.head_calls = 0
+        self.loss_called = False
+        self.hidden: torch.Tensor | None = None
+        self.lm_loss: torch.Tensor | None = None  # the fused loss, before any router loss
+        self.stats = None
+        self.token_logprobs: torch.Tensor | None = None  # aligned with labels
+        self.head = _lm_head(model)  # the real one, also while a stand-in takes its place
+
+    def capture(self, module: nn.Module, args: tuple):
+        """lm_head forward pre-hook: record the hidden states; training gets an empty slice."""
+        self.head_calls += 1
+        self.hidden = args[0]
+        if self.keep_logits:
+            return None
+        return (args[0][..., :0, :],) + tuple(args[1:])
+
+    def loss(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=None,
+             shift_labels=None, **kwargs):  # fmt: skip
+        """The loss_function the stock forward calls: fused loss of the recorded hidden states."""
+        self.loss_called = True
+        state, hidden = self.state, self.hidden
+        if hidden is None:
+            raise RuntimeError(
+                f"fused_dft: {state.base_class.__qualname__} computed its loss before calling its "
+                "lm_head; it cannot be patched"
+            )
+        if self.lm_loss is not None:
+            raise RuntimeError(
+                f"fused_dft: {state.base_class.__qualname__} calls loss_function more than once "
+                "per forward; it cannot be patched"
+            )
+        if ignore_index is None:
+            ignore_index = state.loss_options["ignore_index"]
+        # 1. next-token labels: shift, unless the caller passed them shifted (context
+        #    parallelism); the per-token columns are shifted with them
+        columns = dict(self.columns)
+        shifted_here = shift_labels is None
+        if shifted_here:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+            columns = {k: F.pad(v, (0, 1))[..., 1:] for k, v in columns.items()}
+        if tuple(shift_labels.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(
+                f"fused_dft: labels of shape {tuple(shift_labels.shape)} for hidden states of "
+                f"shape {tuple(hidden.shape)}: with labels the lm_head must see every position "
+                "(logits_to_keep is for generation, without labels)"
+            )
+        head = self.head
+        weight = head.weight
+        hidden = hidden.to(weight.device)
+        shift_labels = shift_labels.to(weight.device)
+        columns = {k: v.to(weight.device) for k, v in columns.items()}
+
+        # 2. the fused loss, in the dtype the lm_head would run in: autocast's, else the weight's
+        device_type = hidden.device.type
+        autocast_on = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast_on else weight.dtype
+        options = {**state.loss_options, "ignore_index": ignore_index}
+
+        def head_loss(hidden_in, labels_in):
+            weight, bias = _head_params(self.model, head)  # read after FSDP's unshard
+            return fused_linear_dft_loss(
+                hidden_in.to(dtype),
+                weight.to(dtype),
+                labels_in,
+                None if bias is None else bias.to(dtype),
+                loss_type=state.loss_type,
+                reduction="mean" if num_items_in_batch is None else "sum",
+                logit_scale=state.transform.kernel_scale,
+                softcap=state.transform.softcap,
+                impl=state.impl,
+                return_stats=True,
+                return_logprobs=True,
+                **columns,
+                **options,
+            )
+
+        with (
+            torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext()
+        ):
+            loss, self.stats, logprobs = _as_lm_head_forward(head, head_loss, hidden, shift_labels)
+        if self.want_logprobs:
+            # back to the labels' positions: position t + 1 holds log p(labels[t + 1] | <= t)
+            self.token_logprobs = F.pad(logprobs, (1, 0))[..., :-1] if shifted_here else logprobs
+        if num_items_in_batch is not None:
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        self.lm_loss = loss
+        # a copy: families add their router loss in place (`loss += coef * aux_loss`)
+        return loss.clone()
+
+    def check(self) -> None:
+        name = self.state.base_class.__qualname__
+        if self.head_calls != 1 or self.lm_loss is None:
+            raise RuntimeError(
+                f"fused_dft: {name}'s forward called its lm_head {self.head_calls} time(s) and "
+                f"{'did not call' if self.lm_loss is None else 'called'} loss_function; the "
+                "patch needs one lm_head call followed by self.loss_function(logits, labels, ...)"
+            )
+
+
+def _capture_pre_hook(module: nn.Module, args: tuple):
+    """The lm_head's forward pre-hook while patched: inside a patched forward, the FusedCall
+    records the hidden states (and, in training, hands the head an empty slice); otherwise it does
+    nothing. Registered once at patch time (compiled graphs trace it; a module-level function so
+    copies and pickles of the model keep it: those of fused_dft 0.1.0 name it
+    fused_dft.transformers._capture_pre_hook, kept there)."""
+    slot = module.__dict__.get(SLOT_ATTR)
+    if not slot:
+        return None
+    return slot[-1].capture(module, args)
+
+
+def _fused_forward(model, stock_forward, args: tuple, kwargs: dict):
+    state: PatchState | None = model.__dict__.get(STATE_ATTR)
+    if args:
+        kwargs = _bind_positional(state, stock_forward, args, kwargs)
+    if state is None or kwargs.get("labels") is None:
+        # no labels (generation, inference), or unpatched while someone still holds this forward
+        return stock_forward(model, **kwargs)
+    out, _ = _run_fused(model, state, stock_forward, kwargs)
+    return out
+
+
+def _run_fused(model, state: PatchState, stock_forward, kwargs: dict):
+    """The stock forward with the fused loss; returns (output, the FusedCall)."""
+    kwargs = dict(kwargs)
+    skip_logits = kwargs.pop("skip_logits", None)
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    if state.accepts_kwargs is None or "return_dict" in state.accepts_kwargs:
+        kwargs["return_dict"] = True
+    if skip_logits is None:
+        skip_logits = model.training or not state.eval_logits
+    columns = {k: kwargs.pop(k) for k in TOKEN_COLUMNS if kwargs.get(k) is not None}
+    for k in TOKEN_COLUMNS:
+        kwargs.pop(k, None)
+    want_logprobs = bool(kwargs.pop("return_token_logprobs", state.loss_type == "psft"))
+
+    call = FusedCall(model, state, not skip_logits, columns, want_logprobs)
+    if state.slot:
+        raise RuntimeError("fused_dft: a patched forward is already running on this model")
+    state.slot.append(call)  # the lm_head's pre-hook and loss_function find it there
+    try:
+        with _fsdp_head_stand_in(model, call):
+            out = stock_forward(model, **kwargs)
+    except Exception as exc:
+        if call.head_calls and not call.loss_called:
+            raise RuntimeError(
+                f"fused_dft: {state.base_class.__qualname__} computes its loss from the logits "
+                "itself, not through self.loss_function, so the fused loss cannot replace it "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        raise
+    finally:
+        state.slot.clear()
+    call.check()
+    if isinstance(out, tuple):
+        raise TypeError(
+            f"fused_dft: {state.base_class.__qualname__} returned a tuple although "
+            "return_dict=True was asked; it cannot be patched"
+        )
+
+    if skip_logits:
+        fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        out = type(out)(**{**fields, "logits": None})
+    figures = (call.stats.ce, call.stats.entropy, call.stats.accuracy, call.stats.num_tokens)
+    extra = {"lm_loss": call.lm_loss}
+    if call.token_logprobs is not None:
+        extra["token_logprobs"] = call.token_logprobs
+    for name, value in zip(STAT_NAMES + tuple(extra), figures + tuple(extra.values())):
+        if out.logits is None:
+            # a key as well as an attribute: survives wrappers that rebuild the output dict
+            # (accelerate's mixed-precision forward wrapper does)
+            out[name] = value
+        else:
+            # attribute only: Trainer.prediction_step gathers every key but "loss" as predictions
+            object.__setattr__(out, name, value)
+    if not return_dict:
+        # the stock tuple (the non-None fields in order), with the logits slot kept when None
+        values = [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
+        return tuple(v for k, v in values if v is not None or k == "logits"), call
+    return out, call
+
+
+def _bind_positional(state, stock_forward, args: tuple, kwargs: dict) -> dict:
+    names = state.positional if state is not None else _positional_names(stock_forward)
+    if len(args) > len(names):
+        raise TypeError(f"forward takes at most {len(names)} positional arguments, got {len(args)}")
+    bound = dict(zip(names, args))
+    duplicate = set(bound) & set(kwargs)
+    if duplicate:
+        raise TypeError(f"forward got multiple values for {sorted(duplicate)}")
+    return {**bound, **kwargs}

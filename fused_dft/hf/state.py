@@ -1,0 +1,54 @@
+"""What a patch stores: PatchState on the model, the slot on its lm_head, and the option tables.
+
+Shared by the patched call, verify and the patch lifecycle; imports nothing of theirs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .model import LogitTransform
+
+STATE_ATTR = "_fused_dft_patch"
+# On the lm_head: the patch's slot, a list holding the FusedCall of the forward in progress (empty
+# between calls), which the lm_head's permanent pre-hook (_capture_pre_hook) reads.
+SLOT_ATTR = "_fused_dft_slot"
+# Batch figures of the fused pass attached to the output (detached; means over the valid tokens).
+# The output also carries `lm_loss`: the fused loss before any router loss (with its gradient; it
+# is `loss` for dense models), for trainers that weight the router loss themselves.
+STAT_NAMES = ("ce_loss", "entropy", "token_accuracy", "num_tokens")
+# Options of patch_model that go to fused_linear_dft_loss unchanged, with their defaults; the
+# logit transforms come from the config instead. A new loss option is one entry here.
+LOSS_OPTIONS: dict[str, Any] = {
+    "chunk_size": None,
+    "ignore_index": -100,
+    "power_q": None,
+    "eaft_alpha": None,
+    "clip_eps": None,
+    "z_loss": 0.0,
+    "label_smoothing": 0.0,
+    "validate": None,
+}
+# The options that define the loss itself (verify checks against the stock cross-entropy without)
+FAMILY_OPTIONS = ("power_q", "eaft_alpha", "clip_eps", "z_loss", "label_smoothing")
+# Per-token batch columns the patched forward takes as keywords, aligned with `labels` and shifted
+# with them (HF Trainer / TRL datasets can carry them): they go to the loss, not to the decoder.
+TOKEN_COLUMNS = ("token_weights", "old_logprobs")
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchState:
+    """Per-instance patch settings, stored on the model as `_fused_dft_patch`."""
+
+    base_class: type
+    loss_type: str
+    impl: str
+    loss_options: dict
+    eval_logits: bool
+    transform: LogitTransform
+    is_moe: bool
+    positional: tuple[str, ...]
+    accepts_kwargs: frozenset[str] | None  # the forward's keyword names; None: it takes **kwargs
+    slot: list = dataclasses.field(default_factory=list, compare=False)  # see SLOT_ATTR
+    hook_id: int | None = None  # the lm_head pre-hook's key in its _forward_pre_hooks

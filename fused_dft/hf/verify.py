@@ -1,0 +1,180 @@
+"""verify=True: check the patched path against the stock forward at patch time.
+
+On a short random batch with labels, in eval mode and without gradients, the patched forward (in
+cross-entropy mode, without the family's loss options) must reproduce the stock forward: the
+logits the fused loss would use (which also settles which of the config's logit transforms the
+family applies) and the loss (cross-entropy plus any MoE router loss). A model that differs is
+refused and left unpatched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..parallel import is_dtensor
+from .call import _run_fused
+from .model import LogitTransform, _candidate_transforms, _lm_head, _text_config
+from .state import FAMILY_OPTIONS, LOSS_OPTIONS, STATE_ATTR, PatchState
+
+
+def _verify(model, state: PatchState) -> None:
+    """Refuse the model unless the patched path reproduces the stock logits and loss.
+
+    Also settles which of the config's logit transforms the family applies (the state's
+    transform is replaced by the one that matches).
+    """
+    _refuse_sharded_for_verify(model)
+    head = _lm_head(model)
+    weight = head.weight
+    inputs = _random_batch(model, state, weight)
+    name = f"{state.base_class.__qualname__} ({state.base_class.__module__})"
+    refused = f"patch_model(verify=True): {name} was left unpatched"
+
+    with _eval_mode(model), torch.no_grad():
+        stock = _stock_output(model, state, inputs, refused)
+        ours, call = _patched_ce(model, state, state.transform, inputs, refused)
+        raw = F.linear(call.hidden, weight, head.bias)
+
+        # 1. the logits: which of the config's transforms the family applies after its lm_head
+        stock_logits = _checked_logits(stock, raw, refused)
+        tol = max(1e-5, 4 * torch.finfo(stock_logits.dtype).eps)
+        transform = _matching_transform(model, state, raw, stock_logits, tol, name)
+        if transform != state.transform:
+            ours, _ = _patched_ce(model, state, transform, inputs, refused)
+            setattr(model, STATE_ATTR, dataclasses.replace(state, transform=transform))
+
+    # 2. the loss: the cross-entropy (+ router loss) of the patched forward is the stock one
+    _check_loss(ours, stock, tol, name)
+
+
+def _random_batch(model, state: PatchState, weight: torch.Tensor) -> dict:
+    """A short random batch with labels (a masked prompt in the first row), the forward's inputs."""
+    embeddings = model.get_input_embeddings()
+    vocab = min(weight.shape[0], getattr(embeddings, "num_embeddings", weight.shape[0]))
+    generator = torch.Generator().manual_seed(0)  # the caller's RNG stream stays untouched
+    input_ids = torch.randint(0, vocab, (2, 9), generator=generator).to(weight.device)
+    labels = input_ids.clone()
+    labels[0, :3] = state.loss_options["ignore_index"]
+    inputs = {"input_ids": input_ids, "labels": labels, "return_dict": True}
+    if state.accepts_kwargs is None or "use_cache" in state.accepts_kwargs:
+        inputs["use_cache"] = False
+    return inputs
+
+
+def _stock_output(model, state: PatchState, inputs: dict, refused: str):
+    """The stock forward's output on `inputs`: with the router loss for a MoE family, where the
+    stock forward can compute it (`inputs` then asks the patched forward for it too)."""
+    stock = None
+    if state.is_moe:
+        try:
+            stock = state.base_class.forward(model, **inputs, output_router_logits=True)
+            inputs["output_router_logits"] = True
+        except Exception:
+            stock = None
+    if stock is None:
+        try:
+            stock = state.base_class.forward(model, **inputs)
+        except Exception as exc:
+            raise ValueError(
+                f"{refused}: its stock forward fails on a short random batch with labels "
+                f"({type(exc).__name__}: {exc}), so the patch cannot be checked"
+            ) from exc
+    return stock
+
+
+def _patched_ce(model, state: PatchState, transform: LogitTransform, inputs: dict, refused: str):
+    """The patched forward in cross-entropy mode with `transform` (without the family's loss
+    options): (output, the FusedCall)."""
+    ce_options = {**state.loss_options, **{k: LOSS_OPTIONS[k] for k in FAMILY_OPTIONS}}
+    ce_state = dataclasses.replace(
+        state, loss_type="ce", transform=transform, loss_options=ce_options
+    )
+    try:
+        return _run_fused(
+            model, ce_state, state.base_class.forward, {**inputs, "skip_logits": True}
+        )
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{refused}: the patched forward fails on it: {exc}") from exc
+
+
+def _checked_logits(stock, raw: torch.Tensor, refused: str) -> torch.Tensor:
+    """The stock output's logits, refused unless shaped like the lm_head's output `raw`."""
+    stock_logits = getattr(stock, "logits", None)
+    if not torch.is_tensor(stock_logits) or tuple(stock_logits.shape) != tuple(raw.shape):
+        got = tuple(stock_logits.shape) if torch.is_tensor(stock_logits) else None
+        raise ValueError(
+            f"{refused}: it returns logits of shape {got}, but its lm_head on the hidden "
+            f"states it feeds the head gives {tuple(raw.shape)}"
+        )
+    return stock_logits
+
+
+def _matching_transform(model, state: PatchState, raw: torch.Tensor, stock_logits: torch.Tensor,
+                        tol: float, name: str) -> LogitTransform:  # fmt: skip
+    """The first of the config's candidate transforms under which the kernel's view of the
+    lm_head's output `raw` is the stock logits; the model is refused when none is."""
+    reference = stock_logits.to(torch.float64 if raw.dtype == torch.float64 else torch.float32)
+
+    def mismatch(transform: LogitTransform) -> torch.Tensor:
+        return (transform.kernel_view(raw) - reference).abs() > tol * (1 + reference.abs())
+
+    transform = next(
+        (t for t in _candidate_transforms(_text_config(model)) if not mismatch(t).any()), None
+    )
+    if transform is None:
+        where = tuple(int(i) for i in torch.nonzero(mismatch(state.transform))[0])
+        raise ValueError(
+            f"patch_model(verify=True): the logits the fused loss would use differ from the "
+            f"stock forward's for {name}: at index {where} fused_dft has "
+            f"{float(state.transform.kernel_view(raw)[where]):.6g}, the model "
+            f"{float(reference[where]):.6g} (transforms read from the config: "
+            f"{state.transform}). This family applies a logit transform fused_dft does not "
+            "know, so training it with the fused loss would be wrong; the model was left "
+            "unpatched."
+        )
+    return transform
+
+
+def _check_loss(ours, stock, tol: float, name: str) -> None:
+    """Refuse the model unless the patched forward's cross-entropy is the stock forward's loss."""
+    stock_loss = getattr(stock, "loss", None)
+    if stock_loss is None or not math.isclose(
+        float(ours.loss), float(stock_loss), rel_tol=tol, abs_tol=tol
+    ):
+        raise ValueError(
+            f"patch_model(verify=True): the cross-entropy the patched forward computes "
+            f"({float(ours.loss):.6g}) differs from the stock forward's loss "
+            f"({None if stock_loss is None else float(stock_loss)}) for {name}; its loss is not "
+            "the causal-LM cross-entropy (+ router loss) fused_dft reproduces, so it was left "
+            "unpatched."
+        )
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _refuse_sharded_for_verify(model: nn.Module) -> None:
+    """verify=True runs the stock forward in this process; sharded parameters (DTensors from
+    fully_shard or parallelize_module) cannot run it."""
+    for name, param in model.named_parameters():
+        if is_dtensor(param):
+            raise ValueError(
+                f"patch_model(verify=True) compares with the stock forward, which cannot run "
+                f"here: {name} is a DTensor with placements {tuple(param.placements)} (the model "
+                "was sharded by fully_shard or parallelize_module). Patch the model before "
+                "sharding it (the patch is kept), or pass verify=False."
+            )
