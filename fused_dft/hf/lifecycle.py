@@ -24,10 +24,9 @@ import functools
 import inspect
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..loss import make_options, validate_impl
+from ..arguments import check_loss_options
 from .call import _capture_pre_hook, _fused_forward
 from .model import (
     _causal_lm,
@@ -37,7 +36,7 @@ from .model import (
     _read_transform,
     _text_config,
 )
-from .state import LOSS_OPTIONS, SLOT_ATTR, STATE_ATTR, TOKEN_COLUMNS, PatchState
+from .state import LOSS_OPTIONS, SLOT_ATTR, STATE_ATTR, TOKEN_COLUMNS, PatchState, loss_option_names
 from .verify import _verify
 
 _PATCHED_CLASSES: dict[type, type] = {}
@@ -63,7 +62,7 @@ def patch_model(
     stock forward builds them, so `compute_metrics` works; `eval_logits=False` keeps eval
     logits-free too. A per-call `skip_logits=True/False` kwarg overrides both.
     loss_options: see LOSS_OPTIONS, as in fused_linear_dft_loss: `chunk_size`, `ignore_index`,
-    the loss_type's parameters (`power_q`, `eaft_alpha`, `clip_eps`), `z_loss`,
+    the loss_type's parameters (family.py: `power_q`, `eaft_alpha`, ...), `z_loss`,
     `label_smoothing`, `validate`. Per call, the keywords `token_weights` and `old_logprobs`
     (tensors shaped like `labels`, aligned with them) are shifted like the labels and passed to
     the loss; with loss_type="psft" (or `return_token_logprobs=True`) the output also carries
@@ -117,21 +116,15 @@ def patch_model(
 def _checked_options(loss_type: str, impl: str, loss_options: dict) -> dict:
     """patch_model's loss options over LOSS_OPTIONS' defaults, checked as fused_linear_dft_loss
     would check them, before anything is patched."""
-    unknown = set(loss_options) - set(LOSS_OPTIONS)
+    unknown = set(loss_options) - set(loss_option_names())
     if unknown:
         raise TypeError(
             f"patch_model got unexpected options {sorted(unknown)}; loss options are "
-            f"{list(LOSS_OPTIONS)} (logit_scale and softcap are read from the model's config)"
+            f"{list(loss_option_names())} (logit_scale and softcap are read from the model's "
+            "config)"
         )
     options = {**LOSS_OPTIONS, **loss_options}
-    make_options(
-        loss_type=loss_type,
-        **{k: v for k, v in options.items() if k not in ("chunk_size", "validate")},
-    )
-    validate_impl(impl, options["chunk_size"])
-    from ..loss import resolve_validate
-
-    resolve_validate(options["validate"], torch.device("cpu"))  # the value, not the device
+    check_loss_options(caller="patch_model", loss_type=loss_type, impl=impl, **options)
     return options
 
 

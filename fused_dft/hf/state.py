@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..family import param_names
 from .model import LogitTransform
 
 STATE_ATTR = "_fused_dft_patch"
@@ -18,20 +19,32 @@ SLOT_ATTR = "_fused_dft_slot"
 # The output also carries `lm_loss`: the fused loss before any router loss (with its gradient; it
 # is `loss` for dense models), for trainers that weight the router loss themselves.
 STAT_NAMES = ("ce_loss", "entropy", "token_accuracy", "num_tokens")
-# Options of patch_model that go to fused_linear_dft_loss unchanged, with their defaults; the
-# logit transforms come from the config instead. A new loss option is one entry here.
+# Options of patch_model that go to fused_linear_dft_loss unchanged, with their defaults, besides
+# the loss family's own parameters (family.param_names(), each defaulting to its member's
+# default); the logit transforms come from the config instead.
 LOSS_OPTIONS: dict[str, Any] = {
     "chunk_size": None,
     "ignore_index": -100,
-    "power_q": None,
-    "eaft_alpha": None,
-    "clip_eps": None,
     "z_loss": 0.0,
     "label_smoothing": 0.0,
     "validate": None,
 }
-# The options that define the loss itself (verify checks against the stock cross-entropy without)
-FAMILY_OPTIONS = ("power_q", "eaft_alpha", "clip_eps", "z_loss", "label_smoothing")
+# The options besides the family's parameters that define the loss itself (verify checks against
+# the stock cross-entropy without them)
+LOSS_SHAPING_OPTIONS = ("z_loss", "label_smoothing")
+
+
+def loss_option_names() -> tuple[str, ...]:
+    """Every loss option patch_model takes: LOSS_OPTIONS and the family's parameters."""
+    return (*LOSS_OPTIONS, *param_names())
+
+
+def plain_ce_options(options: dict) -> dict:
+    """`options` without what shapes the loss (the family's parameters, z-loss, smoothing)."""
+    kept = {k: v for k, v in options.items() if k not in param_names()}
+    return {**kept, **{k: LOSS_OPTIONS[k] for k in LOSS_SHAPING_OPTIONS}}
+
+
 # Per-token batch columns the patched forward takes as keywords, aligned with `labels` and shifted
 # with them (HF Trainer / TRL datasets can carry them): they go to the loss, not to the decoder.
 TOKEN_COLUMNS = ("token_weights", "old_logprobs")

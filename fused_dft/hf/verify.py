@@ -20,7 +20,7 @@ from torch import nn
 from ..parallel import is_dtensor
 from .call import _run_fused
 from .model import LogitTransform, _candidate_transforms, _lm_head, _text_config
-from .state import FAMILY_OPTIONS, LOSS_OPTIONS, STATE_ATTR, PatchState
+from .state import STATE_ATTR, PatchState, plain_ce_options
 
 
 def _verify(model, state: PatchState) -> None:
@@ -91,7 +91,7 @@ def _stock_output(model, state: PatchState, inputs: dict, refused: str):
 def _patched_ce(model, state: PatchState, transform: LogitTransform, inputs: dict, refused: str):
     """The patched forward in cross-entropy mode with `transform` (without the family's loss
     options): (output, the FusedCall)."""
-    ce_options = {**state.loss_options, **{k: LOSS_OPTIONS[k] for k in FAMILY_OPTIONS}}
+    ce_options = plain_ce_options(state.loss_options)
     ce_state = dataclasses.replace(
         state, loss_type="ce", transform=transform, loss_options=ce_options
     )

@@ -36,15 +36,19 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "fused_dft.integrations.trl needs TRL: pip install trl (or 'fused_dft[hf]')"
     ) from exc
 
-from ..hf import LOSS_OPTIONS, is_patched, patch_model
-from ..loss import validate_impl
+from ..arguments import check_impl
+from ..hf import is_patched, patch_model
+from ..hf.state import loss_option_names
 
 # TRL's loss_type -> fused_dft's loss_type: the losses the fused kernels compute. A new pair is
 # one entry here.
 LOSS_TYPES = {"dft": "dft", "nll": "ce"}
+
+
 # Options of the fused loss this trainer accepts (fused_dft_options=...): patch_model's, except
 # ignore_index, which TRL's collators fix to -100.
-TRAINER_OPTIONS = ("impl",) + tuple(name for name in LOSS_OPTIONS if name != "ignore_index")
+def trainer_options() -> tuple[str, ...]:
+    return ("impl",) + tuple(name for name in loss_option_names() if name != "ignore_index")
 
 
 class SFTTrainer(trl.SFTTrainer):
@@ -136,13 +140,13 @@ class SFTTrainer(trl.SFTTrainer):
 
 def _check_options(options: dict | None) -> dict:
     options = dict(options or {})
-    unknown = set(options) - set(TRAINER_OPTIONS)
+    unknown = set(options) - set(trainer_options())
     if unknown:
         raise TypeError(
             f"SFTTrainer(fused_dft_options=...): unknown options {sorted(unknown)}; supported: "
-            f"{list(TRAINER_OPTIONS)} (ignore_index is TRL's -100)"
+            f"{list(trainer_options())} (ignore_index is TRL's -100)"
         )
-    validate_impl(options.get("impl", "auto"), options.get("chunk_size"))
+    check_impl(options.get("impl", "auto"), options.get("chunk_size"))
     return options
 
 
