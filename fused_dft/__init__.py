@@ -27,7 +27,7 @@ def is_patched(model) -> bool:
     return _is_patched(model)
 
 
-_SUBMODULES = ("transformers", "families", "integrations")
+_SUBMODULES = ("transformers", "tools", "integrations")
 
 
 def __getattr__(name: str):

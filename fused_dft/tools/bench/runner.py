@@ -81,7 +81,7 @@ def worker_env() -> dict[str, str]:
     1 MiB mmap threshold makes the resident size follow the live tensors (same for every
     provider; unless the caller set MALLOC_MMAP_THRESHOLD_ already).
     """
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[3])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
@@ -89,7 +89,7 @@ def worker_env() -> dict[str, str]:
 
 
 def run_worker(request: dict, timeout_s: float | None) -> dict:
-    cmd = [sys.executable, "-m", "fused_dft.bench.worker", json.dumps(request)]
+    cmd = [sys.executable, "-m", "fused_dft.tools.bench.worker", json.dumps(request)]
     try:
         proc = subprocess.run(
             cmd, capture_output=True, text=True, timeout=timeout_s, env=worker_env()
@@ -118,7 +118,7 @@ def run_ranks(request: dict, nproc: int, timeout_s: float | None) -> dict:
     figures under "ranks"."""
     from .distributed import rank_env
 
-    cmd = [sys.executable, "-m", "fused_dft.bench.worker", json.dumps(request)]
+    cmd = [sys.executable, "-m", "fused_dft.tools.bench.worker", json.dumps(request)]
     with tempfile.TemporaryDirectory() as tmp:
         procs = [
             subprocess.Popen(

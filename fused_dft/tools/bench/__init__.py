@@ -3,7 +3,7 @@
 problem.py    shapes, presets, seeded inputs, the float64 reference and error measures
 providers.py  the losses compared (naive, fused_dft impls, Liger, torch, Cut Cross-Entropy)
 measure.py    time and peak memory of one provider, in the current process
-worker.py     `python -m fused_dft.bench.worker`: measure one provider in a fresh process
+worker.py     `python -m fused_dft.tools.bench.worker`: measure one provider in a fresh process
 runner.py     the bench: every shape x provider, each in its own worker process
 report.py     machine description, terminal table, Markdown and JSON
 plot.py       the PNG (time and peak memory per provider, or over a sweep)

@@ -1,4 +1,4 @@
-"""Measure one provider in this (fresh) process: `python -m fused_dft.bench.worker '<json>'`.
+"""Measure one provider in this (fresh) process: `python -m fused_dft.tools.bench.worker '<json>'`.
 
 The JSON argument holds {"provider", "problem" (Problem fields), "repeats", "warmup",
 "check_tokens"}. The result is printed as one line `RESULT_PREFIX<json>` on stdout; any other

@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .options import LOSS_TYPES
+from fused_dft.options import LOSS_TYPES
 
 DEFAULT_SHAPE = {"tokens": 1024, "hidden": 1024, "vocab": 32000}
 SMOKE_SHAPE = {"tokens": 64, "hidden": 32, "vocab": 500}
@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_kernels_parser(sub) -> None:
-    from .kernels.report import ARCHS, DEFAULT_ARCHS
-    from .kernels.specs import DEFAULT_DTYPES, DTYPES, SPECS
+    from .kernel_report import ARCHS, DEFAULT_ARCHS
+    from .kernel_specs import DEFAULT_DTYPES, DTYPES, SPECS
 
     kernels = sub.add_parser(
         "kernels",
@@ -466,7 +466,7 @@ def check_main(args, parser) -> int:
 
 
 def kernels_main(args, parser) -> int:
-    from .kernels import report
+    from . import kernel_report as report
 
     try:
         kernels = report.parse_kernels(args.kernel)
@@ -514,10 +514,10 @@ def families_main(args, parser) -> int:
         parser.error("families: transformers is not installed (pip install 'fused_dft[hf]')")
     import torch
 
-    from . import families
+    from . import hf_families
     from .bench import report
 
-    known = families.model_types()
+    known = hf_families.model_types()
     unknown = [t for t in args.model_types if t not in known]
     if unknown:
         parser.error(
@@ -530,11 +530,11 @@ def families_main(args, parser) -> int:
         f"{info['date'][:10]}: tiny fp32 models on the CPU"
     )
     print(f"fused-dft families: {header}", flush=True)
-    results = families.sweep(args.model_types or None, progress=lambda r: print(r.line()))
-    counts = families.counts(results)
+    results = hf_families.sweep(args.model_types or None, progress=lambda r: print(r.line()))
+    counts = hf_families.counts(results)
     print(", ".join(f"{n} {s}" for s, n in counts.items()))
     if args.markdown:
         title = f"# patch_model on every causal-LM family\n\n`fused-dft families`: {header}."
-        Path(args.markdown).write_text(families.markdown(results, title))
+        Path(args.markdown).write_text(hf_families.markdown(results, title))
         print(f"markdown  {args.markdown}")
     return 1 if counts["failed"] else 0
