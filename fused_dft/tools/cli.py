@@ -1,11 +1,14 @@
-"""The command line: `fused-dft bench`, `check` and `kernels` (also `python -m fused_dft ...`).
+"""The command line: `fused-dft bench|check|kernels|families` (also `python -m fused_dft ...`).
 
 bench    measures every provider (the naive loss, each fused_dft impl that runs on the device, and
          Liger-Kernel / torch / Cut Cross-Entropy when they can run) for time, peak memory and
-         error, and writes a table, JSON, Markdown and a PNG plot to --output.
+         error, and writes a table, JSON, Markdown and a PNG plot to --output. With --e2e: full
+         training steps of a config-built Llama, stock vs patched (tokens/s, peak memory).
 check    runs every impl on a small problem against the float64 reference and prints PASS/FAIL.
 kernels  compiles every Triton kernel for sm_90 / sm_80 here (no GPU needed) and prints its
          shared memory, registers, spills, tensor-core use and atomics.
+families patches a tiny model of every causal-LM family of the installed transformers and
+         compares it with the stock model: one line per family (ok, refused, failed, not built).
 """
 
 from __future__ import annotations
