@@ -17,8 +17,8 @@ import torch
 import fused_dft
 from fused_dft.runtime import interpreter_enabled
 from fused_dft.tools import cli
+from fused_dft.tools.bench.launch import run_worker
 from fused_dft.tools.bench.providers import PROVIDERS
-from fused_dft.tools.bench.runner import run_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,6 +5,7 @@ providers.py    the losses compared (naive, fused_dft impls, Liger, torch, vocab
                 Cross-Entropy) and the 3-GEMM bound
 distributed.py  the vocab-parallel provider (`--nproc P`): one worker process per rank
 measure.py      time and peak memory of one provider, in the current process
+launch.py       start a worker process and read its result line (runner.py and e2e.py use it)
 worker.py       `python -m fused_dft.tools.bench.worker`: measure one provider (or one e2e
                 training run) in a fresh process
 runner.py       the bench: every shape x provider, each in its own worker process
