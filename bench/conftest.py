@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fused_dft.bench.problem import PRESETS, Problem  # noqa: E402
+from fused_dft.tools.bench.problem import PRESETS, Problem  # noqa: E402
 
 
 def pytest_addoption(parser):

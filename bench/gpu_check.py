@@ -249,9 +249,9 @@ def step_bench(
     providers=BENCH_PROVIDERS,
     device: str = "cuda",
 ) -> dict:
-    from fused_dft.bench import plot, report
-    from fused_dft.bench.problem import Problem
-    from fused_dft.bench.runner import BenchConfig, add_ratios, run_one
+    from fused_dft.tools.bench import plot, report
+    from fused_dft.tools.bench.problem import Problem
+    from fused_dft.tools.bench.runner import BenchConfig, add_ratios, run_one
 
     clock = Clock(limit_s)  # this step's own deadline
     runs, problems_left = [], list(bench_runs)
@@ -307,8 +307,8 @@ def sweep_worker(request: dict) -> int:
     import torch
 
     from fused_dft import fused_linear_dft_loss
-    from fused_dft.bench.problem import Problem, make_inputs
     from fused_dft.kernels.configs import use_fused_config
+    from fused_dft.tools.bench.problem import Problem, make_inputs
 
     n, d, v = request["shape"]
     hidden, weight, labels = make_inputs(Problem(n, d, v, dtype="bfloat16", device="cuda"))
@@ -367,7 +367,7 @@ def plan_lines(ctx: dict, steps: tuple[Step, ...]) -> list[str]:
 
 
 def summary_markdown(results: dict) -> str:
-    from fused_dft.bench import report
+    from fused_dft.tools.bench import report
 
     lines = ["# fused-dft gpu-check", ""]
     setup = results["steps"].get("setup", {})

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fused_dft.bench.problem import make_inputs
-from fused_dft.bench.providers import PROVIDERS
+from fused_dft.tools.bench.problem import make_inputs
+from fused_dft.tools.bench.providers import PROVIDERS
 
 
 @pytest.mark.parametrize("key", list(PROVIDERS))

@@ -27,7 +27,7 @@ def is_patched(model) -> bool:
     return _is_patched(model)
 
 
-_SUBMODULES = ("hf", "transformers", "families", "integrations")
+_SUBMODULES = ("hf", "transformers", "integrations", "tools")
 
 
 def __getattr__(name: str):

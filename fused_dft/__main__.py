@@ -1,5 +1,5 @@
-"""`python -m fused_dft bench|check`: the same as the `fused-dft` console script."""
+"""`python -m fused_dft bench|check|kernels|families`: the same as the `fused-dft` command."""
 
-from .cli import main
+from .tools.cli import main
 
 raise SystemExit(main())

@@ -127,7 +127,7 @@ def test_training_matches_one_process(models, case):
 
 def test_bench_nproc_2_runs_vocab_parallel_against_one_process(tmp_path):
     """`fused-dft bench --nproc 2`: 2 rank processes next to one process, errors in tolerance."""
-    from .test_cli import run_cli
+    from .tools.test_cli import run_cli
 
     proc = run_cli("bench", "--smoke", "--nproc", "2", "--output", str(tmp_path), "--no-progress")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,11 +1,14 @@
-"""The command line: `fused-dft bench`, `check` and `kernels` (also `python -m fused_dft ...`).
+"""The command line: `fused-dft bench|check|kernels|families` (also `python -m fused_dft ...`).
 
 bench    measures every provider (the naive loss, each fused_dft impl that runs on the device, and
          Liger-Kernel / torch / Cut Cross-Entropy when they can run) for time, peak memory and
-         error, and writes a table, JSON, Markdown and a PNG plot to --output.
+         error, and writes a table, JSON, Markdown and a PNG plot to --output. With --e2e: full
+         training steps of a config-built Llama, stock vs patched (tokens/s, peak memory).
 check    runs every impl on a small problem against the float64 reference and prints PASS/FAIL.
 kernels  compiles every Triton kernel for sm_90 / sm_80 here (no GPU needed) and prints its
          shared memory, registers, spills, tensor-core use and atomics.
+families patches a tiny model of every causal-LM family of the installed transformers and
+         compares it with the stock model: one line per family (ok, refused, failed, not built).
 """
 
 from __future__ import annotations
@@ -17,21 +20,27 @@ import shlex
 import sys
 from pathlib import Path
 
-from .options import LOSS_TYPES
+from fused_dft.family import loss_types
 
 DEFAULT_SHAPE = {"tokens": 1024, "hidden": 1024, "vocab": 32000}
 SMOKE_SHAPE = {"tokens": 64, "hidden": 32, "vocab": 500}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench.check import CHECK_SHAPE
-    from .bench.problem import PRESETS
-    from .bench.providers import PROVIDERS
-
     parser = argparse.ArgumentParser(
         prog="fused-dft", description="fused_dft: benchmark and self-check of the fused DFT loss."
     )
     sub = parser.add_subparsers(dest="command", metavar="{bench,check,kernels,families}")
+    add_bench_parser(sub)
+    add_families_parser(sub)
+    add_check_parser(sub)
+    add_kernels_parser(sub)
+    return parser
+
+
+def add_bench_parser(sub) -> None:
+    from .bench.problem import PRESETS
+    from .bench.providers import PROVIDERS
 
     bench = sub.add_parser(
         "bench",
@@ -45,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--loss-type",
         default="dft",
-        choices=LOSS_TYPES,
+        choices=loss_types(),
         help="any member of the family, at its default parameters (psft: fixed old_logprobs)",
     )
     bench.add_argument("--preset", help=f"D and V of a real model: {', '.join(PRESETS)}")
@@ -104,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="e2e: also the patched model under torch.compile(fullgraph=True)",
     )
 
+
+def add_families_parser(sub) -> None:
     families = sub.add_parser(
         "families",
         help="patch_model on a tiny model of every causal-LM family of the installed transformers",
@@ -114,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     families.add_argument("model_types", nargs="*", help="only these model types (default all)")
     families.add_argument("--markdown", help="also write the table as Markdown to this file")
+
+
+def add_check_parser(sub) -> None:
+    from .bench.check import CHECK_SHAPE
 
     check = sub.add_parser(
         "check",
@@ -127,13 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, value in CHECK_SHAPE.items():
         check.add_argument(f"--{name}", type=int, default=value, help=f"default {value}")
-    add_kernels_parser(sub)
-    return parser
 
 
 def add_kernels_parser(sub) -> None:
-    from .kernels.report import ARCHS, DEFAULT_ARCHS
-    from .kernels.specs import DEFAULT_DTYPES, DTYPES, SPECS
+    from .kernel_report import ARCHS, DEFAULT_ARCHS
+    from .kernel_specs import DEFAULT_DTYPES, DTYPES, SPECS
 
     kernels = sub.add_parser(
         "kernels",
@@ -238,9 +251,58 @@ def bench_main(args, parser, argv: list[str]) -> int:
     if args.e2e:
         return e2e_main(args, parser, argv)
     from .bench import plot, report
+    from .bench.runner import describe_problems, run_bench
+
+    config = bench_config(args, parser)
+    device = config.problems[0].device
+    info = report.machine_info(device)
+    description = describe_problems(config) + (f", preset {args.preset}" if args.preset else "")
+    print(f"fused-dft bench: {description}")
+    print(f"machine: {report.machine_line(info)}")
+    _print_cpu_notes(device, info)
+    sys.stdout.flush()
+
+    records = run_bench(config, progress=not args.no_progress)
+
+    check_tokens = config.check_tokens
+    check_text = "all tokens" if check_tokens == 0 else f"the first min(N, {check_tokens}) tokens"
+    meta = {
+        "command": "fused-dft " + shlex.join(argv),
+        "description": description,
+        "machine": info,
+        "repeats": config.repeats,
+        "warmup": config.warmup,
+        "check_tokens": check_text,
+        "sweep": config.sweep,
+        "preset": args.preset,
+    }
+    paths = _output_paths(args.output, "bench")
+    paths["json"].write_text(report.to_json(records, meta))
+    paths["markdown"].write_text(report.markdown(records, meta, config.sweep))
+    title = f"fused-dft bench: {description}"
+    plot.plot(records, paths["plot"], _wrap(title), report.machine_line(info), config.sweep)
+    _print_summary(report.terminal_table(records, config.sweep), paths)
+    bad = [
+        r
+        for r in records
+        if (r["status"] == "ok" and not r["error_ok"])
+        or (
+            r["status"] == "failed"
+            and r["provider"] in ("naive", "auto", "chunked", "fused", "vocab_parallel")
+        )
+    ]
+    for r in bad:
+        print(
+            f"problem: {r['label']}: {r.get('reason') or 'error above tolerance'}", file=sys.stderr
+        )
+    return 1 if bad else 0
+
+
+def bench_config(args, parser):
+    """The problems and settings of `fused-dft bench`: each bad option is named (parser.error)."""
     from .bench.problem import PRESETS, Problem
     from .bench.providers import parse_providers
-    from .bench.runner import BenchConfig, describe_problems, run_bench, with_sizes
+    from .bench.runner import BenchConfig, with_sizes
 
     device = resolve_device(args.device, parser)
     dtype = resolve_dtype(args.dtype, device, parser)
@@ -281,7 +343,7 @@ def bench_main(args, parser, argv: list[str]) -> int:
         seed=args.seed,
         nproc=args.nproc,
     )
-    config = BenchConfig(
+    return BenchConfig(
         problems=with_sizes(base, sizes["tokens"], sizes["hidden"], sizes["vocab"]),
         providers=providers,
         repeats=repeats,
@@ -290,10 +352,10 @@ def bench_main(args, parser, argv: list[str]) -> int:
         timeout_s=args.timeout,
         sweep=swept[0] if swept else None,
     )
-    info = report.machine_info(device)
-    description = describe_problems(config) + (f", preset {args.preset}" if args.preset else "")
-    print(f"fused-dft bench: {description}")
-    print(f"machine: {report.machine_line(info)}")
+
+
+def _print_cpu_notes(device: str, info: dict) -> None:
+    """Why CPU times may not be representative: the Triton interpreter, a busy machine."""
     if device == "cpu" and info["TRITON_INTERPRET"] == "1":
         print(
             "note: TRITON_INTERPRET=1: Triton paths run in the interpreter; their times are "
@@ -305,52 +367,25 @@ def bench_main(args, parser, argv: list[str]) -> int:
             f"note: load average {load} before starting: other processes are using the CPU, "
             "so times may be inflated"
         )
-    sys.stdout.flush()
 
-    records = run_bench(config, progress=not args.no_progress)
 
-    check_text = "all tokens" if check_tokens == 0 else f"the first min(N, {check_tokens}) tokens"
-    meta = {
-        "command": "fused-dft " + shlex.join(argv),
-        "description": description,
-        "machine": info,
-        "repeats": repeats,
-        "warmup": args.warmup,
-        "check_tokens": check_text,
-        "sweep": config.sweep,
-        "preset": args.preset,
-    }
-    out = Path(args.output)
+def _output_paths(output: str, stem: str) -> dict[str, Path]:
+    """The JSON, Markdown and PNG files of a run, in the --output folder (created)."""
+    out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": out / "bench.json",
-        "markdown": out / "bench.md",
-        "plot": out / "bench.png",
+    return {
+        "json": out / f"{stem}.json",
+        "markdown": out / f"{stem}.md",
+        "plot": out / f"{stem}.png",
     }
-    paths["json"].write_text(report.to_json(records, meta))
-    paths["markdown"].write_text(report.markdown(records, meta, config.sweep))
-    title = f"fused-dft bench: {description}"
-    plot.plot(records, paths["plot"], _wrap(title), report.machine_line(info), config.sweep)
 
+
+def _print_summary(table: str, paths: dict[str, Path]) -> None:
     print()
-    print(report.terminal_table(records, config.sweep))
+    print(table)
     print()
     for kind, path in paths.items():
         print(f"{kind:<9} {path}")
-    bad = [
-        r
-        for r in records
-        if (r["status"] == "ok" and not r["error_ok"])
-        or (
-            r["status"] == "failed"
-            and r["provider"] in ("naive", "auto", "chunked", "fused", "vocab_parallel")
-        )
-    ]
-    for r in bad:
-        print(
-            f"problem: {r['label']}: {r.get('reason') or 'error above tolerance'}", file=sys.stderr
-        )
-    return 1 if bad else 0
 
 
 E2E_VOCABS = "128256,262144"
@@ -401,19 +436,13 @@ def e2e_main(args, parser, argv: list[str]) -> int:
     )  # fmt: skip
     meta = {"command": "fused-dft " + shlex.join(argv), "description": description,
             "machine": info, "repeats": repeats, "warmup": args.warmup}  # fmt: skip
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "e2e.json", "markdown": out / "e2e.md", "plot": out / "e2e.png"}
+    paths = _output_paths(args.output, "e2e")
     paths["json"].write_text(report.to_json(records, meta))
     paths["markdown"].write_text(e2e.markdown(records, meta))
     sweep = "vocab" if len(vocabs) > 1 else None
     title = _wrap(f"fused-dft bench --e2e: {description}")
     plot.plot(records, paths["plot"], title, report.machine_line(info), sweep)
-    print()
-    print(e2e.terminal_table(records))
-    print()
-    for kind, path in paths.items():
-        print(f"{kind:<9} {path}")
+    _print_summary(e2e.terminal_table(records), paths)
     failed = [r for r in records if r["status"] != "ok"]
     for r in failed:
         print(f"problem: {r['label']} at vocab {r['problem']['vocab']}: {r.get('reason')}",
@@ -466,7 +495,7 @@ def check_main(args, parser) -> int:
 
 
 def kernels_main(args, parser) -> int:
-    from .kernels import report
+    from . import kernel_report as report
 
     try:
         kernels = report.parse_kernels(args.kernel)
@@ -514,10 +543,10 @@ def families_main(args, parser) -> int:
         parser.error("families: transformers is not installed (pip install 'fused_dft[hf]')")
     import torch
 
-    from . import families
+    from . import hf_families
     from .bench import report
 
-    known = families.model_types()
+    known = hf_families.model_types()
     unknown = [t for t in args.model_types if t not in known]
     if unknown:
         parser.error(
@@ -530,11 +559,11 @@ def families_main(args, parser) -> int:
         f"{info['date'][:10]}: tiny fp32 models on the CPU"
     )
     print(f"fused-dft families: {header}", flush=True)
-    results = families.sweep(args.model_types or None, progress=lambda r: print(r.line()))
-    counts = families.counts(results)
+    results = hf_families.sweep(args.model_types or None, progress=lambda r: print(r.line()))
+    counts = hf_families.counts(results)
     print(", ".join(f"{n} {s}" for s, n in counts.items()))
     if args.markdown:
         title = f"# patch_model on every causal-LM family\n\n`fused-dft families`: {header}."
-        Path(args.markdown).write_text(families.markdown(results, title))
+        Path(args.markdown).write_text(hf_families.markdown(results, title))
         print(f"markdown  {args.markdown}")
     return 1 if counts["failed"] else 0

@@ -1,6 +1,6 @@
 """The vocab-parallel provider of `fused-dft bench --nproc P`: one worker process per rank.
 
-The runner starts P workers (`python -m fused_dft.bench.worker`) with FUSED_DFT_BENCH_RANK,
+The runner starts P workers (`python -m fused_dft.tools.bench.worker`) with FUSED_DFT_BENCH_RANK,
 FUSED_DFT_BENCH_WORLD and FUSED_DFT_BENCH_STORE (a file store: no port to pick) set. Each joins a
 process group (gloo on the CPU, NCCL on CUDA, rank r on cuda:r), keeps the whole hidden and the
 labels (the same on every rank) and only its Shard(0) slice of W, as a DTensor, and measures

@@ -1,8 +1,9 @@
-"""Measure one provider in this (fresh) process: `python -m fused_dft.bench.worker '<json>'`.
+"""Measure one provider in this (fresh) process: `python -m fused_dft.tools.bench.worker '<json>'`.
 
 The JSON argument holds {"provider", "problem" (Problem fields), "repeats", "warmup",
-"check_tokens"}. The result is printed as one line `RESULT_PREFIX<json>` on stdout; any other
-output (warnings, library chatter) is ignored by the caller.
+"check_tokens"}, or {"e2e": true, "provider", "problem" (E2EProblem fields), "repeats", "warmup"}.
+The result is printed as one line `launch.RESULT_PREFIX<json>` on stdout; any other output
+(warnings, library chatter) is ignored by the caller (launch.worker_result).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sys
 import traceback
 
-RESULT_PREFIX = "FUSED_DFT_BENCH_RESULT "
+from .launch import RESULT_PREFIX
 
 
 def main(argv: list[str] | None = None) -> int:

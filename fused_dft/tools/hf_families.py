@@ -20,7 +20,6 @@ import contextlib
 import copy
 import dataclasses
 import io
-import math
 import time
 import warnings
 
@@ -111,9 +110,6 @@ LOSS_RTOL = 1e-5  # fp32: the fused loss against DFT from the stock logits
 GRAD_TOL = 1e-4  # fp32: max|g - g_ref| / max|g_ref| per parameter
 GRAD_FLOOR = 1e-3  # ... with max|g_ref| at least this fraction of the model's largest gradient
 LOGITS_TOL = 1e-5
-
-
-STATUSES = ("ok", "refused", "failed", "not built")
 
 
 @dataclasses.dataclass
@@ -447,7 +443,3 @@ def markdown(results: list[FamilyResult], header: str) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def is_finite(x: float) -> bool:
-    return isinstance(x, float) and math.isfinite(x)

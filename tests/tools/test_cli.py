@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import fused_dft
-from fused_dft import cli
-from fused_dft.bench.providers import PROVIDERS
-from fused_dft.bench.runner import run_worker
 from fused_dft.runtime import interpreter_enabled
+from fused_dft.tools import cli
+from fused_dft.tools.bench.launch import run_worker
+from fused_dft.tools.bench.providers import PROVIDERS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -114,7 +114,7 @@ def test_bench_bound_row_and_x_bound_column(smoke):
 
 
 def test_three_gemms_gradients_have_the_inputs_shapes():
-    from fused_dft.bench.providers import ThreeGemms
+    from fused_dft.tools.bench.providers import ThreeGemms
 
     hidden = torch.randn(5, 3, requires_grad=True)
     weight = torch.randn(7, 3, requires_grad=True)
@@ -226,8 +226,8 @@ def test_presets_set_hidden_and_vocab(monkeypatch, tmp_path):
         seen["problems"] = config.problems
         return []
 
-    monkeypatch.setattr("fused_dft.bench.runner.run_bench", fake_run_bench)
-    monkeypatch.setattr("fused_dft.bench.plot.plot", lambda *a, **k: None)
+    monkeypatch.setattr("fused_dft.tools.bench.runner.run_bench", fake_run_bench)
+    monkeypatch.setattr("fused_dft.tools.bench.plot.plot", lambda *a, **k: None)
     cli.main(["bench", "--preset", "gemma2-2b", "--tokens", "2048", "--output", str(tmp_path)])
     (problem,) = seen["problems"]
     assert (problem.tokens, problem.hidden, problem.vocab) == (2048, 2304, 256000)
@@ -288,7 +288,7 @@ def test_bench_e2e_smoke(tmp_path):
 
 # every member of the family runs through the bench; libraries without it are skipped with why
 def test_bench_loss_type_family_member(tmp_path):
-    from fused_dft.cli import main
+    from fused_dft.tools.cli import main
 
     code = main(["bench", "--smoke", "--loss-type", "psft", "--providers", "naive,auto,torch",
                  "--output", str(tmp_path)])  # fmt: skip

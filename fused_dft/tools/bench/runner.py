@@ -7,19 +7,15 @@ or crash away from the next. Providers that cannot run are recorded as skipped w
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
+from .launch import run_worker, worker_command, worker_env, worker_result
 from .problem import Problem, canonical_dtype, tolerance
 from .providers import PROVIDERS, resolved_impl
-from .worker import RESULT_PREFIX
 
 
 @dataclass
@@ -73,52 +69,13 @@ def run_one(config: BenchConfig, problem: Problem, key: str) -> dict:
     return {**record, **run_worker(request, config.timeout_s)}
 
 
-def worker_env() -> dict[str, str]:
-    """This environment, with the directory holding this fused_dft first on PYTHONPATH.
-
-    glibc serves allocations above a threshold that grows to 32 MB from the heap and keeps them
-    when freed, so the resident size would hide a later peak made of reused blocks. A fixed
-    1 MiB mmap threshold makes the resident size follow the live tensors (same for every
-    provider; unless the caller set MALLOC_MMAP_THRESHOLD_ already).
-    """
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
-    return env
-
-
-def run_worker(request: dict, timeout_s: float | None) -> dict:
-    cmd = [sys.executable, "-m", "fused_dft.bench.worker", json.dumps(request)]
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout_s, env=worker_env()
-        )
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "reason": f"timed out after {timeout_s:g} s (--timeout)"}
-    return worker_result(proc.returncode, proc.stdout, proc.stderr)
-
-
-def worker_result(returncode: int, stdout: str, stderr: str) -> dict:
-    """The result line a worker printed, or why there is none."""
-    for line in reversed(stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
-    if returncode == -signal.SIGKILL:
-        reason = "killed by SIGKILL (out of memory?)"
-    else:
-        tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:]
-        reason = f"worker exited with code {returncode}: {' '.join(tail) or 'no output'}"
-    return {"status": "failed", "reason": reason}
-
-
 def run_ranks(request: dict, nproc: int, timeout_s: float | None) -> dict:
     """A distributed provider: one worker per rank, joined through a file store. The record has
     the slowest rank's median time, the largest rank's peak memory and error, and per-rank
     figures under "ranks"."""
     from .distributed import rank_env
 
-    cmd = [sys.executable, "-m", "fused_dft.bench.worker", json.dumps(request)]
+    cmd = worker_command(request)
     with tempfile.TemporaryDirectory() as tmp:
         procs = [
             subprocess.Popen(

@@ -2,8 +2,8 @@
 
 Each family's tiny model is compared with its stock model: the loss and every gradient against DFT
 from the stock logits (+ the stock forward's own router loss), eval logits, generate, unpatch
-(fused_dft/families.py). A family may be refused with a message or not be buildable as a tiny
-model; none may fail. About 1-3 minutes on a 2-core CPU.
+(fused_dft/tools/hf_families.py). A family may be refused with a message or not be buildable as a
+tiny model; none may fail. About 1-3 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from fused_dft import families  # noqa: E402
+from fused_dft.tools import hf_families as families  # noqa: E402
 
 # MoE families that crashed in patch_model before the patch ran the family's own forward (their
 # router loss has its own function, its own coefficient name, or is not added at all)

@@ -1,9 +1,12 @@
 """The losses `fused-dft bench` compares: each maps (hidden, weight, labels) to a scalar loss.
 
-Every provider computes the same number: the mean over non-ignored tokens of
+Every provider computes the same number: the mean over non-ignored tokens of the --loss-type's
+per-token loss, e.g.
   dft: -sg(p_t) * log p_t      ce: -log p_t
-so their times, memory and errors can be put side by side. A provider that cannot run says why
-(`unavailable`), and the bench lists it as skipped with that reason.
+(power, eaft, psft: fused_dft's definitions at their default parameters; psft with fixed
+old_logprobs), so their times, memory and errors can be put side by side. A provider that cannot
+run says why (`unavailable`: a loss type it lacks, a device, a missing package), and the bench
+lists it as skipped with that reason.
 
 One provider is no loss: `bound`, the three matmuls any of them must do at least (6*N*D*V FLOPs,
 N the non-ignored tokens) through torch's GEMM (cuBLAS on CUDA), a floor for the time; the bench
@@ -85,7 +88,7 @@ def _naive(problem: Problem) -> LossFn:
 
 # -- fused_dft -----------------------------------------------------------------------------------
 
-_IMPL_MODULES = {"chunked": "fused_dft.chunked", "fused": "fused_dft.function"}
+_IMPL_MODULES = {"chunked": "fused_dft.backends.chunked", "fused": "fused_dft.backends.fused"}
 
 
 def _fused_dft_unavailable(impl: str) -> Callable[[Problem], str | None]:
@@ -136,7 +139,7 @@ def _fused_dft(impl: str) -> Callable[[Problem], LossFn]:
 
 def resolved_impl(impl: str, problem: Problem) -> str:
     """What fused_dft runs for `impl` on this problem's device and dtype (auto -> chunked...)."""
-    from fused_dft.loss import TRITON_DTYPES, resolve_impl
+    from fused_dft.arguments import TRITON_DTYPES, resolve_impl
     from fused_dft.runtime import can_run_triton
 
     if impl in ("fused", "reference"):
@@ -280,8 +283,6 @@ PROVIDERS: dict[str, Provider] = {
         Provider("bound", "3-GEMM bound (6NDV)", _always, _three_gemms, is_loss=False),
     )
 }
-
-FUSED_DFT_KEYS = ("auto", "chunked", "fused", "reference")
 
 
 def parse_providers(text: str | None) -> list[str]:

@@ -3,7 +3,7 @@
 The model is a config-built Llama whose LM head dominates (by default hidden 1024, 2 layers,
 tied embeddings, the vocabulary swept): one step is forward with labels (the stock loss is
 transformers' cross-entropy over the full logits; the patched one is fused DFT), backward, AdamW
-step, zero_grad. Each (vocabulary, provider) runs in its own worker process (runner.run_worker):
+step, zero_grad. Each (vocabulary, provider) runs in its own worker process (launch.run_worker):
 one warm-up step (it also creates the optimizer state), then `repeats` timed steps; the median
 gives tokens/s. Peak memory is the peak during the timed steps above what the process holds
 between steps (weights and AdamW state), as measure.PeakMemory reads it (CPU: VmHWM after
@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .launch import run_worker
 from .measure import PeakMemory, _sync
 
 PROVIDERS = {
@@ -122,8 +123,6 @@ def run(problems: list[E2EProblem], repeats: int, warmup: int, timeout_s, progre
         compiled: bool = False):  # fmt: skip
     """One record per (problem, provider), each measured in a worker process; compiled adds the
     patched model under torch.compile."""
-    from .runner import run_worker
-
     providers = PROVIDERS | (COMPILED if compiled else {})
     records = []
     for problem in problems:

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from fused_dft import cli
-from fused_dft.kernels import report, specs
+from fused_dft.tools import cli
+from fused_dft.tools import kernel_report as report
+from fused_dft.tools import kernel_specs as specs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NO_TOOLS = report.missing_tools()
 # 3 kernels x 3 dtypes x 2 archs at the default configs: 26 compiles, ~25 s on 2 cores uncached
 DTYPES = ("bf16", "fp16", "fp32")

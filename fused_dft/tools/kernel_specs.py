@@ -129,7 +129,7 @@ def _fused_label(config) -> str:
 
 
 def _fused_configs(dtype: str) -> list[str]:
-    from .configs import shipped_configs
+    from fused_dft.kernels.configs import shipped_configs
 
     labels = [_fused_label(c) for c in shipped_configs(DTYPES[dtype][1])]
     return list(dict.fromkeys(labels))
@@ -137,7 +137,7 @@ def _fused_configs(dtype: str) -> list[str]:
 
 def _fused_defaults(dtype: str) -> list[str]:
     """Each D/V bucket's default (its first candidate)."""
-    from .configs import CONFIG_SETS
+    from fused_dft.kernels.configs import CONFIG_SETS
 
     cls = DTYPES[dtype][1]
     labels = [_fused_label(c[0]) for k, c in CONFIG_SETS.items() if k[0] == cls]
@@ -145,7 +145,7 @@ def _fused_defaults(dtype: str) -> list[str]:
 
 
 def _fused_parse(text: str) -> tuple[dict[str, int], dict[str, int]]:
-    from .configs import DEFAULT_CONFIG, FusedConfig
+    from fused_dft.kernels.configs import DEFAULT_CONFIG, FusedConfig
 
     config = FusedConfig.parse(text, DEFAULT_CONFIG)
     return config.meta, {"num_warps": config.num_warps, "num_stages": config.num_stages}
@@ -154,7 +154,7 @@ def _fused_parse(text: str) -> tuple[dict[str, int], dict[str, int]]:
 FUSED_FWD = CompileSpec(
     name="fused_fwd",
     module="fused_dft.kernels.fused_fwd",
-    function="_dft_fwd_kernel",
+    function="_fused_partials_kernel",
     arg_types={
         **_FUSED_COMMON,
         "count_ptr": "*i64",
@@ -173,7 +173,7 @@ FUSED_FWD = CompileSpec(
 FUSED_BWD = CompileSpec(
     name="fused_bwd",
     module="fused_dft.kernels.fused_bwd",
-    function="_dft_dz_kernel",
+    function="_fused_dz_kernel",
     arg_types={
         **{k: v for k, v in _FUSED_COMMON.items() if k != "V"},
         "count_ptr": "*i64",
@@ -201,7 +201,7 @@ ROWS_FIELDS = ("block_v", "num_warps")
 
 
 def _rows_parse(text: str) -> tuple[dict[str, int], dict[str, int]]:
-    from .configs import WARPS
+    from fused_dft.kernels.configs import WARPS
 
     values = {}
     for item in (x.strip() for x in text.split(",") if x.strip()):
@@ -223,7 +223,7 @@ def _rows_parse(text: str) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def _rows_default() -> tuple[int, int]:
-    from . import rows
+    from fused_dft.kernels import rows
 
     return rows.DEFAULT_BLOCK_V, rows.NUM_WARPS
 

@@ -41,7 +41,7 @@ DTYPES: dict[str, torch.dtype] = {
 @dataclass(frozen=True)
 class Problem:
     """tokens N, hidden D, vocab V; dtype as a torch name ("float32"); loss_type any member of
-    fused_dft's family (options.LOSS_TYPES), at its default parameters."""
+    fused_dft's family (family.loss_types()), at its default parameters."""
 
     tokens: int
     hidden: int
@@ -91,9 +91,11 @@ def make_inputs(problem: Problem, requires_grad: bool = True):
 
 def family_inputs(problem: Problem, labels: torch.Tensor) -> dict:
     """The per-token inputs a loss_type needs besides labels, the same for any prefix of the
-    tokens: psft's old_logprobs cycle through 0, -0.2, ..., -3 (ratios p / exp(old) land below,
+    tokens: old_logprobs (psft's) cycle through 0, -0.2, ..., -3 (ratios p / exp(old) land below,
     inside and above the clip range)."""
-    if problem.loss_type != "psft":
+    from fused_dft.family import member
+
+    if not member(problem.loss_type).needs_old_logprobs:
         return {}
     n = labels.shape[0]
     old = -(torch.arange(n, device=labels.device) % 16).float() * 0.2

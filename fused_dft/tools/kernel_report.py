@@ -1,6 +1,6 @@
 """`fused-dft kernels`: GPU resource facts of every kernel, read on a machine without a GPU.
 
-Each (kernel, dtype, arch, config) of kernels/specs.py is compiled with
+Each (kernel, dtype, arch, config) of tools/kernel_specs.py is compiled with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` by the ptxas that ships in the
 triton wheel, in worker processes with Triton's interpreter off (an interpreted kernel cannot be
 compiled). Per compile:
@@ -29,7 +29,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .specs import DEFAULT_DTYPES, DTYPES, SPECS, CompileSpec, check_spec
+from .kernel_specs import DEFAULT_DTYPES, DTYPES, SPECS, CompileSpec, check_spec
 
 KEYS = (
     "kernel",
@@ -182,7 +182,7 @@ def worker_env() -> dict[str, str]:
 
 
 def _start_worker(share: list[dict], results: queue.Queue) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "fused_dft.kernels.report", "--worker"]
+    cmd = [sys.executable, "-m", "fused_dft.tools.kernel_report", "--worker"]
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.PIPE,
