@@ -24,7 +24,7 @@ def interpreter_enabled() -> bool:
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """None when Triton kernels can run on `device`; otherwise what would make them run."""
     if not triton_installed():
-        return "Triton is not installed (pip install 'fused_dft[triton]')"
+        return "Triton is not installed (pip install 'fused-dft[triton]')"
     if device.type == "cuda":
         return None
     if device.type == "cpu":

@@ -32,9 +32,7 @@ import torch
 try:
     import trl
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "fused_dft.integrations.trl needs TRL: pip install trl (or 'fused_dft[hf]')"
-    ) from exc
+    raise ImportError("fused_dft.integrations.trl needs TRL: pip install 'fused-dft[trl]'") from exc
 
 from ..arguments import check_impl
 from ..hf import is_patched, patch_model
