@@ -1,4 +1,5 @@
-"""The command line: `fused-dft bench|check|kernels|families` (also `python -m fused_dft ...`).
+"""The command line: `fused-dft bench|check|kernels|families` (also `python -m fused_dft ...`);
+`fused-dft --version` prints the package's version (fused_dft.__version__).
 
 bench    measures every provider (the naive loss, each fused_dft impl that runs on the device, and
          Liger-Kernel / torch / Cut Cross-Entropy when they can run) for time, peak memory and
@@ -20,6 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from fused_dft import __version__
 from fused_dft.family import loss_types
 
 DEFAULT_SHAPE = {"tokens": 1024, "hidden": 1024, "vocab": 32000}
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fused-dft", description="fused_dft: benchmark and self-check of the fused DFT loss."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{bench,check,kernels,families}")
     add_bench_parser(sub)
     add_families_parser(sub)
@@ -396,7 +399,7 @@ def e2e_main(args, parser, argv: list[str]) -> int:
     try:
         import transformers
     except ImportError:
-        parser.error("--e2e: transformers is not installed (pip install transformers)")
+        parser.error("--e2e: transformers is not installed (pip install 'fused-dft[hf]')")
     from .bench import e2e, plot, report
 
     device = resolve_device(args.device, parser)
@@ -540,7 +543,7 @@ def families_main(args, parser) -> int:
     try:
         import transformers
     except ImportError:
-        parser.error("families: transformers is not installed (pip install 'fused_dft[hf]')")
+        parser.error("families: transformers is not installed (pip install 'fused-dft[hf]')")
     import torch
 
     from . import hf_families

@@ -233,6 +233,22 @@ def test_presets_set_hidden_and_vocab(monkeypatch, tmp_path):
     assert (problem.tokens, problem.hidden, problem.vocab) == (2048, 2304, 256000)
 
 
+# -- fused-dft --version --------------------------------------------------------------------------
+
+
+def test_version_prints_the_package_version():
+    proc = run_cli("--version")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == f"fused-dft {fused_dft.__version__}"
+
+
+def test_version_in_process(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fused-dft {fused_dft.__version__}"
+
+
 # -- fused-dft check ---------------------------------------------------------------------------
 
 TINY = ["--tokens", "37", "--hidden", "40", "--vocab", "129"]  # ragged: no block-size multiple
