@@ -3,7 +3,7 @@
 from .loss import FusedLinearDFTLoss, fused_linear_dft_loss
 from .options import LossOptions, LossStats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def patch_model(model, **kwargs):

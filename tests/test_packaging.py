@@ -54,3 +54,10 @@ def test_extras_named_for_what_they_enable(pyproject):
     assert {"transformers", "accelerate"} <= names["hf"]
     assert {"transformers", "accelerate", "trl"} <= names["trl"]
 
+
+def test_changelog_names_this_version_as_its_newest_release():
+    text = (ROOT / "CHANGELOG.md").read_text()
+    headings = re.findall(r"^## \[([^\]]+)\]", text, flags=re.MULTILINE)
+    assert headings[0] == "Unreleased", headings
+    assert headings[1] == fused_dft.__version__, headings
+    assert "0.1.0" in headings
