@@ -5,7 +5,7 @@ PYTHON3 ?= python3
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 TORCH ?= torch==2.13.0
 
-.PHONY: install-test install-bench test lint bench check format gpu-check kernels
+.PHONY: install-test install-bench test lint wheel-check bench check format gpu-check kernels
 
 install-test:
 	$(PYTHON) -m pip install -q $(PIP_FLAGS) "$(TORCH)"
@@ -19,8 +19,13 @@ lint:
 	$(PYTHON) -m ruff check fused_dft tests bench examples
 	$(PYTHON) -m ruff format --check fused_dft tests bench examples
 
-test: install-test lint
+test: install-test lint wheel-check
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q
+
+# the wheel and sdist built, the wheel installed alone in a fresh venv outside the checkout and
+# run there (import, loss vs reference, a patched training step, the fused-dft commands)
+wheel-check:
+	$(PYTHON) bench/wheel_check.py
 
 bench: install-bench
 	fused-dft bench
