@@ -279,9 +279,12 @@ def test_every_registered_member_is_tested_here():
     assert tested == set(family.loss_types())
 
 
-def test_docs_table_is_the_registry():
-    docs = (Path(__file__).resolve().parent.parent / "docs" / "losses.md").read_text()
-    assert family.markdown_table() in docs, "regenerate docs/losses.md's table from the registry"
+@pytest.mark.parametrize("page", ["docs/losses.md", "README.md"])
+def test_docs_table_is_the_registry(page):
+    text = (Path(__file__).resolve().parent.parent / page).read_text()
+    assert family.markdown_table() in text, (
+        f"regenerate {page}'s table from family.markdown_table()"
+    )
 
 
 @pytest.mark.parametrize("member_name", list(family.loss_types()))
