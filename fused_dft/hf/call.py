@@ -145,9 +145,9 @@ class FusedCall:
 def _capture_pre_hook(module: nn.Module, args: tuple):
     """The lm_head's forward pre-hook while patched: inside a patched forward, the FusedCall
     records the hidden states (and, in training, hands the head an empty slice); otherwise it does
-    nothing. Registered once at patch time (compiled graphs trace it; a module-level function so
-    copies and pickles of the model keep it: those of fused_dft 0.1.0 name it
-    fused_dft.transformers._capture_pre_hook, kept there)."""
+    nothing. Registered at patch time, moved to a replaced lm_head by _follow_lm_head (compiled
+    graphs trace it; a module-level function so copies and pickles of the model keep it: those of
+    fused_dft 0.1.0 name it fused_dft.transformers._capture_pre_hook, kept there)."""
     slot = module.__dict__.get(SLOT_ATTR)
     if not slot:
         return None
