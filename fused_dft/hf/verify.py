@@ -30,6 +30,7 @@ def _verify(model, state: PatchState) -> None:
     transform is replaced by the one that matches).
     """
     _refuse_sharded_for_verify(model)
+    _refuse_meta_for_verify(model, state)
     head = _lm_head(model)
     weight = head.weight
     inputs = _random_batch(model, state, weight)
@@ -178,3 +179,24 @@ def _refuse_sharded_for_verify(model: nn.Module) -> None:
                 "was sharded by fully_shard or parallelize_module). Patch the model before "
                 "sharding it (the patch is kept), or pass verify=False."
             )
+
+
+def _refuse_meta_for_verify(model: nn.Module, state: PatchState) -> None:
+    """verify=True runs the stock forward; weights on the meta device (a model built under
+    torch.device("meta"), as transformers' tests and FSDP2 recipes do) cannot run it."""
+    tensors = (*model.named_parameters(), *model.named_buffers())
+    meta = next((name for name, t in tensors if t.is_meta), None)
+    if meta is None:
+        return
+    raise ValueError(
+        f"patch_model(verify=True): {state.base_class.__qualname__} has weights on the meta "
+        f"device ({meta} is a meta tensor: not materialized yet), so its stock forward cannot "
+        "run to check the patch; the model was left unpatched. Patch it once its weights are "
+        "materialized (after model.to_empty(device=...) and their initialization or "
+        "load_state_dict, or from_pretrained), or pass verify=False: the patch then computes the "
+        "same exact fused loss once the weights are materialized; only the patch-time "
+        "comparison with the stock forward is skipped, and with it the check of which of the "
+        "config's logit transforms the family applies (the usual reading is used: logit_scale "
+        "multiplies, logits_scaling divides, final_logit_softcapping caps). patch_model(model) "
+        "again after materializing runs the check."
+    )
