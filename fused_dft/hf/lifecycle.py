@@ -70,8 +70,9 @@ def patch_model(
     verify: check on a short random input that the logits and the loss the patched path computes
     match the stock forward's, and refuse the model otherwise.
 
-    verify runs the stock forward in this process, so patch before fully_shard /
-    parallelize_module (the patch is kept), or pass verify=False for a model already sharded.
+    verify works before or after fully_shard / parallelize_module (call patch_model on every
+    rank: on a sharded model the check runs collectives); a model on the meta device cannot be
+    verified (patch once its weights are materialized, or pass verify=False).
 
     Distributed (docs/distributed.md): under DDP nothing changes. With lm_head an FSDP2 unit
     (fully_shard(model.lm_head), or fully_shard([embed_tokens, lm_head]) when tied) the loss runs
