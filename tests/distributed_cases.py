@@ -77,8 +77,14 @@ MODELS = [
     "fsdp-tied-embedding-and-lm-head-unit",
     "fsdp-tied-root-unit",
     "fsdp-sharded-weight-refused",
-    "tp-colwise-lm-head-patched",
+    "fsdp-shard-then-patch",
+    "fsdp-tied-root-shard-then-patch",
+    "fsdp-shard-then-patch-verify-refuses",
+    "tp-parallelize-then-patch",
+    "tp-parallelize-then-patch-verify-false",
     "tp-patch-then-parallelize",
+    "tp-parallelize-then-patch-verify-refuses",
+    "tp-local-output-verify-refused",
 ]
 SUITES = {
     "vocab_parallel_2": list(VOCAB_PARALLEL) + BAD_INPUTS,
@@ -369,7 +375,9 @@ def run_bad_input(case: str, world: int) -> None:
 # Training set-ups of a patched tiny Llama against one process
 
 
-def _tiny_llama(tied: bool = False):
+def _tiny_llama(tied: bool = False, doubled: bool = False):
+    """The tiny Llama of these cases; `doubled`: as a family the patch does not know (its forward
+    doubles the logits after lm_head), which verify=True must refuse."""
     import transformers
 
     torch.manual_seed(0)
@@ -378,8 +386,23 @@ def _tiny_llama(tied: bool = False):
         num_key_value_heads=2, vocab_size=301, initializer_range=0.2, pad_token_id=0,
         tie_word_embeddings=tied,
     )  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    if doubled:
+        model = _doubled_logits_llama()._from_config(config, attn_implementation="eager")
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     return model.float().train()
+
+
+def _doubled_logits_llama():
+    import transformers
+
+    class DoubledLogits(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    return DoubledLogits
 
 
 def _batch(seed: int):
@@ -457,29 +480,44 @@ def run_model(case: str, world: int) -> None:
 
 
 def run_fsdp(case: str, world: int, rank: int, batches) -> None:
+    """Patched, then sharded (fully_shard), or sharded, then patched with verify=True."""
+    import pytest
     from torch.distributed.fsdp import fully_shard
 
     import fused_dft
     from fused_dft.hf.heads import _head_params
+    from fused_dft.parallel import is_dtensor
 
     mesh = _mesh(world)
     tied = "tied" in case
-    model = fused_dft.patch_model(_tiny_llama(tied))
-    if case == "fsdp-lm-head-unit":
+    shard_first = "shard-then-patch" in case
+    model = _tiny_llama(tied, doubled=case.endswith("refuses"))
+    if not shard_first:
+        fused_dft.patch_model(model)
+    if case in ("fsdp-lm-head-unit", "fsdp-sharded-weight-refused") or (shard_first and not tied):
         fully_shard(model.lm_head, mesh=mesh)
     elif case == "fsdp-tied-embedding-and-lm-head-unit":
         fully_shard([model.model.embed_tokens, model.lm_head], mesh=mesh)
-    elif case == "fsdp-sharded-weight-refused":
-        fully_shard(model.lm_head, mesh=mesh)
+    if case == "fsdp-sharded-weight-refused":
         # outside FSDP's forward the weight is the sharded DTensor: never taken for vocab-parallel
-        import pytest
-
         with pytest.raises(RuntimeError, match="still sharded by the FSDP unit"):
             _head_params(model, model.lm_head)
         return
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if shard_first:
+        # verify=True runs the stock forward and the patched one on the sharded model (through
+        # the root unit, as training does) and leaves every parameter sharded
+        if case.endswith("refuses"):
+            with pytest.raises(ValueError, match="logits the fused loss would use .*DoubledLogits"):
+                fused_dft.patch_model(model)
+            assert not fused_dft.is_patched(model)
+        else:
+            fused_dft.patch_model(model)
+        assert all(is_dtensor(p) for p in model.parameters())
+        if case.endswith("refuses"):
+            return
     inputs, labels = batches[rank]
     model(**inputs, labels=labels).loss.backward()
     expected = _one_process_grads(batches, tied)
@@ -490,6 +528,9 @@ def run_fsdp(case: str, world: int, rank: int, batches) -> None:
 
 
 def run_tensor_parallel(case: str, world: int, rank: int, batches) -> None:
+    """A ColwiseParallel lm_head (vocab-parallel loss): patched, then parallelized, or
+    parallelized, then patched with verify=True (the stock forward under loss_parallel, compared
+    on each rank's shard) or verify=False."""
     import pytest
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
@@ -499,14 +540,25 @@ def run_tensor_parallel(case: str, world: int, rank: int, batches) -> None:
 
     mesh = _mesh(world)
     plan = {"lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}
-    model = _tiny_llama()
-    if case == "tp-colwise-lm-head-patched":
-        parallelize_module(model, mesh, plan)
-        with pytest.raises(ValueError, match=r"lm_head.weight is a DTensor .*verify=False"):
-            fused_dft.patch_model(model)
-        fused_dft.patch_model(model, verify=False)
-    else:
+    model = _tiny_llama(doubled=case.endswith("refuses"))
+    if case == "tp-patch-then-parallelize":
         parallelize_module(fused_dft.patch_model(model), mesh, plan)
+    elif case == "tp-local-output-verify-refused":
+        # ColwiseParallel's default hands the stock loss this rank's logits as a plain tensor:
+        # the stock forward cannot compute its loss, so verify says what plan it needs
+        parallelize_module(model, mesh, {"lm_head": ColwiseParallel()})
+        with pytest.raises(ValueError, match=r"use_local_output=False.*verify=False"):
+            fused_dft.patch_model(model)
+        assert not fused_dft.is_patched(model)
+        return
+    else:
+        parallelize_module(model, mesh, plan)
+        if case.endswith("refuses"):
+            with pytest.raises(ValueError, match="logits the fused loss would use .*DoubledLogits"):
+                fused_dft.patch_model(model)
+            assert not fused_dft.is_patched(model)
+            return
+        fused_dft.patch_model(model, verify=not case.endswith("verify-false"))
     head_calls, vp_calls = [], []
     model.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
     vocab_parallel_loss = parallel.vocab_parallel_loss

@@ -13,7 +13,9 @@ Suites:
   vocab_parallel_3  3 ranks (13 + 13 + 11): one case per path, and the members that need the
                     whole vocabulary (eaft's log V, label smoothing's 1 / V).
   models            2 ranks, a patched tiny Llama: DDP (per-rank mean, num_items_in_batch),
-                    FSDP2 (lm_head unit, tied embedding unit, tied root), tensor-parallel lm_head.
+                    FSDP2 (lm_head unit, tied embedding unit, tied root), tensor-parallel lm_head;
+                    patched before or after sharding (verify=True on the sharded model, which
+                    also refuses a family whose logits differ).
 """
 
 from __future__ import annotations

@@ -145,13 +145,62 @@ class FusedCall:
 def _capture_pre_hook(module: nn.Module, args: tuple):
     """The lm_head's forward pre-hook while patched: inside a patched forward, the FusedCall
     records the hidden states (and, in training, hands the head an empty slice); otherwise it does
-    nothing. Registered once at patch time (compiled graphs trace it; a module-level function so
-    copies and pickles of the model keep it: those of fused_dft 0.1.0 name it
-    fused_dft.transformers._capture_pre_hook, kept there)."""
+    nothing. Registered at patch time, moved to a replaced lm_head by _follow_lm_head (compiled
+    graphs trace it; a module-level function so copies and pickles of the model keep it: those of
+    fused_dft 0.1.0 name it fused_dft.transformers._capture_pre_hook, kept there)."""
     slot = module.__dict__.get(SLOT_ATTR)
     if not slot:
         return None
     return slot[-1].capture(module, args)
+
+
+def _hook_head(head: nn.Module, state: PatchState) -> PatchState:
+    """Give `head` the patch's slot and the capture pre-hook; the state naming it and its hook.
+    A capture pre-hook the head already carries (a copy of a hooked head) is dropped first."""
+    for key, hook in list(head._forward_pre_hooks.items()):
+        if hook is _capture_pre_hook:
+            del head._forward_pre_hooks[key]
+    head.__dict__[SLOT_ATTR] = state.slot
+    handle = head.register_forward_pre_hook(_capture_pre_hook)
+    return dataclasses.replace(state, head=head, hook_id=handle.id)
+
+
+def _unhook_head(head: nn.Module | None, state: PatchState) -> None:
+    """Take the patch's pre-hook and slot off `head` (a head that does not carry them is left as
+    it is: hook ids restart in each process, so an id alone could name another hook)."""
+    if head is None:
+        return
+    if head._forward_pre_hooks.get(state.hook_id) is _capture_pre_hook:
+        del head._forward_pre_hooks[state.hook_id]
+    if head.__dict__.get(SLOT_ATTR) is state.slot:
+        del head.__dict__[SLOT_ATTR]
+
+
+def _hooked_head(model: nn.Module, state: PatchState) -> nn.Module | None:
+    """The module carrying the patch's slot and pre-hook (state.head; for a state pickled by
+    fused_dft 0.1.0, the current lm_head if it carries the slot)."""
+    if state.head is not None:
+        return state.head
+    head = model.get_output_embeddings()
+    return head if head is not None and head.__dict__.get(SLOT_ATTR) is state.slot else None
+
+
+def _follow_lm_head(model: nn.Module, state: PatchState) -> PatchState:
+    """The patch's state with the slot and the pre-hook on the lm_head that
+    get_output_embeddings() returns now. resize_token_embeddings (untied) and
+    set_output_embeddings replace the head after patch_model: the hook moves off the old head
+    onto the new one, and the model's state, which names the hooked head, is stored again."""
+    head = _lm_head(model)
+    hooked = _hooked_head(model, state)
+    if hooked is head and state.head is head:
+        return state
+    if hooked is head:  # a 0.1.0 state: name the head it hooked, so a later one can follow
+        state = dataclasses.replace(state, head=head)
+    else:
+        _unhook_head(hooked, state)
+        state = _hook_head(head, state)
+    setattr(model, STATE_ATTR, state)
+    return state
 
 
 def _fused_forward(model, stock_forward, args: tuple, kwargs: dict):
@@ -161,6 +210,7 @@ def _fused_forward(model, stock_forward, args: tuple, kwargs: dict):
     if state is None or kwargs.get("labels") is None:
         # no labels (generation, inference), or unpatched while someone still holds this forward
         return stock_forward(model, **kwargs)
+    state = _follow_lm_head(model, state)
     out, _ = _run_fused(model, state, stock_forward, kwargs)
     return out
 

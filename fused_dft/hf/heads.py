@@ -5,7 +5,8 @@ when tied) the loss runs as a forward of that unit, so FSDP unshards, reshards a
 reduce-scatters its weight as for lm_head(hidden). With a tensor-parallel lm_head
 (ColwiseParallel: a Shard(0) weight) the loss is vocab-parallel: no logits, no gather. In
 training, a stand-in takes such a head's place for the stock forward's own call of it (see
-docs/distributed.md).
+docs/distributed.md). verify=True on such a model compares the stock forward's logits with the
+lm_head's output on each rank's vocabulary shard (_comparable_logits).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import contextlib
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..parallel import is_dtensor
+from ..parallel import is_dtensor, vocab_parallel_layout
 
 _FSDP_HEAD_METHOD = "_fused_dft_head_forward"
 
@@ -110,3 +112,65 @@ def _fsdp_owner(model: nn.Module, weight) -> str | None:
             if any(p.sharded_param is weight for p in getattr(group, "fsdp_params", ())):
                 return name or type(module).__name__
     return None
+
+
+def _is_tensor_parallel(model: nn.Module, head: nn.Module) -> bool:
+    """A tensor (vocab) parallel lm_head: a DTensor weight that no FSDP2 unit shards."""
+    return is_dtensor(head.weight) and _fsdp_owner(model, head.weight) is None
+
+
+def _stock_loss_context(model: nn.Module, head: nn.Module):
+    """Where verify runs the stock forward: under loss_parallel() with a tensor-parallel head, so
+    that its cross-entropy of the vocab-sharded DTensor logits
+    (ColwiseParallel(use_local_output=False)) runs vocab-parallel, as torchtitan's recipes do."""
+    if not _is_tensor_parallel(model, head):
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
+
+
+def _comparable_logits(model: nn.Module, head: nn.Module, hidden: torch.Tensor, stock_logits):
+    """For verify (a tiny batch, at patch time): (raw, stock, group), the lm_head's output on
+    `hidden` and the stock forward's logits as plain tensors over the same vocabulary rows, and
+    the process group whose ranks hold the other rows (None: every row is here).
+      - tensor-parallel head (a Shard(0) weight): this rank's vocabulary shard of both; the stock
+        logits (a DTensor, the whole of them, or this rank's shard) are cut to it, not gathered;
+      - FSDP2-sharded weight (outside its unit's forward): all-gathered here, as FSDP does for
+        each call of the lm_head;
+      - otherwise as they are."""
+    weight, bias = head.weight, head.bias
+    if not _is_tensor_parallel(model, head):
+        if is_dtensor(weight):
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if is_dtensor(bias) else bias
+        return F.linear(hidden, weight, bias), stock_logits, None
+    layout = vocab_parallel_layout(hidden, weight, bias, torch.empty(0, dtype=torch.long))
+    hidden = hidden.to_local() if is_dtensor(hidden) else hidden  # Replicate: the whole
+    raw = F.linear(hidden, weight.to_local(), None if bias is None else bias.to_local())
+    if is_dtensor(stock_logits):
+        from torch.distributed.tensor import Shard
+
+        vocab_dim = [Shard(stock_logits.dim() - 1)]  # torch.chunk order, as the weight's rows
+        stock = stock_logits.redistribute(stock_logits.device_mesh, vocab_dim).to_local()
+    elif torch.is_tensor(stock_logits) and stock_logits.shape[-1] == layout.vocab:
+        stock = stock_logits[..., layout.offset : layout.offset + layout.local_vocab]
+    else:  # this rank's shard already (use_local_output=True), or no logits
+        stock = stock_logits
+    return raw, stock, layout.group
+
+
+@contextlib.contextmanager
+def _fsdp_resharded_after(model: nn.Module):
+    """FSDP2 keeps a root unit's parameters unsharded after its forward, for the backward that
+    follows in training. verify's forwards have none: reshard every unit after them, so that the
+    model leaves patch_model as sharded as it came (an optimizer built next gets the sharded
+    parameters)."""
+    try:
+        yield
+    finally:
+        fsdp = sys.modules.get("torch.distributed.fsdp")
+        if fsdp is not None:
+            for module in model.modules():
+                if isinstance(module, fsdp.FSDPModule):
+                    module.reshard()

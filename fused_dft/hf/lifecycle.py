@@ -19,7 +19,6 @@ What the patched forward does is in call.py; what verify=True checks, in verify.
 from __future__ import annotations
 
 import copyreg
-import dataclasses
 import functools
 import inspect
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from ..arguments import check_loss_options
-from .call import _capture_pre_hook, _fused_forward
+from .call import _fused_forward, _hook_head, _hooked_head, _unhook_head
 from .model import (
     _causal_lm,
     _keyword_names,
@@ -36,7 +35,7 @@ from .model import (
     _read_transform,
     _text_config,
 )
-from .state import LOSS_OPTIONS, SLOT_ATTR, STATE_ATTR, TOKEN_COLUMNS, PatchState, loss_option_names
+from .state import LOSS_OPTIONS, STATE_ATTR, TOKEN_COLUMNS, PatchState, loss_option_names
 from .verify import _verify
 
 _PATCHED_CLASSES: dict[type, type] = {}
@@ -71,8 +70,9 @@ def patch_model(
     verify: check on a short random input that the logits and the loss the patched path computes
     match the stock forward's, and refuse the model otherwise.
 
-    verify runs the stock forward in this process, so patch before fully_shard /
-    parallelize_module (the patch is kept), or pass verify=False for a model already sharded.
+    verify works before or after fully_shard / parallelize_module (call patch_model on every
+    rank: on a sharded model the check runs collectives); a model on the meta device cannot be
+    verified (patch once its weights are materialized, or pass verify=False).
 
     Distributed (docs/distributed.md): under DDP nothing changes. With lm_head an FSDP2 unit
     (fully_shard(model.lm_head), or fully_shard([embed_tokens, lm_head]) when tied) the loss runs
@@ -144,11 +144,7 @@ def _refuse_shadowed_forward(target: nn.Module) -> None:
 def _install(target: nn.Module, state: PatchState) -> PatchState:
     """Give the lm_head its slot and capture pre-hook, swap in the patched class and store the
     state (with the hook's id) on the model; returns that state."""
-    head = _lm_head(target)
-    slot = state.slot
-    head.__dict__[SLOT_ATTR] = slot
-    hook = head.register_forward_pre_hook(_capture_pre_hook)
-    state = dataclasses.replace(state, slot=slot, hook_id=hook.id)
+    state = _hook_head(_lm_head(target), state)
     target.__class__ = _patched_class(state.base_class)
     setattr(target, STATE_ATTR, state)
     return state
@@ -168,12 +164,10 @@ def unpatch_model(model: nn.Module) -> nn.Module:
             f"unpatch_model: the class of this model was changed after patching "
             f"({type(target).__qualname__}); cannot restore {state.base_class.__qualname__}"
         )
+    # the head that carries the hook: the lm_head, or one replaced since the last patched call
+    _unhook_head(_hooked_head(target, state), state)
     target.__class__ = state.base_class
     delattr(target, STATE_ATTR)
-    head = target.get_output_embeddings()
-    if head is not None:
-        head._forward_pre_hooks.pop(state.hook_id, None)
-        head.__dict__.pop(SLOT_ATTR, None)
     return model
 
 

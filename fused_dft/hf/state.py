@@ -8,12 +8,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from torch import nn
+
 from ..family import param_names
 from .model import LogitTransform
 
 STATE_ATTR = "_fused_dft_patch"
 # On the lm_head: the patch's slot, a list holding the FusedCall of the forward in progress (empty
-# between calls), which the lm_head's permanent pre-hook (_capture_pre_hook) reads.
+# between calls), which the lm_head's permanent pre-hook (_capture_pre_hook) reads. The slot and
+# the hook follow the lm_head: a patched call finds it with get_output_embeddings() and moves them
+# from the head that carries them (PatchState.head) to a head replaced after patching
+# (resize_token_embeddings, set_output_embeddings).
 SLOT_ATTR = "_fused_dft_slot"
 # Batch figures of the fused pass attached to the output (detached; means over the valid tokens).
 # The output also carries `lm_loss`: the fused loss before any router loss (with its gradient; it
@@ -65,3 +70,8 @@ class PatchState:
     accepts_kwargs: frozenset[str] | None  # the forward's keyword names; None: it takes **kwargs
     slot: list = dataclasses.field(default_factory=list, compare=False)  # see SLOT_ATTR
     hook_id: int | None = None  # the lm_head pre-hook's key in its _forward_pre_hooks
+    # The module that carries the slot and the pre-hook: the lm_head when it was last hooked (a
+    # replaced head is released at the next patched call with labels, or by unpatch_model).
+    # None in a state pickled by fused_dft 0.1.0 (the class default): the head that carries the
+    # slot.
+    head: nn.Module | None = dataclasses.field(default=None, compare=False, repr=False)

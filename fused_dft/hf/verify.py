@@ -4,21 +4,28 @@ On a short random batch with labels, in eval mode and without gradients, the pat
 cross-entropy mode, without the family's loss options) must reproduce the stock forward: the
 logits the fused loss would use (which also settles which of the config's logit transforms the
 family applies) and the loss (cross-entropy plus any MoE router loss). A model that differs is
-refused and left unpatched.
+refused and left unpatched. Both forwards run as model(...) calls, so a model sharded by
+fully_shard or parallelize_module is checked as it is, on every rank (heads._comparable_logits).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..parallel import is_dtensor
 from .call import _run_fused
+from .heads import (
+    _comparable_logits,
+    _fsdp_resharded_after,
+    _is_tensor_parallel,
+    _stock_loss_context,
+)
 from .model import LogitTransform, _candidate_transforms, _lm_head, _text_config
 from .state import STATE_ATTR, PatchState, plain_ce_options
 
@@ -27,30 +34,43 @@ def _verify(model, state: PatchState) -> None:
     """Refuse the model unless the patched path reproduces the stock logits and loss.
 
     Also settles which of the config's logit transforms the family applies (the state's
-    transform is replaced by the one that matches).
+    transform is replaced by the one that matches). A sharded model (fully_shard,
+    parallelize_module) is checked as it is, on every rank: see _comparable_logits.
     """
-    _refuse_sharded_for_verify(model)
+    _refuse_meta_for_verify(model, state)
     head = _lm_head(model)
-    weight = head.weight
-    inputs = _random_batch(model, state, weight)
+    inputs = _random_batch(model, state, head.weight)
     name = f"{state.base_class.__qualname__} ({state.base_class.__module__})"
     refused = f"patch_model(verify=True): {name} was left unpatched"
 
-    with _eval_mode(model), torch.no_grad():
+    with _fsdp_resharded_after(model), _eval_mode(model), torch.no_grad():
         stock = _stock_output(model, state, inputs, refused)
         ours, call = _patched_ce(model, state, state.transform, inputs, refused)
-        raw = F.linear(call.hidden, weight, head.bias)
+        raw, stock_logits, group = _comparable_logits(
+            model, head, call.hidden, getattr(stock, "logits", None)
+        )
 
         # 1. the logits: which of the config's transforms the family applies after its lm_head
-        stock_logits = _checked_logits(stock, raw, refused)
+        stock_logits = _checked_logits(stock_logits, raw, refused)
         tol = max(1e-5, 4 * torch.finfo(stock_logits.dtype).eps)
-        transform = _matching_transform(model, state, raw, stock_logits, tol, name)
+        transform = _matching_transform(model, state, raw, stock_logits, tol, name, group)
         if transform != state.transform:
             ours, _ = _patched_ce(model, state, transform, inputs, refused)
             setattr(model, STATE_ATTR, dataclasses.replace(state, transform=transform))
 
     # 2. the loss: the cross-entropy (+ router loss) of the patched forward is the stock one
     _check_loss(ours, stock, tol, name)
+
+
+def _module_call(model: nn.Module, forward, inputs: dict):
+    """forward(**inputs) called as model(**inputs), so that the model's own forward hooks run
+    around it (those of a root FSDP2 unit: its lazy initialisation and the unshard of its
+    parameters), as in training."""
+    model.forward = forward  # on the instance, for this call only
+    try:
+        return model(**inputs)
+    finally:
+        del model.forward
 
 
 def _random_batch(model, state: PatchState, weight: torch.Tensor) -> dict:
@@ -70,22 +90,30 @@ def _random_batch(model, state: PatchState, weight: torch.Tensor) -> dict:
 def _stock_output(model, state: PatchState, inputs: dict, refused: str):
     """The stock forward's output on `inputs`: with the router loss for a MoE family, where the
     stock forward can compute it (`inputs` then asks the patched forward for it too)."""
-    stock = None
-    if state.is_moe:
+    forward = functools.partial(state.base_class.forward, model)
+    head = _lm_head(model)
+    with _stock_loss_context(model, head):
+        if state.is_moe:
+            try:
+                stock = _module_call(model, forward, {**inputs, "output_router_logits": True})
+                inputs["output_router_logits"] = True
+                return stock
+            except Exception:
+                pass
         try:
-            stock = state.base_class.forward(model, **inputs, output_router_logits=True)
-            inputs["output_router_logits"] = True
-        except Exception:
-            stock = None
-    if stock is None:
-        try:
-            stock = state.base_class.forward(model, **inputs)
+            return _module_call(model, forward, inputs)
         except Exception as exc:
+            hint = "" if not _is_tensor_parallel(model, head) else (
+                ". Its lm_head is tensor-parallel: verify runs the stock forward under "
+                "loss_parallel(), which needs the lm_head's logits as a vocab-sharded DTensor "
+                "(ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)); with "
+                "another plan, patch before parallelize_module or pass verify=False (the "
+                "vocab-parallel loss is the same; only this check is skipped)"
+            )  # fmt: skip
             raise ValueError(
                 f"{refused}: its stock forward fails on a short random batch with labels "
-                f"({type(exc).__name__}: {exc}), so the patch cannot be checked"
+                f"({type(exc).__name__}: {exc}), so the patch cannot be checked{hint}"
             ) from exc
-    return stock
 
 
 def _patched_ce(model, state: PatchState, transform: LogitTransform, inputs: dict, refused: str):
@@ -95,17 +123,22 @@ def _patched_ce(model, state: PatchState, transform: LogitTransform, inputs: dic
     ce_state = dataclasses.replace(
         state, loss_type="ce", transform=transform, loss_options=ce_options
     )
+    calls = []
+
+    def forward(**kwargs):
+        out, call = _run_fused(model, ce_state, state.base_class.forward, kwargs)
+        calls.append(call)
+        return out
+
     try:
-        return _run_fused(
-            model, ce_state, state.base_class.forward, {**inputs, "skip_logits": True}
-        )
+        out = _module_call(model, forward, {**inputs, "skip_logits": True})
     except (RuntimeError, TypeError, ValueError) as exc:
         raise ValueError(f"{refused}: the patched forward fails on it: {exc}") from exc
+    return out, calls[0]
 
 
-def _checked_logits(stock, raw: torch.Tensor, refused: str) -> torch.Tensor:
+def _checked_logits(stock_logits, raw: torch.Tensor, refused: str) -> torch.Tensor:
     """The stock output's logits, refused unless shaped like the lm_head's output `raw`."""
-    stock_logits = getattr(stock, "logits", None)
     if not torch.is_tensor(stock_logits) or tuple(stock_logits.shape) != tuple(raw.shape):
         got = tuple(stock_logits.shape) if torch.is_tensor(stock_logits) else None
         raise ValueError(
@@ -116,24 +149,36 @@ def _checked_logits(stock, raw: torch.Tensor, refused: str) -> torch.Tensor:
 
 
 def _matching_transform(model, state: PatchState, raw: torch.Tensor, stock_logits: torch.Tensor,
-                        tol: float, name: str) -> LogitTransform:  # fmt: skip
+                        tol: float, name: str, group) -> LogitTransform:  # fmt: skip
     """The first of the config's candidate transforms under which the kernel's view of the
-    lm_head's output `raw` is the stock logits; the model is refused when none is."""
+    lm_head's output `raw` is the stock logits; the model is refused when none is. With a
+    vocab-parallel head (`group`), each rank compares its shard and the ranks agree (one
+    all-reduce), so that every rank picks the same transform."""
     reference = stock_logits.to(torch.float64 if raw.dtype == torch.float64 else torch.float32)
 
     def mismatch(transform: LogitTransform) -> torch.Tensor:
         return (transform.kernel_view(raw) - reference).abs() > tol * (1 + reference.abs())
 
-    transform = next(
-        (t for t in _candidate_transforms(_text_config(model)) if not mismatch(t).any()), None
-    )
+    candidates = _candidate_transforms(_text_config(model))
+    bad = torch.stack([mismatch(t).any() for t in candidates]).to(torch.int32)
+    if group is not None:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX, group=group)
+    transform = next((t for t, b in zip(candidates, bad.tolist()) if not b), None)
     if transform is None:
-        where = tuple(int(i) for i in torch.nonzero(mismatch(state.transform))[0])
+        found = torch.nonzero(mismatch(state.transform))
+        if len(found):
+            where = tuple(int(i) for i in found[0])
+            shard = "" if group is None else " of this rank's vocabulary shard"
+            differ = (
+                f"at index {where}{shard} "
+                f"fused_dft has {float(state.transform.kernel_view(raw)[where]):.6g}, the model "
+                f"{float(reference[where]):.6g}"
+            )
+        else:
+            differ = "on another rank's vocabulary shard"
         raise ValueError(
             f"patch_model(verify=True): the logits the fused loss would use differ from the "
-            f"stock forward's for {name}: at index {where} fused_dft has "
-            f"{float(state.transform.kernel_view(raw)[where]):.6g}, the model "
-            f"{float(reference[where]):.6g} (transforms read from the config: "
+            f"stock forward's for {name}: {differ} (transforms read from the config: "
             f"{state.transform}). This family applies a logit transform fused_dft does not "
             "know, so training it with the fused loss would be wrong; the model was left "
             "unpatched."
@@ -144,6 +189,8 @@ def _matching_transform(model, state: PatchState, raw: torch.Tensor, stock_logit
 def _check_loss(ours, stock, tol: float, name: str) -> None:
     """Refuse the model unless the patched forward's cross-entropy is the stock forward's loss."""
     stock_loss = getattr(stock, "loss", None)
+    if is_dtensor(stock_loss):  # under loss_parallel(): a replicated scalar
+        stock_loss = stock_loss.full_tensor()
     if stock_loss is None or not math.isclose(
         float(ours.loss), float(stock_loss), rel_tol=tol, abs_tol=tol
     ):
@@ -167,14 +214,22 @@ def _eval_mode(model: nn.Module):
             module.training = training
 
 
-def _refuse_sharded_for_verify(model: nn.Module) -> None:
-    """verify=True runs the stock forward in this process; sharded parameters (DTensors from
-    fully_shard or parallelize_module) cannot run it."""
-    for name, param in model.named_parameters():
-        if is_dtensor(param):
-            raise ValueError(
-                f"patch_model(verify=True) compares with the stock forward, which cannot run "
-                f"here: {name} is a DTensor with placements {tuple(param.placements)} (the model "
-                "was sharded by fully_shard or parallelize_module). Patch the model before "
-                "sharding it (the patch is kept), or pass verify=False."
-            )
+def _refuse_meta_for_verify(model: nn.Module, state: PatchState) -> None:
+    """verify=True runs the stock forward; weights on the meta device (a model built under
+    torch.device("meta"), as transformers' tests and FSDP2 recipes do) cannot run it."""
+    tensors = (*model.named_parameters(), *model.named_buffers())
+    meta = next((name for name, t in tensors if t.is_meta), None)
+    if meta is None:
+        return
+    raise ValueError(
+        f"patch_model(verify=True): {state.base_class.__qualname__} has weights on the meta "
+        f"device ({meta} is a meta tensor: not materialized yet), so its stock forward cannot "
+        "run to check the patch; the model was left unpatched. Patch it once its weights are "
+        "materialized (after model.to_empty(device=...) and their initialization or "
+        "load_state_dict, or from_pretrained), or pass verify=False: the patch then computes the "
+        "same exact fused loss once the weights are materialized; only the patch-time "
+        "comparison with the stock forward is skipped, and with it the check of which of the "
+        "config's logit transforms the family applies (the usual reading is used: logit_scale "
+        "multiplies, logits_scaling divides, final_logit_softcapping caps). patch_model(model) "
+        "again after materializing runs the check."
+    )

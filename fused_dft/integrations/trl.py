@@ -4,8 +4,9 @@ A subclass of `trl.SFTTrainer` with the same arguments. With `SFTConfig(loss_typ
 `"nll"` the model is patched (fused_dft.patch_model) when the trainer is built, in place of the
 chunked LM head TRL installs, and `compute_loss` keeps TRL's semantics:
   - the loss is the sum over the valid tokens of this micro-batch divided by
-    `num_items_in_batch` (the valid tokens of the whole accumulated batch) when Trainer passes it,
-    else their mean (0 for a micro-batch with none); times the number of processes with
+    `num_items_in_batch` (the valid tokens of the whole accumulated batch, clamped to 1 as TRL
+    does: 0 for a window with none) when Trainer passes it, else their mean (0 for a micro-batch
+    with none); times the number of processes with
     `average_tokens_across_devices`;
   - MoE: `router_aux_loss_coef` (TRL's, from SFTConfig or the config) times the router loss of
     the family's own forward, divided by the accumulation steps when `num_items_in_batch` is
@@ -85,7 +86,11 @@ class SFTTrainer(trl.SFTTrainer):
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
-        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        extra = {}
+        if num_items_in_batch is not None:
+            # TRL divides by num_items_in_batch clamped to 1: an accumulation window without a
+            # trained token gives a finite 0 (and zero gradients), not 0 / 0
+            extra["num_items_in_batch"] = torch.as_tensor(num_items_in_batch).clamp(min=1)
         outputs = model(**inputs, skip_logits=True, **extra)
 
         # 1. the loss, as TRL reduces it

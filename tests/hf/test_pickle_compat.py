@@ -10,6 +10,7 @@ compatibility module fused_dft/transformers.py keeps them, as the objects fused_
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import pathlib
@@ -86,3 +87,24 @@ def test_0_1_0_pickle_loads_patched_with_the_same_loss():
 
     assert fused_dft.unpatch_model(loaded) is loaded
     assert type(loaded) is transformers.LlamaForCausalLM and not fused_dft.is_patched(loaded)
+
+
+# A 0.1.0 state names no hooked head: the patch finds its hook by the slot on the lm_head, and
+# follows an lm_head replaced after loading (here by a copy of the old one, which carries a copy
+# of its hook: the new head ends with exactly one), and unpatch_model cleans the new head.
+def test_0_1_0_pickle_follows_a_replaced_lm_head():
+    loaded = pickle.loads(pickled_bytes())
+    assert loaded.__dict__[hf.STATE_ATTR].head is None
+    ids = batch()
+    loaded(input_ids=ids, labels=ids)  # adopts the hooked head
+    old_head = loaded.lm_head
+    new_head = copy.deepcopy(old_head)
+    loaded.set_output_embeddings(new_head)
+    out = loaded(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.loss, torch.tensor(LOSS_0_1_0), rtol=1e-5, atol=0)
+    hooks = [h for h in new_head._forward_pre_hooks.values() if h is _capture_pre_hook]
+    assert len(hooks) == 1
+    fused_dft.unpatch_model(loaded)
+    for module in (*loaded.modules(), old_head):
+        assert _capture_pre_hook not in module._forward_pre_hooks.values()
+        assert "_fused_dft_slot" not in module.__dict__

@@ -18,6 +18,7 @@ from .helpers import (  # noqa: E402
     ATOL,
     COMMON,
     RTOL,
+    assert_grads_equal,
     ragged_batch,
     stock_loss,
     tiny_model,
@@ -74,3 +75,35 @@ def test_refuses_a_shadowed_forward():
     model.forward = model.forward
     with pytest.raises(RuntimeError, match="before handing it to a trainer"):
         fused_dft.patch_model(model)
+
+
+# A model on the meta device (built under torch.device("meta"), as transformers' tests and FSDP2
+# recipes do): verify=True says what to do; verify=False patches it, and once materialized
+# (to_empty, then the weights and buffers loaded) it trains as the stock model, and a second
+# patch_model verifies it.
+def test_meta_device_model():
+    stock = tiny_model("llama")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(
+            stock.config, attn_implementation="eager"
+        )
+    with pytest.raises(ValueError, match=r"meta device .*to_empty.*verify=False") as info:
+        fused_dft.patch_model(model)
+    assert "lm_head.weight" in str(info.value) or "embed_tokens" in str(info.value)
+    assert type(model) is transformers.LlamaForCausalLM and not fused_dft.is_patched(model)
+
+    fused_dft.patch_model(model, verify=False)
+    model.to_empty(device="cpu")
+    model.load_state_dict(stock.state_dict())
+    for buffer, value in zip(model.buffers(), stock.buffers()):
+        buffer.copy_(value)  # rotary inv_freq: not in the state dict
+    model.train()
+    inputs, labels = ragged_batch()
+    expected, _ = stock_loss(stock, inputs, labels)
+    out = model(**inputs, labels=labels)
+    torch.testing.assert_close(out.loss, expected, rtol=RTOL, atol=ATOL)
+    expected.backward()
+    out.loss.backward()
+    assert_grads_equal(model, stock)
+    fused_dft.patch_model(model)  # verify=True on the materialized model
+    assert fused_dft.is_patched(model)

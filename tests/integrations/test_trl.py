@@ -125,6 +125,45 @@ def test_matches_trl_with_lora(tmp_path):
     assert_same_training(ours, theirs)
 
 
+# A whole accumulation window without a trained token (num_items_in_batch == 0, e.g. prompts
+# truncated before their completion): TRL clamps the divisor to 1, so the loss is a finite 0 and
+# the gradients zero; an AdamW step then leaves every parameter finite and equal to TRL's.
+@pytest.mark.parametrize("loss_type", ["dft", "nll"])
+def test_window_without_trained_tokens_matches_trl(loss_type, tmp_path):
+    model = tiny_model("llama")
+    data = text_rows(n=4, seed=23)
+    trainers = []
+    for cls in (SFTTrainer, trl.SFTTrainer):
+        config = trl.SFTConfig(
+            output_dir=str(tmp_path / cls.__module__), report_to=[], use_cpu=True, bf16=False,
+            loss_type=loss_type,
+        )  # fmt: skip
+        trainers.append(
+            cls(model=copy.deepcopy(model), args=config, train_dataset=data,
+                processing_class=tiny_tokenizer())
+        )  # fmt: skip
+    inputs = trainers[0].data_collator([trainers[0].train_dataset[i] for i in range(4)])
+    inputs["labels"] = torch.full_like(inputs["labels"], -100)
+    losses, grads = [], []
+    for trainer in trainers:
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=torch.tensor(0))
+        loss.backward()
+        losses.append(loss)
+        grads.append({n: p.grad for n, p in trainer.model.named_parameters()})
+        torch.optim.AdamW(trainer.model.parameters(), lr=0.1).step()
+    ours, theirs = losses
+    assert float(theirs.detach()) == 0.0 and float(ours.detach()) == 0.0
+    assert fused_dft.is_patched(trainers[0].model)
+    for name, g in grads[1].items():
+        mine = grads[0][name]
+        assert g is None or not g.any(), name
+        assert mine is None or (torch.isfinite(mine).all() and not mine.any()), name
+    for p, q in zip(trainers[0].model.parameters(), trainers[1].model.parameters()):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 # Eval: the loss and TRL's metrics, logged with the eval_ prefix (ce_loss too).
 def test_evaluate_logs_fused_figures(tmp_path):
     data = text_rows(seed=22)
