@@ -7,8 +7,11 @@ Which config a fused launch uses, first match wins:
      ("block_n=128,num_stages=3": unnamed fields keep the bucket's default);
   2. the interpreter (CPU): INTERPRETER_CONFIG, one fixed config (it cannot autotune several);
   3. CUDA with FUSED_DFT_AUTOTUNE=0: the bucket's default (its first candidate);
-  4. CUDA: triton.autotune over the bucket's candidates, keyed on D, V, the compile-time flags
-     and the dtypes (Triton adds the dtypes of tensor arguments to the key itself).
+  4. CUDA: triton.autotune over the bucket's candidates, keyed on the kernel's own argument
+     names in FWD_KEY / DZ_KEY (D, V or none, and n_bucket: the batch's N rounded up to a power
+     of two), the compile-time flags and the dtypes (Triton adds the dtypes of tensor arguments
+     to the key itself). check_key refuses a name that is not an argument of the kernel (Triton
+     would drop it silently and reuse one config for every value).
 Forward and backward tune independently over the same candidates. vocab_splits sizes the forward's
 grid and partial buffer on the host, so every candidate of a bucket shares it.
 
@@ -278,8 +281,10 @@ class LaunchPlan:
     def max_block_n(self) -> int:
         return max(c.block_n for c in self.candidates)
 
-    def launch(self, kernel, grid, *args, reset_to_zero: tuple[str, ...] = (), **flags) -> None:
+    def launch(self, kernel, grid, *args, key: tuple[str, ...],
+               reset_to_zero: tuple[str, ...] = (), **flags) -> None:  # fmt: skip
         """kernel[grid](*args, **flags) with this plan's config(s); grid takes the meta dict.
+        key: the kernel's arguments the autotuner keys on (FWD_KEY / DZ_KEY), besides the flags.
 
         reset_to_zero: outputs the kernel writes only in part and that are summed afterwards
         (db's per-block rows: a config with larger blocks leaves the last rows unwritten);
@@ -291,7 +296,7 @@ class LaunchPlan:
             meta = dict(c.meta, num_warps=c.num_warps, num_stages=c.num_stages)
             kernel[grid(c.meta)](*args, **flags, **meta)
         else:
-            key = ("D", "V", *sorted(flags))  # Triton adds the tensors' dtypes itself
+            key = (*key, *sorted(flags))  # Triton adds the tensors' dtypes itself
             _autotuner(kernel, self.candidates, key, reset_to_zero)[grid](*args, **flags)
 
 
@@ -313,6 +318,38 @@ def plan(
     return LaunchPlan(candidates)
 
 
+# -- autotune keys --------------------------------------------------------------------------------
+
+# The forward tunes per (D, V, N bucket); the dz kernel sees one vocab chunk (V_chunk, the same
+# for every chunk but the last: keying on it would tune twice per shape), so per (D, N bucket).
+FWD_KEY = ("D", "V", "n_bucket")
+DZ_KEY = ("D", "n_bucket")
+N_BUCKET_MIN, N_BUCKET_MAX = 128, 65536
+
+
+def n_bucket(n: int) -> int:
+    """The autotune key's N: n rounded up to a power of two in [128, 65536]. A config tuned at
+    one N serves up to twice that N; at most 10 tunings per (D, V, flags) in all. The launchers
+    pass the batch's N (hidden rows), not the selected count, so a CUDA-graph capture (every row)
+    reuses what its eager warm-up (the non-ignored rows) tuned. Powers of two from 128 up are
+    multiples of 16: one compiled specialization serves every bucket."""
+    bucket = N_BUCKET_MIN
+    while bucket < min(n, N_BUCKET_MAX):
+        bucket *= 2
+    return bucket
+
+
+def check_key(kernel, key: tuple[str, ...]) -> None:
+    """Every autotune key name is an argument of the kernel (Triton ignores any other name)."""
+    names = kernel.arg_names
+    unknown = [k for k in key if k not in names]
+    if unknown:
+        raise ValueError(
+            f"autotune key {list(key)} of kernel {getattr(kernel, '__name__', kernel)}: "
+            f"{unknown} are not its arguments; choose from {names}"
+        )
+
+
 _autotuners: dict = {}
 
 
@@ -322,6 +359,7 @@ def _autotuner(kernel, candidates, key: tuple[str, ...], reset_to_zero: tuple[st
 
     cache_key = (kernel, candidates, key, reset_to_zero)
     if cache_key not in _autotuners:
+        check_key(kernel, key)
         configs = [
             triton.Config(c.meta, num_warps=c.num_warps, num_stages=c.num_stages)
             for c in candidates

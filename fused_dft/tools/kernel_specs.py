@@ -107,6 +107,7 @@ _FUSED_COMMON = {
     "stride_wd": "1",
     "logit_scale": "fp32",
     "softcap": "fp32",
+    "n_bucket": "i32:16",  # configs.n_bucket: a power of two >= 128
 }
 
 
