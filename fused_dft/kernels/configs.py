@@ -17,6 +17,8 @@ grid and partial buffer on the host, so every candidate of a bucket shares it.
 
 The candidates were chosen from CPU-side compiles (`fused-dft kernels`: registers, spills, shared
 memory for sm_90 with triton 3.6 and 3.9), not from GPU timings: `make gpu-check` sweeps them.
+They depend on the GPU's arch (device_arch, from its compute capability): sm_90 and sm_80 get
+CONFIG_SETS, every other arch SMALL_SETS (tiles that compile without spills within 99 KB).
 """
 
 from __future__ import annotations
@@ -199,16 +201,63 @@ CONFIG_SETS: dict[tuple[str, str, str], tuple[FusedConfig, ...]] = {
 }
 
 
-def config_set(dtype: torch.dtype, d: int, v: int) -> tuple[FusedConfig, ...]:
-    """The shipped candidates for this dtype and D/V bucket; the first is the default."""
+# Every other arch: sm_80 (163 KB of shared memory per block), sm_86 / sm_89 / sm_120 (99 KB),
+# sm_100 (227 KB). Their dots are mma.sync (tcgen05 on sm_100 through Triton 3.9) with the
+# accumulator in registers, and the forward at 128 x 128 x 64 spills there (`fused-dft kernels
+# --arch sm_86,sm_89,sm_100,sm_120`, triton 3.9: 255 registers, 8-40 B/thread of spills): only
+# tiles of 64 x 128 or 128 x 64 are offered, which compile to 143-187 registers without spills
+# in 48-72 KB (bench/README.md has the table), under every one of these limits.
+_SMALL_16BIT = (
+    _C(64, 128, 64, num_warps=8, num_stages=3),
+    _C(128, 64, 64, num_warps=8, num_stages=3),
+    _C(64, 128, 64, num_warps=8, num_stages=4),
+)
+_SMALL_TF32 = (
+    _C(64, 128, 32, num_warps=8, num_stages=3),
+    _C(128, 64, 32, num_warps=8, num_stages=3),
+)
+SMALL_SETS: dict[str, tuple[FusedConfig, ...]] = {
+    "16bit": _SMALL_16BIT,
+    "tf32": _SMALL_TF32,
+    "fp32": _FP32[:1],  # 64 x 64 x 32 with 4 warps spills 8 B/thread in the forward on sm_80
+}
+# the archs whose candidates are CONFIG_SETS: 128 x 128 tiles compile there without spills (sm_90:
+# wgmma; sm_80: mma.sync at 255 registers, 0 B, 64 KB of its 163 KB), except IEEE fp32 on sm_80
+# (its 64 x 64 x 32 w4 forward spills 8 B there): SMALL_SETS["fp32"]
+LARGE_TILE_ARCHS = ("sm_80", "sm_90")
+
+
+def _small(cls: str, arch: str) -> bool:
+    return arch not in LARGE_TILE_ARCHS or (cls == "fp32" and arch != "sm_90")
+
+
+def arch_name(capability: tuple[int, int]) -> str:
+    """(9, 0) -> 'sm_90'."""
+    return f"sm_{capability[0]}{capability[1]}"
+
+
+def config_set(dtype: torch.dtype, d: int, v: int, arch: str = "sm_90") -> tuple[FusedConfig, ...]:
+    """The shipped candidates for this dtype, D/V bucket and arch; the first is the default."""
+    if _small(dtype_class(dtype), arch):
+        return SMALL_SETS[dtype_class(dtype)]
     return CONFIG_SETS[(dtype_class(dtype), d_bucket(d), v_bucket(v))]
 
 
-def shipped_configs(cls: str) -> tuple[FusedConfig, ...]:
-    """Every distinct candidate of every bucket of a dtype class, the buckets' defaults first."""
+def shipped_configs(cls: str, arch: str = "sm_90") -> tuple[FusedConfig, ...]:
+    """Every distinct candidate of every bucket of a dtype class for an arch, the buckets'
+    defaults first."""
+    if _small(cls, arch):
+        return SMALL_SETS[cls]
     keys = [k for k in CONFIG_SETS if k[0] == cls]
     seen = [CONFIG_SETS[k][0] for k in keys] + [c for k in keys for c in CONFIG_SETS[k]]
     return tuple(dict.fromkeys(seen))
+
+
+def default_configs(cls: str, arch: str = "sm_90") -> tuple[FusedConfig, ...]:
+    """The configs used without autotuning: each bucket's first candidate."""
+    if _small(cls, arch):
+        return SMALL_SETS[cls][:1]
+    return tuple(dict.fromkeys(c[0] for k, c in CONFIG_SETS.items() if k[0] == cls))
 
 
 # -- overrides -----------------------------------------------------------------------------------
@@ -300,6 +349,20 @@ class LaunchPlan:
             _autotuner(kernel, self.candidates, key, reset_to_zero)[grid](*args, **flags)
 
 
+_ARCHS: dict[int, str] = {}
+
+
+def device_arch(device: torch.device) -> str:
+    """'sm_XY' of a CUDA device (cached); 'sm_90' where there is none (the interpreter, or a
+    CUDA device named on a machine without one), whose candidates the overrides complete."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "sm_90"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ARCHS:
+        _ARCHS[index] = arch_name(torch.cuda.get_device_capability(index))
+    return _ARCHS[index]
+
+
 def plan(
     dtype: torch.dtype, device: torch.device, d: int, v: int, config: FusedConfig | None = None
 ) -> LaunchPlan:
@@ -307,7 +370,7 @@ def plan(
     `config`, when given, is used as it is (the caller's explicit choice)."""
     if config is not None:
         return LaunchPlan((config,))
-    candidates = config_set(dtype, d, v)
+    candidates = config_set(dtype, d, v, device_arch(device))
     forced = override_config(candidates[0])
     if forced is not None:
         return LaunchPlan((forced,))

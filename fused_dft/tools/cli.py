@@ -5,8 +5,8 @@ bench    measures every provider (the naive loss, each fused_dft impl that runs 
          error, and writes a table, JSON, Markdown and a PNG plot to --output. With --e2e: full
          training steps of a config-built Llama, stock vs patched (tokens/s, peak memory).
 check    runs every impl on a small problem against the float64 reference and prints PASS/FAIL.
-kernels  compiles every Triton kernel for sm_90 / sm_80 here (no GPU needed) and prints its
-         shared memory, registers, spills, tensor-core use and atomics.
+kernels  compiles every Triton kernel for a GPU arch (sm_80 ... sm_120) here (no GPU needed) and
+         prints its shared memory, registers, spills, tensor-core use and atomics.
 families patches a tiny model of every causal-LM family of the installed transformers and
          compares it with the stock model: one line per family (ok, refused, failed, not built).
 """
