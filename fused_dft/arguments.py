@@ -11,11 +11,14 @@ validate="sync" (the default on the CPU, where reading a value costs nothing): l
     [0, V) other than ignore_index, and non-finite token_weights / old_logprobs at non-ignored
     tokens, raise ValueError naming the first one, before any compute. On CUDA this is one
     device-to-host sync per call (and the exact selection of non-ignored rows is a second).
-validate="device" (the default on CUDA): nothing is read on the host. A bad label is never read
-    (its logit counts as absent) and that token's loss and gradient are NaN, so the loss comes
-    out NaN; non-finite per-token inputs make the loss non-finite the same way.
-validate="off": nothing is checked and no host read happens; a bad label is never read either,
-    the token is trained as if its label were absent (silently wrong: for inputs known valid).
+validate="device" (the default on CUDA): no label value is read on the host. A bad label is
+    never read (its logit counts as absent) and that token's loss and gradient are NaN, so the
+    loss comes out NaN; non-finite per-token inputs make the loss non-finite the same way.
+validate="off": nothing is checked; a bad label is never read either, the token is trained as
+    if its label were absent (silently wrong: for inputs known valid).
+Which rows the matmuls see is decided apart from this (selection.exact_selection): on CUDA the
+non-ignored rows are trimmed with one host read of their count whatever validate is, except while
+a CUDA graph is being captured.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ Function (parallel.py, one rank's shard): check values, select rows, run a backe
               backend.backward                 dz = a softmax - b onehot - u, then dh, dW, db
               gradients in the parameters' dtypes
 A backend that computed the gradients in its forward pass (chunked, "mean" / "sum") is not run
-again: backward scales what it returned (scale_precomputed), once.
+again: backward scales what it returned while casting it to the parameters' dtypes
+(scale_precomputed), one pass.
 """
 
 from __future__ import annotations
@@ -84,16 +85,33 @@ def cast_grads(grads, weight, bias):
     return dh, dw, db
 
 
-def scale_precomputed(grads, grad_loss):
-    """Precomputed gradients (for an upstream gradient of 1) times the upstream scalar, the
-    product in fp32 (a bf16 dh is rounded once, not scaled by a bf16-rounded factor). In place in
-    eager mode; out of place where torch.compile traces the backward."""
+def scale_precomputed(grads, grad_loss, dtypes):
+    """Precomputed gradients (for an upstream gradient of 1) times the upstream scalar, each
+    returned in its dtype in `dtypes` (dh's, the weight's, the bias's; None: not needed).
+
+    The product is in fp32 (a bf16 dh is rounded once, not scaled by a bf16-rounded factor).
+    Where the dtype differs from the accumulator's (a bf16 weight's fp32 dW) the scale rides on
+    the cast: torch.mul(g, factor, out=<bf16>) reads the fp32 dW once and writes the bf16 dW once,
+    4 + 2 bytes an element. A scale pass then a cast pass moved 4 + 4 + 4 + 2: at V x D =
+    128256 x 4096, 7.4 GB (2.2 ms at 3.35 TB/s) became 3.2 GB (0.94 ms), and an upstream of 1
+    costs nothing beyond the cast every path needs (on CUDA, checking for 1 would be a sync).
+    Same dtype (fp32 weights, dh): in place, skipped on the CPU when the upstream is 1 (a free
+    check there). Out of place where torch.compile traces the backward."""
     factor = grad_loss.double() if grad_loss.dtype == torch.float64 else grad_loss.float()
-    if torch.compiler.is_compiling():
-        return tuple(None if g is None else (g * factor).to(g.dtype) for g in grads)
-    if grad_loss.device.type == "cpu" and bool(grad_loss == 1):
-        return grads  # the common case; a free check on the CPU
-    for g in grads:
-        if g is not None:
-            g.mul_(factor)
-    return grads
+    compiling = torch.compiler.is_compiling()
+    is_one = not compiling and grad_loss.device.type == "cpu" and bool(grad_loss == 1)
+    out = []
+    for g, dtype in zip(grads, dtypes):
+        if g is None or dtype is None:
+            out.append(None)
+        elif compiling:
+            out.append((g * factor).to(dtype))
+        elif g.dtype != dtype:
+            out.append(g.to(dtype) if is_one else torch.mul(g, factor, out=_empty_as(g, dtype)))
+        else:
+            out.append(g if is_one else g.mul_(factor))
+    return tuple(out)
+
+
+def _empty_as(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(g.shape, dtype=dtype, device=g.device)

@@ -77,9 +77,11 @@ def fused_linear_dft_loss(
     (0 at ignored positions): (loss, stats), (loss, logprobs) or (loss, stats, logprobs).
     chunk_size: tokens per chunk for impl="chunked"/"auto" (default: sized from the vocabulary).
     validate: "sync" (default on the CPU): bad labels and non-finite token_weights/old_logprobs
-    raise ValueError before any compute, and ignored tokens are dropped exactly (one host sync
-    on CUDA); "device" (default on CUDA): no host sync, a bad label is never read and makes the
-    loss NaN; "off": no check (a bad label is never read and counts as absent). See arguments.py.
+    raise ValueError before any compute (one host sync on CUDA); "device" (default on CUDA): no
+    host check, a bad label is never read and makes the loss NaN; "off": no check (a bad label
+    is never read and counts as absent). See arguments.py. Either way, on CUDA the ignored tokens
+    are dropped exactly with one host read of their count, except while a CUDA graph is being
+    captured (then every row is multiplied; docs/compile.md).
 
     Vocab-parallel (parallel.py): a weight (and bias) that is a DTensor sharded Shard(0) on a 1-D
     device mesh means the vocabulary is split across the mesh's ranks (uneven shards are fine).

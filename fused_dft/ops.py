@@ -154,10 +154,11 @@ def _backward(ctx, grad_loss, *_grads_of_other_outputs):
         if ctx.consumed:
             raise RuntimeError(BACKWARD_TWICE)
         ctx.consumed = True
-        dh, dw, db = scale_precomputed(ctx.saved_tensors, grad_loss)
-        dw = dw.to(ctx.weight_dtype) if need[1] else None
-        db = db.to(ctx.bias_dtype) if need[2] else None
-        dh = dh if need[0] else None
+        dh, dw, db = ctx.saved_tensors
+        dtypes = (dh.dtype, ctx.weight_dtype, ctx.bias_dtype)
+        dh, dw, db = scale_precomputed(
+            [g if flag else None for g, flag in zip((dh, dw, db), need)], grad_loss, dtypes
+        )
     else:
         hidden, weight, bias, labels, lse, coefs = ctx.saved_tensors
         dh, dw, db = linear_loss_bwd(

@@ -51,7 +51,7 @@ import torch.distributed as dist
 
 from . import partials as P
 from .backends.base import VocabShard
-from .driver import BACKWARD_TWICE, cast_grads, path_backward, path_forward, scale_precomputed
+from .driver import BACKWARD_TWICE, path_backward, path_forward, scale_precomputed
 from .options import LossOptions
 
 SUPPORTED = (
@@ -215,7 +215,8 @@ class VocabParallelFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_sums, _grad_num, _grad_logprobs):
         hidden, weight, bias = ctx.saved_tensors
         if ctx.precomputed is not None:  # chunked, mean / sum: computed in the forward pass
-            dh, dw, db = cast_grads(scale_precomputed(ctx.precomputed, grad_loss), weight, bias)
+            dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+            dh, dw, db = scale_precomputed(ctx.precomputed, grad_loss, dtypes)
             ctx.precomputed = None
         elif ctx.saved is None:
             raise RuntimeError(BACKWARD_TWICE)

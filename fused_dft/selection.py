@@ -1,12 +1,22 @@
 """Which tokens the backends see (Rows), and the reduction of their losses back to the caller's.
 
-Two ways to select the tokens the matmuls see (the validate mode, arguments.py, decides which):
-  exact  (validate="sync"): the non-ignored rows, found with nonzero() — a host sync on CUDA; every
-         selected row is a real token and ignored tokens cost no work at all.
-  static (validate="device" / "off"): all N rows, the non-ignored ones moved to the front by a
-         stable sort on the device; num_valid stays on the device. No host sync and shapes that
-         depend only on N (torch.compile, CUDA graphs). Rows past num_valid are masked out of
-         every result; kernels that read num_valid skip them, torch matmuls still multiply them.
+How rows are selected is decided here (exact_selection), apart from how label values are checked
+(validate=, arguments.py):
+  exact  the non-ignored rows, found with nonzero(): one host read of their count. Every selected
+         row is a token, so ignored tokens cost no matmul at all. Used with validate="sync"
+         (whose value check reads the host anyway) and on CUDA whatever validate is, unless a host
+         read must not happen now (host_read_forbidden: the current stream is being captured into
+         a CUDA graph, or torch.cuda.set_sync_debug_mode asks to hear of syncs).
+  static all N rows, the non-ignored ones moved to the front by a stable sort on the device;
+         num_valid stays on the device. No host read and shapes that depend only on N (CUDA graph
+         capture). Rows past num_valid are masked out of every result; kernels that read
+         num_valid skip them, torch matmuls still multiply them. Used under capture, and on the
+         CPU with validate="device" / "off" (chosen there only to run the sync-free path).
+Cost of exact on CUDA: one device-to-host sync per call (microseconds; the launch queue drains
+once). What it saves: the matmuls of the ignored rows, 6 * N_ignored * D * V FLOPs; at 16384 x
+4096 x 128256 with 30% ignored, 6 * 4915 * 4096 * 128256 = 1.55e13 FLOPs, expected ~22 ms per
+step at 700 TFLOP/s (an H100's bf16 GEMM rate; bench/README.md).
+Under torch.compile the read happens inside the custom op (ops.py), so it breaks no graph.
 """
 
 from __future__ import annotations
@@ -36,6 +46,29 @@ class Rows(NamedTuple):
         return self.idx.shape[0]
 
 
+def host_read_forbidden(device: torch.device) -> bool:
+    """Whether reading one value on the host must not happen now on this CUDA device: the current
+    stream is being captured into a CUDA graph (a sync would fail the capture), or the user asked
+    torch.cuda.set_sync_debug_mode to warn about or refuse syncs."""
+    if not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device):
+        capturing = torch.cuda.is_current_stream_capturing()
+    return capturing or torch.cuda.get_sync_debug_mode() != 0
+
+
+def host_read_allowed(device: torch.device) -> bool:
+    """Whether the selection may read its count on the host: on CUDA unless host_read_forbidden;
+    elsewhere no (validate="device" / "off" on the CPU run the static path they were chosen for)."""
+    return device.type == "cuda" and not host_read_forbidden(device)
+
+
+def exact_selection(opts: LossOptions, device: torch.device) -> bool:
+    """True: select the non-ignored rows exactly (one host read); False: the static selection.
+    validate="sync" reads the host anyway; otherwise host_read_allowed decides."""
+    return opts.validate == "sync" or host_read_allowed(device)
+
+
 def select_rows(
     labels: torch.Tensor,
     opts: LossOptions,
@@ -46,12 +79,13 @@ def select_rows(
 ) -> Rows:
     """labels (N,); token_weights / old_logprobs (N,) or None.
 
-    validate="sync": the non-ignored rows only (a host sync on CUDA); else all rows, non-ignored
-    first. A label outside [0, vocab) becomes -1 (never read); with validate="device" its
-    token's loss and gradient become NaN, with "off" it is treated as absent.
+    exact_selection: the non-ignored rows only (one host read on CUDA); else all rows,
+    non-ignored first. A label outside [0, vocab) becomes -1 (never read); with
+    validate="device" its token's loss and gradient become NaN, with "off" it is treated as
+    absent (either selection).
     """
     valid = labels != opts.ignore_index
-    if opts.validate == "sync":
+    if exact_selection(opts, labels.device):
         idx = valid.nonzero().squeeze(1)
         row_valid = None
     else:

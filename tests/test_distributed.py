@@ -28,7 +28,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .distributed_cases import MODELS, SUITES, VOCAB_PARALLEL, VOCAB_PARALLEL_3, run_suite
+from .distributed_cases import (
+    MODELS,
+    SKIPPED,
+    SUITES,
+    VOCAB_PARALLEL,
+    VOCAB_PARALLEL_3,
+    run_suite,
+    triton_skip_reason,
+)
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
@@ -87,6 +95,9 @@ def _spawn_suite_once(suite: str, world: int, tmp) -> dict[str, list[str]]:
 
 
 def check(failures: dict[str, list[str]], case: str) -> None:
+    skipped = [f for f in failures[case] if f.split(":\n", 1)[-1].startswith(SKIPPED)]
+    if skipped and len(skipped) == len(failures[case]):
+        pytest.skip(skipped[0].split(SKIPPED, 1)[1])
     if failures[case]:
         pytest.fail("\n".join(failures[case]), pytrace=False)
 
@@ -143,6 +154,23 @@ def test_bench_nproc_2_runs_vocab_parallel_against_one_process(tmp_path):
     assert vp["peak_mem_bytes"] == max(r["peak_mem_bytes"] for r in vp["ranks"])
     assert set(vp["vs_one_process"]) == {"time", "peak_mem_per_rank"}
     assert "vs one process (auto)" in (tmp_path / "bench.md").read_text()
+
+
+# on a CUDA test run the ranks have no interpreter: their Triton cases are skipped by name, not
+# failed (a stand-in for "no interpreter": can_run_triton on the CPU made False)
+def test_ranks_skip_triton_cases_without_the_interpreter(monkeypatch):
+    from fused_dft import runtime
+
+    monkeypatch.setattr(runtime, "can_run_triton", lambda device: False)
+    assert "TRITON_INTERPRET=1" in triton_skip_reason("fused-ce-none")
+    assert triton_skip_reason("triton-rows-dft-mean") is not None
+    assert triton_skip_reason("dft-mean-bias-softcap") is None  # torch ops: runs anywhere
+    assert triton_skip_reason("bad-2d-mesh") is None
+    reason = "impl='fused' needs Triton's interpreter"
+    with pytest.raises(pytest.skip.Exception, match="needs Triton's interpreter"):
+        check({"c": [f"rank {r}:\n{SKIPPED}{reason}" for r in (0, 1)]}, "c")
+    monkeypatch.setattr(runtime, "can_run_triton", lambda device: True)
+    assert triton_skip_reason("fused-ce-none") is None
 
 
 def test_plain_tensors_take_the_one_device_path():

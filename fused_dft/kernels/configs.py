@@ -7,13 +7,18 @@ Which config a fused launch uses, first match wins:
      ("block_n=128,num_stages=3": unnamed fields keep the bucket's default);
   2. the interpreter (CPU): INTERPRETER_CONFIG, one fixed config (it cannot autotune several);
   3. CUDA with FUSED_DFT_AUTOTUNE=0: the bucket's default (its first candidate);
-  4. CUDA: triton.autotune over the bucket's candidates, keyed on D, V, the compile-time flags
-     and the dtypes (Triton adds the dtypes of tensor arguments to the key itself).
+  4. CUDA: triton.autotune over the bucket's candidates, keyed on the kernel's own argument
+     names in FWD_KEY / DZ_KEY (D, V or none, and n_bucket: the batch's N rounded up to a power
+     of two), the compile-time flags and the dtypes (Triton adds the dtypes of tensor arguments
+     to the key itself). check_key refuses a name that is not an argument of the kernel (Triton
+     would drop it silently and reuse one config for every value).
 Forward and backward tune independently over the same candidates. vocab_splits sizes the forward's
 grid and partial buffer on the host, so every candidate of a bucket shares it.
 
 The candidates were chosen from CPU-side compiles (`fused-dft kernels`: registers, spills, shared
 memory for sm_90 with triton 3.6 and 3.9), not from GPU timings: `make gpu-check` sweeps them.
+They depend on the GPU's arch (device_arch, from its compute capability): sm_90 and sm_80 get
+CONFIG_SETS, every other arch SMALL_SETS (tiles that compile without spills within 99 KB).
 """
 
 from __future__ import annotations
@@ -196,16 +201,63 @@ CONFIG_SETS: dict[tuple[str, str, str], tuple[FusedConfig, ...]] = {
 }
 
 
-def config_set(dtype: torch.dtype, d: int, v: int) -> tuple[FusedConfig, ...]:
-    """The shipped candidates for this dtype and D/V bucket; the first is the default."""
+# Every other arch: sm_80 (163 KB of shared memory per block), sm_86 / sm_89 / sm_120 (99 KB),
+# sm_100 (227 KB). Their dots are mma.sync (tcgen05 on sm_100 through Triton 3.9) with the
+# accumulator in registers, and the forward at 128 x 128 x 64 spills there (`fused-dft kernels
+# --arch sm_86,sm_89,sm_100,sm_120`, triton 3.9: 255 registers, 8-40 B/thread of spills): only
+# tiles of 64 x 128 or 128 x 64 are offered, which compile to 143-187 registers without spills
+# in 48-72 KB (bench/README.md has the table), under every one of these limits.
+_SMALL_16BIT = (
+    _C(64, 128, 64, num_warps=8, num_stages=3),
+    _C(128, 64, 64, num_warps=8, num_stages=3),
+    _C(64, 128, 64, num_warps=8, num_stages=4),
+)
+_SMALL_TF32 = (
+    _C(64, 128, 32, num_warps=8, num_stages=3),
+    _C(128, 64, 32, num_warps=8, num_stages=3),
+)
+SMALL_SETS: dict[str, tuple[FusedConfig, ...]] = {
+    "16bit": _SMALL_16BIT,
+    "tf32": _SMALL_TF32,
+    "fp32": _FP32[:1],  # 64 x 64 x 32 with 4 warps spills 8 B/thread in the forward on sm_80
+}
+# the archs whose candidates are CONFIG_SETS: 128 x 128 tiles compile there without spills (sm_90:
+# wgmma; sm_80: mma.sync at 255 registers, 0 B, 64 KB of its 163 KB), except IEEE fp32 on sm_80
+# (its 64 x 64 x 32 w4 forward spills 8 B there): SMALL_SETS["fp32"]
+LARGE_TILE_ARCHS = ("sm_80", "sm_90")
+
+
+def _small(cls: str, arch: str) -> bool:
+    return arch not in LARGE_TILE_ARCHS or (cls == "fp32" and arch != "sm_90")
+
+
+def arch_name(capability: tuple[int, int]) -> str:
+    """(9, 0) -> 'sm_90'."""
+    return f"sm_{capability[0]}{capability[1]}"
+
+
+def config_set(dtype: torch.dtype, d: int, v: int, arch: str = "sm_90") -> tuple[FusedConfig, ...]:
+    """The shipped candidates for this dtype, D/V bucket and arch; the first is the default."""
+    if _small(dtype_class(dtype), arch):
+        return SMALL_SETS[dtype_class(dtype)]
     return CONFIG_SETS[(dtype_class(dtype), d_bucket(d), v_bucket(v))]
 
 
-def shipped_configs(cls: str) -> tuple[FusedConfig, ...]:
-    """Every distinct candidate of every bucket of a dtype class, the buckets' defaults first."""
+def shipped_configs(cls: str, arch: str = "sm_90") -> tuple[FusedConfig, ...]:
+    """Every distinct candidate of every bucket of a dtype class for an arch, the buckets'
+    defaults first."""
+    if _small(cls, arch):
+        return SMALL_SETS[cls]
     keys = [k for k in CONFIG_SETS if k[0] == cls]
     seen = [CONFIG_SETS[k][0] for k in keys] + [c for k in keys for c in CONFIG_SETS[k]]
     return tuple(dict.fromkeys(seen))
+
+
+def default_configs(cls: str, arch: str = "sm_90") -> tuple[FusedConfig, ...]:
+    """The configs used without autotuning: each bucket's first candidate."""
+    if _small(cls, arch):
+        return SMALL_SETS[cls][:1]
+    return tuple(dict.fromkeys(c[0] for k, c in CONFIG_SETS.items() if k[0] == cls))
 
 
 # -- overrides -----------------------------------------------------------------------------------
@@ -278,8 +330,10 @@ class LaunchPlan:
     def max_block_n(self) -> int:
         return max(c.block_n for c in self.candidates)
 
-    def launch(self, kernel, grid, *args, reset_to_zero: tuple[str, ...] = (), **flags) -> None:
+    def launch(self, kernel, grid, *args, key: tuple[str, ...],
+               reset_to_zero: tuple[str, ...] = (), **flags) -> None:  # fmt: skip
         """kernel[grid](*args, **flags) with this plan's config(s); grid takes the meta dict.
+        key: the kernel's arguments the autotuner keys on (FWD_KEY / DZ_KEY), besides the flags.
 
         reset_to_zero: outputs the kernel writes only in part and that are summed afterwards
         (db's per-block rows: a config with larger blocks leaves the last rows unwritten);
@@ -291,8 +345,22 @@ class LaunchPlan:
             meta = dict(c.meta, num_warps=c.num_warps, num_stages=c.num_stages)
             kernel[grid(c.meta)](*args, **flags, **meta)
         else:
-            key = ("D", "V", *sorted(flags))  # Triton adds the tensors' dtypes itself
+            key = (*key, *sorted(flags))  # Triton adds the tensors' dtypes itself
             _autotuner(kernel, self.candidates, key, reset_to_zero)[grid](*args, **flags)
+
+
+_ARCHS: dict[int, str] = {}
+
+
+def device_arch(device: torch.device) -> str:
+    """'sm_XY' of a CUDA device (cached); 'sm_90' where there is none (the interpreter, or a
+    CUDA device named on a machine without one), whose candidates the overrides complete."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "sm_90"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ARCHS:
+        _ARCHS[index] = arch_name(torch.cuda.get_device_capability(index))
+    return _ARCHS[index]
 
 
 def plan(
@@ -302,7 +370,7 @@ def plan(
     `config`, when given, is used as it is (the caller's explicit choice)."""
     if config is not None:
         return LaunchPlan((config,))
-    candidates = config_set(dtype, d, v)
+    candidates = config_set(dtype, d, v, device_arch(device))
     forced = override_config(candidates[0])
     if forced is not None:
         return LaunchPlan((forced,))
@@ -311,6 +379,38 @@ def plan(
     if not autotune_enabled():
         return LaunchPlan(candidates[:1])
     return LaunchPlan(candidates)
+
+
+# -- autotune keys --------------------------------------------------------------------------------
+
+# The forward tunes per (D, V, N bucket); the dz kernel sees one vocab chunk (V_chunk, the same
+# for every chunk but the last: keying on it would tune twice per shape), so per (D, N bucket).
+FWD_KEY = ("D", "V", "n_bucket")
+DZ_KEY = ("D", "n_bucket")
+N_BUCKET_MIN, N_BUCKET_MAX = 128, 65536
+
+
+def n_bucket(n: int) -> int:
+    """The autotune key's N: n rounded up to a power of two in [128, 65536]. A config tuned at
+    one N serves up to twice that N; at most 10 tunings per (D, V, flags) in all. The launchers
+    pass the batch's N (hidden rows), not the selected count, so a CUDA-graph capture (every row)
+    reuses what its eager warm-up (the non-ignored rows) tuned. Powers of two from 128 up are
+    multiples of 16: one compiled specialization serves every bucket."""
+    bucket = N_BUCKET_MIN
+    while bucket < min(n, N_BUCKET_MAX):
+        bucket *= 2
+    return bucket
+
+
+def check_key(kernel, key: tuple[str, ...]) -> None:
+    """Every autotune key name is an argument of the kernel (Triton ignores any other name)."""
+    names = kernel.arg_names
+    unknown = [k for k in key if k not in names]
+    if unknown:
+        raise ValueError(
+            f"autotune key {list(key)} of kernel {getattr(kernel, '__name__', kernel)}: "
+            f"{unknown} are not its arguments; choose from {names}"
+        )
 
 
 _autotuners: dict = {}
@@ -322,6 +422,7 @@ def _autotuner(kernel, candidates, key: tuple[str, ...], reset_to_zero: tuple[st
 
     cache_key = (kernel, candidates, key, reset_to_zero)
     if cache_key not in _autotuners:
+        check_key(kernel, key)
         configs = [
             triton.Config(c.meta, num_warps=c.num_warps, num_stages=c.num_stages)
             for c in candidates

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..options import LossOptions
 from .common import grouped_program, logits_tile, transform_logits
-from .configs import LaunchPlan
+from .configs import DZ_KEY, LaunchPlan, n_bucket
 from .fused_fwd import kernel_flags
 
 
@@ -54,6 +54,7 @@ def _fused_dz_kernel(
     stride_wd,
     logit_scale,
     softcap,
+    n_bucket,  # the autotune key's N (configs.n_bucket); not read by the kernel
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -156,7 +157,8 @@ def fused_dz(
         db_partial.stride(0) if db_partial is not None else 0,
         n, vc, v_start, hidden.shape[1],
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        float(opts.logit_scale), float(opts.softcap or 1.0),
+        float(opts.logit_scale), float(opts.softcap or 1.0), n_bucket(hidden.shape[0]),
+        key=DZ_KEY,
         reset_to_zero=("db_ptr",) if db_partial is not None else (),
         HAS_UNIFORM=opts.label_smoothing > 0,
         COMPUTE_DB=db_partial is not None,

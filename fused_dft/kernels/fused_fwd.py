@@ -58,6 +58,7 @@ def _fused_partials_kernel(
     stride_wd,
     logit_scale,
     softcap,
+    n_bucket,  # the autotune key's N (configs.n_bucket); not read by the kernel
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -186,7 +187,8 @@ def fused_partials(
         hidden, weight, bias if bias is not None else weight, row_idx, labels, count, part,
         n, v, d, split_cols, splits,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        float(opts.logit_scale), float(opts.softcap or 1.0),
+        float(opts.logit_scale), float(opts.softcap or 1.0), configs.n_bucket(hidden.shape[0]),
+        key=configs.FWD_KEY,
         NEED_ENTROPY=opts.needs_entropy,
         NEED_SUM=opts.needs_logit_sum,
         **kernel_flags(hidden, bias, opts),

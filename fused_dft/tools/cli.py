@@ -6,8 +6,8 @@ bench    measures every provider (the naive loss, each fused_dft impl that runs 
          error, and writes a table, JSON, Markdown and a PNG plot to --output. With --e2e: full
          training steps of a config-built Llama, stock vs patched (tokens/s, peak memory).
 check    runs every impl on a small problem against the float64 reference and prints PASS/FAIL.
-kernels  compiles every Triton kernel for sm_90 / sm_80 here (no GPU needed) and prints its
-         shared memory, registers, spills, tensor-core use and atomics.
+kernels  compiles every Triton kernel for a GPU arch (sm_80 ... sm_120) here (no GPU needed) and
+         prints its shared memory, registers, spills, tensor-core use and atomics.
 families patches a tiny model of every causal-LM family of the installed transformers and
          compares it with the stock model: one line per family (ok, refused, failed, not built).
 """
@@ -100,6 +100,13 @@ def add_bench_parser(sub) -> None:
         help=f"tiny problem, one repeat ({SMOKE_SHAPE}): checks the set-up in seconds",
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument(
+        "--expected",
+        action="store_true",
+        help="print the expected GPU time of naive, chunked, fused and the 3-GEMM bound from "
+        "FLOPs and bytes (bf16/fp16 inputs) and run nothing; without sizes, the issue-17 shapes",
+    )
+    bench.add_argument("--gpu", help="with --expected: comma-separated subset of the GPU table")
 
     bench.add_argument(
         "--e2e",
@@ -251,6 +258,8 @@ def parse_sizes(option: str, text: str | None, default: int, parser) -> list[int
 
 
 def bench_main(args, parser, argv: list[str]) -> int:
+    if args.expected:
+        return expected_main(args, parser)
     if args.e2e:
         return e2e_main(args, parser, argv)
     from .bench import plot, report
@@ -299,6 +308,43 @@ def bench_main(args, parser, argv: list[str]) -> int:
             f"problem: {r['label']}: {r.get('reason') or 'error above tolerance'}", file=sys.stderr
         )
     return 1 if bad else 0
+
+
+# the shapes of issue 17's targets: Llama 3 8B's head at 16k tokens, Qwen 2.5's at 8k (TRL's)
+EXPECTED_SHAPES = ((16384, 4096, 128256), (8192, 4096, 151936))
+
+
+def expected_main(args, parser) -> int:
+    """`fused-dft bench --expected`: the expected-time table (tools/bench/expected.py); runs
+    nothing on any device."""
+    from .bench import expected as model
+    from .bench.problem import PRESETS
+
+    try:
+        gpus = model.parse_gpus(args.gpu)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not 0 <= args.ignore_frac < 1:
+        parser.error(f"--ignore-frac {args.ignore_frac}: must be in [0, 1)")
+    given = args.preset or args.tokens or args.hidden or args.vocab
+    shapes = list(EXPECTED_SHAPES)
+    if given:
+        shape = dict(DEFAULT_SHAPE)
+        if args.preset is not None:
+            if args.preset not in PRESETS:
+                parser.error(f"--preset {args.preset!r}: unknown; choose from {', '.join(PRESETS)}")
+            shape["hidden"], shape["vocab"] = PRESETS[args.preset]
+        sizes = [parse_sizes(f"--{k}", getattr(args, k), shape[k], parser) for k in shape]
+        shapes = [(n, d, v) for n in sizes[0] for d in sizes[1] for v in sizes[2]]
+    print("fused-dft bench --expected: EXPECTED times (nothing ran), bf16/fp16 inputs, "
+          f"{args.ignore_frac:.0%} of labels ignored; phases summed, each max(FLOPs / (peak x "
+          f"{model.GEMM_EFFICIENCY} GEMM, x {model.FUSED_EFFICIENCY} fused kernels), bytes / "
+          f"(bandwidth x {model.BANDWIDTH_EFFICIENCY}))")  # fmt: skip
+    for n, d, v in shapes:
+        print(f"\nN={n} D={d} V={v}")
+        print(model.table(model.Shape(n, d, v, args.ignore_frac), gpus))
+    print("\npeaks (dense 16-bit tensor cores, memory):\n" + model.sources(gpus))
+    return 0
 
 
 def bench_config(args, parser):

@@ -9,8 +9,10 @@ compiled). Per compile:
     spill_bytes   stack frame + local memory per thread (STACK + LOCAL), where ptxas puts spilled
                   registers: the kernels make no calls and hold no local arrays
     tensor_cores  whether the dots became the arch's tensor-core instruction (PTX wgmma.mma_async on
-                  sm_90, mma.sync on sm_80; a dot that fell back to mma.sync on sm_90 counts as
-                  False); None for a kernel without tl.dot
+                  sm_90, tcgen05.mma on sm_100, mma.sync on sm_80 / sm_86 / sm_89 / sm_120; a dot
+                  that fell back to mma.sync on sm_90 counts as False); None without tl.dot
+Archs (ARCHS): every one the triton 3.9 wheel's ptxas (12.9, and ptxas-blackwell for sm_100 /
+sm_120) compiles; sm_75 (T4) and older are not offered (no bf16 tensor cores).
     atomics       atomic instructions in the PTX (atom.* and red.*), counted statically
 This gives no speed, but it shows spills, shared-memory overflow and missing tensor cores before a
 GPU is ever lent.
@@ -56,8 +58,12 @@ class Arch:
 ARCHS: dict[str, Arch] = {
     a.name: a
     for a in (
-        Arch("sm_90", 90, 227 * 1024, r"\bwgmma\.mma_async"),
-        Arch("sm_80", 80, 163 * 1024, r"\bmma\.sync"),
+        Arch("sm_80", 80, 163 * 1024, r"\bmma\.sync"),  # A100, A800
+        Arch("sm_86", 86, 99 * 1024, r"\bmma\.sync"),  # A10, A40, RTX 3090, RTX A6000
+        Arch("sm_89", 89, 99 * 1024, r"\bmma\.sync"),  # L4, L40S, RTX 4090, RTX 6000 Ada
+        Arch("sm_90", 90, 227 * 1024, r"\bwgmma\.mma_async"),  # H100, H200, GH200
+        Arch("sm_100", 100, 227 * 1024, r"\btcgen05\.mma"),  # B200, GB200
+        Arch("sm_120", 120, 99 * 1024, r"\bmma\.sync"),  # RTX 50xx, RTX PRO 6000 Blackwell
     )
 }
 DEFAULT_ARCHS = ("sm_90", "sm_80")
@@ -99,14 +105,14 @@ def parse_archs(text: str | None) -> list[str]:
     return list(dict.fromkeys(archs))
 
 
-def configs_for(spec: CompileSpec, dtype: str, choice: str) -> list[str]:
-    """choice: 'all' (every shipped config), 'default' (those used without autotuning: one per
-    D/V bucket), or config text."""
-    shipped = spec.configs(dtype)
+def configs_for(spec: CompileSpec, dtype: str, choice: str, arch: str = "sm_90") -> list[str]:
+    """choice: 'all' (every config shipped for the arch), 'default' (those used without
+    autotuning: one per D/V bucket), or config text."""
+    shipped = spec.configs(dtype, arch)
     if choice == "all":
         return shipped
     if choice == "default":
-        return spec.defaults(dtype)
+        return spec.defaults(dtype, arch)
     try:
         spec.parse_config(choice)
     except ValueError as exc:
@@ -126,9 +132,9 @@ def plan_jobs(
     for kernel in kernels:
         spec = SPECS[kernel]
         for dtype in dtypes:
-            for config in configs_for(spec, dtype, choice):
-                check_spec(spec, dtype, config)
-                for arch in archs:
+            for arch in archs:
+                for config in configs_for(spec, dtype, choice, arch):
+                    check_spec(spec, dtype, config)
                     jobs.append({"kernel": kernel, "dtype": dtype, "arch": arch, "config": config})
     return jobs
 
@@ -248,7 +254,7 @@ def compile_one(job: dict) -> dict:
     ptx = compiled.asm["ptx"]
     instr = None
     if spec.has_dot:
-        instr = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "none"
+        instr = next((name for name, text in _DOT_PTX if text in ptx), "none")
     return {
         "shared_bytes": int(compiled.metadata.shared),
         "registers": usage["REG"],
@@ -258,6 +264,10 @@ def compile_one(job: dict) -> dict:
         "dot_instruction": instr,
         "triton": triton.__version__,
     }
+
+
+# the tensor-core instruction a dot became, as the table names it
+_DOT_PTX = (("wgmma", "wgmma.mma_async"), ("tcgen05", "tcgen05.mma"), ("mma", "mma.sync"))
 
 
 def _jit_function(spec: CompileSpec):

@@ -41,8 +41,9 @@ class CompileSpec:
     function: str  # the @triton.jit function's name in it
     arg_types: dict[str, str]  # every runtime (non-constexpr) argument
     flags: Callable[[str], dict[str, object]]  # report dtype -> compile-time flags
-    configs: Callable[[str], list[str]]  # report dtype -> every shipped config
-    defaults: Callable[[str], list[str]]  # report dtype -> the configs used without autotuning
+    configs: Callable[[str, str], list[str]]  # (report dtype, arch) -> every shipped config
+    # (report dtype, arch) -> the configs used without autotuning
+    defaults: Callable[[str, str], list[str]]
     # config text ('block_v=4096,num_warps=8') -> (tile constexprs, compile options); ValueError
     # naming the field and the valid choices when it is unknown or invalid
     parse_config: Callable[[str], tuple[dict[str, int], dict[str, int]]]
@@ -107,6 +108,7 @@ _FUSED_COMMON = {
     "stride_wd": "1",
     "logit_scale": "fp32",
     "softcap": "fp32",
+    "n_bucket": "i32:16",  # configs.n_bucket: a power of two >= 128
 }
 
 
@@ -128,19 +130,18 @@ def _fused_label(config) -> str:
     )
 
 
-def _fused_configs(dtype: str) -> list[str]:
+def _fused_configs(dtype: str, arch: str) -> list[str]:
     from fused_dft.kernels.configs import shipped_configs
 
-    labels = [_fused_label(c) for c in shipped_configs(DTYPES[dtype][1])]
+    labels = [_fused_label(c) for c in shipped_configs(DTYPES[dtype][1], arch)]
     return list(dict.fromkeys(labels))
 
 
-def _fused_defaults(dtype: str) -> list[str]:
-    """Each D/V bucket's default (its first candidate)."""
-    from fused_dft.kernels.configs import CONFIG_SETS
+def _fused_defaults(dtype: str, arch: str) -> list[str]:
+    """Each D/V bucket's default (its first candidate) on this arch."""
+    from fused_dft.kernels.configs import default_configs
 
-    cls = DTYPES[dtype][1]
-    labels = [_fused_label(c[0]) for k, c in CONFIG_SETS.items() if k[0] == cls]
+    labels = [_fused_label(c) for c in default_configs(DTYPES[dtype][1], arch)]
     return list(dict.fromkeys(labels))
 
 
@@ -237,7 +238,7 @@ _ROWS_COMMON = {
     "logit_scale": "fp32",
     "softcap": "fp32",
 }
-_ROWS_CONFIGS = lambda dtype: ["block_v={},num_warps={}".format(*_rows_default())]  # noqa: E731
+_ROWS_CONFIGS = lambda dtype, arch: ["block_v={},num_warps={}".format(*_rows_default())]  # noqa: E731
 
 # the chunked path's row kernels: partials of each logits row, then its gradient in place
 ROWS = CompileSpec(

@@ -118,6 +118,8 @@ def test_overrides_python_before_environment_before_shipped(monkeypatch):
 class FakeKernel:
     """Records what a launch passes (a stand-in for a @triton.jit function)."""
 
+    arg_names = ["D", "V", "n_bucket", "HAS_BIAS"]
+
     def __init__(self):
         self.calls = []
 
@@ -128,7 +130,8 @@ class FakeKernel:
 def test_fixed_launch_passes_the_tiles_and_options():
     kernel = FakeKernel()
     config = FusedConfig(32, 64, 16, num_warps=4, num_stages=3)
-    configs.LaunchPlan((config,)).launch(kernel, lambda meta: (meta["BLOCK_N"], 7), 1, 2, FLAG=True)
+    plan = configs.LaunchPlan((config,))
+    plan.launch(kernel, lambda meta: (meta["BLOCK_N"], 7), 1, 2, key=("D",), FLAG=True)
     ((grid, args, kwargs),) = kernel.calls
     assert grid == (32, 7) and args == (1, 2)
     expected = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, GROUP_N=8, num_warps=4, num_stages=3)
@@ -149,13 +152,92 @@ def test_autotuned_launch_builds_one_autotuner_per_kernel_and_set(monkeypatch):
     kernel = FakeKernel()
     plan = configs.LaunchPlan(configs._16BIT_LONG_D)
     for _ in range(2):
-        plan.launch(kernel, "grid", 1, reset_to_zero=("dw_ptr",), HAS_BIAS=False)
+        plan.launch(kernel, "grid", 1, key=("D", "V", "n_bucket"), reset_to_zero=("dw_ptr",),
+                    HAS_BIAS=False)  # fmt: skip
     ((tconfigs, key, reset),) = made  # built once, reused
-    assert key == ["D", "V", "HAS_BIAS"] and reset == ["dw_ptr"]
+    assert key == ["D", "V", "n_bucket", "HAS_BIAS"] and reset == ["dw_ptr"]
     assert [(c.kwargs, c.num_warps, c.num_stages) for c in tconfigs] == [
         (c.meta, c.num_warps, c.num_stages) for c in configs._16BIT_LONG_D
     ]
     assert kernel.calls == [("grid", (1,), {"HAS_BIAS": False})] * 2
+
+
+# -- autotune keys: the kernels' own argument names ----------------------------------------------
+
+
+def _kernels():
+    from fused_dft.kernels import fused_bwd, fused_fwd
+
+    return {
+        "fused_fwd": (fused_fwd._fused_partials_kernel, configs.FWD_KEY),
+        "fused_dz": (fused_bwd._fused_dz_kernel, configs.DZ_KEY),
+    }
+
+
+@pytest.mark.parametrize("name", ["fused_fwd", "fused_dz"])
+def test_every_autotune_key_is_an_argument_of_its_kernel(name):
+    from fused_dft.kernels.fused_fwd import kernel_flags
+    from fused_dft.options import LossOptions
+
+    kernel, key = _kernels()[name]
+    flags = kernel_flags(torch.empty(2, 2), None, LossOptions())
+    names = kernel.arg_names
+    for k in (*key, *flags, "NEED_ENTROPY" if name == "fused_fwd" else "COMPUTE_DB"):
+        assert k in names, f"{name}: autotune key {k!r} is not an argument ({names})"
+    assert "n_bucket" in key
+    configs.check_key(kernel, (*key, *sorted(flags)))
+
+
+def test_a_key_that_is_not_an_argument_is_refused_by_name():
+    kernel, _ = _kernels()["fused_dz"]
+    # the dz kernel has V_chunk, not V: Triton would drop "V" silently
+    with pytest.raises(ValueError, match=r"\['V'\] are not its arguments"):
+        configs.check_key(kernel, ("D", "V"))
+    with pytest.raises(ValueError, match="not its arguments"):
+        configs.LaunchPlan(configs._16BIT_LONG_D).launch(kernel, "grid", key=("D", "V"))
+
+
+# what the autotuned launchers pass: records each launch's key instead of timing on a GPU
+@pytest.mark.parametrize("name", ["fused_fwd", "fused_dz"])
+def test_the_launchers_key_on_real_arguments_and_the_batch_n_bucket(name, monkeypatch):
+    keys, buckets = [], []
+
+    class Recorder:
+        """Stands in for triton.autotune's wrapper: runs the first candidate, records the key."""
+
+        def __init__(self, kernel, candidates, key, reset_to_zero):
+            configs.check_key(kernel, key)
+            keys.append(key)
+            self.kernel, self.config = kernel, candidates[0]
+
+        def __getitem__(self, grid):
+            def run(*args, **flags):
+                buckets.append(args[self.kernel.arg_names.index("n_bucket")])
+                c = self.config
+                self.kernel[grid(c.meta)](*args, **flags, **c.meta, num_warps=c.num_warps,
+                                          num_stages=c.num_stages)  # fmt: skip
+
+            return run
+
+    monkeypatch.setattr(configs, "_autotuner", Recorder)
+    small = (FusedConfig(16, 16, 16, num_warps=4, num_stages=1),
+             FusedConfig(32, 16, 16, num_warps=4, num_stages=1))  # fmt: skip
+    monkeypatch.setattr(configs, "plan", lambda *a, **k: configs.LaunchPlan(small))
+    hidden, weight, labels, _ = make_inputs(37, 40, 129)
+    h = hidden.clone().requires_grad_(name == "fused_dz")
+    loss = fused_dft.fused_linear_dft_loss(h, weight, labels, impl="fused")
+    if name == "fused_dz":
+        loss.backward()
+    kernel, key = _kernels()[name]
+    assert any(k[: len(key)] == key for k in keys), keys
+    assert set(buckets) == {configs.n_bucket(37)} == {128}
+
+
+@pytest.mark.parametrize(
+    "n, bucket", [(1, 128), (128, 128), (129, 256), (5000, 8192), (16384, 16384), (10**6, 65536)]
+)
+def test_n_bucket_is_a_power_of_two_in_range(n, bucket):
+    assert configs.n_bucket(n) == bucket
 
 
 # many small vocabulary splits with a ragged last one: every split owns >= 1 column, partials merge

@@ -72,6 +72,16 @@ def test_bench_json_has_every_provider_with_times_errors_or_reasons(smoke):
         assert r["mem_ratio"] is not None and r["time_ratio"] is not None
     assert records["naive"]["time_ratio"] == 1.0
     assert records["auto"]["runs_as"] == "chunked_torch"
+    # rows multiplied: naive every row; fused_dft (exact selection on the CPU) and the bound the
+    # non-ignored ones, counted here from the same inputs
+    from fused_dft.tools.bench.problem import IGNORE_INDEX, Problem, make_inputs
+
+    problem = Problem(**records["naive"]["problem"])
+    tokens = int((make_inputs(problem, requires_grad=False)[2] != IGNORE_INDEX).sum())
+    assert 0 < tokens < problem.tokens
+    assert records["naive"]["rows_multiplied"] == problem.tokens
+    for key in ("auto", "chunked", "bound"):
+        assert records[key]["rows_multiplied"] == tokens, (key, records[key])
     # libraries that need CUDA are skipped with the reason on this CPU run
     for key in ("liger", "cce"):
         assert records[key]["status"] == "skipped"

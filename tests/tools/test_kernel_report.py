@@ -1,8 +1,11 @@
-"""`fused-dft kernels`: every kernel compiled for sm_90 / sm_80 on this CPU-only machine.
+"""`fused-dft kernels`: every kernel compiled for every GPU arch users have (sm_80, sm_86, sm_89,
+sm_90, sm_100, sm_120) on this CPU-only machine.
 
-At the configs used without autotuning (each D/V bucket's default): no register spills, shared
-memory within the arch's per-block limit, and tl.dot on tensor cores (wgmma) for bf16/fp16 on sm_90.
-Skipped where the triton wheel has no ptxas. Bad input is named before anything compiles.
+At the configs each arch uses without autotuning (each D/V bucket's default): no register spills,
+shared memory within the arch's per-block limit, and tl.dot on the arch's tensor cores for
+bf16/fp16. Skipped where the triton wheel has no ptxas. Bad input is named before anything
+compiles. Every candidate of every arch (not only the defaults) is the CLI sweep in
+bench/README.md ("Every GPU users have").
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from fused_dft.tools import kernel_specs as specs
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_TOOLS = report.missing_tools()
-# 3 kernels x 3 dtypes x 2 archs at the default configs: 26 compiles, ~25 s on 2 cores uncached
+# 4 kernels x 3 dtypes x 6 archs at the default configs: 72 compiles, ~9 s on 2 cores with
+# Triton's cache warm, a few minutes cold
 DTYPES = ("bf16", "fp16", "fp32")
+ARCHS = tuple(report.ARCHS)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,7 @@ def rows(tmp_path_factory) -> list[dict]:
     )
     proc = subprocess.run(
         [sys.executable, "-m", "fused_dft", "kernels", "--config", "default"]
-        + ["--dtype", ",".join(DTYPES), "--arch", "sm_90,sm_80", "--json", str(path)],
+        + ["--dtype", ",".join(DTYPES), "--arch", ",".join(ARCHS), "--json", str(path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -45,7 +50,7 @@ def rows(tmp_path_factory) -> list[dict]:
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "fused_bwd" in proc.stdout and "sm_80" in proc.stdout  # the table
+    assert "fused_bwd" in proc.stdout and "sm_120" in proc.stdout  # the table
     return json.loads(path.read_text())
 
 
@@ -58,8 +63,8 @@ def test_json_has_one_row_per_compile_with_exactly_the_keys(rows):
         (kernel, dtype, arch, config)
         for kernel, spec in specs.SPECS.items()
         for dtype in DTYPES
-        for config in spec.defaults(dtype)
-        for arch in ("sm_90", "sm_80")
+        for arch in ARCHS
+        for config in spec.defaults(dtype, arch)
     }
     assert {(r["kernel"], r["dtype"], r["arch"], r["config"]) for r in rows} == expected
     assert len(rows) == len(expected)
@@ -76,18 +81,21 @@ def test_default_configs_do_not_spill(rows):
 
 
 def test_default_configs_fit_shared_memory(rows):
-    limits = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}
+    kb = 1024  # the per-block limits of the CUDA programming guide's compute-capability table
+    limits = {"sm_80": 163 * kb, "sm_86": 99 * kb, "sm_89": 99 * kb, "sm_90": 227 * kb,
+              "sm_100": 227 * kb, "sm_120": 99 * kb}  # fmt: skip
+    assert set(limits) == set(ARCHS)
     over = [
         f"{where(r)}: {r['shared_bytes']} B" for r in rows if r["shared_bytes"] > limits[r["arch"]]
     ]
     assert not over, over
 
 
-def test_dots_run_on_tensor_cores_for_16_bit_inputs_on_sm_90(rows):
+def test_dots_run_on_tensor_cores_for_16_bit_inputs_on_every_arch(rows):
     for r in rows:
         if not specs.SPECS[r["kernel"]].has_dot:
             assert r["tensor_cores"] is None, where(r)
-        elif r["dtype"] in ("bf16", "fp16") and r["arch"] == "sm_90":
+        elif r["dtype"] in ("bf16", "fp16"):
             assert r["tensor_cores"] is True, where(r)
         elif r["dtype"] == "fp32":  # IEEE fp32 (torch's default) has no tensor-core path
             assert r["tensor_cores"] is False, where(r)
@@ -100,17 +108,18 @@ def test_dots_run_on_tensor_cores_for_16_bit_inputs_on_sm_90(rows):
 def test_every_spec_gives_every_kernel_argument(name):
     spec = specs.SPECS[name]
     for dtype in specs.DTYPES:
-        assert spec.configs(dtype), (name, dtype)
-        assert set(spec.defaults(dtype)) <= set(spec.configs(dtype))
-        for config in spec.configs(dtype):
-            specs.check_spec(spec, dtype, config)
+        for arch in ARCHS:
+            assert spec.configs(dtype, arch), (name, dtype, arch)
+            assert set(spec.defaults(dtype, arch)) <= set(spec.configs(dtype, arch))
+            for config in spec.configs(dtype, arch):
+                specs.check_spec(spec, dtype, config)
 
 
 def test_a_spec_behind_its_kernel_is_named():
     spec = specs.SPECS["fused_fwd"]
     types = {k: v for k, v in spec.arg_types.items() if k != "split_cols"}
     stale = dataclasses.replace(spec, arg_types={**types, "tiles_per_split": "i32"})
-    config = spec.defaults("bf16")[0]
+    config = spec.defaults("bf16", "sm_90")[0]
     with pytest.raises(ValueError) as exc:
         specs.check_spec(stale, "bf16", config)
     message = str(exc.value)
@@ -134,7 +143,7 @@ def no_compile(monkeypatch):
     [
         (["--kernel", "fused_fwd,softmax"], "--kernel ['softmax']: unknown kernel; choose from "),
         (["--dtype", "fp8"], "--dtype ['fp8']: unknown dtype; choose from bf16, fp16, fp32"),
-        (["--arch", "sm_100"], "--arch 'sm_100': cannot compile for it here; choose from sm_90"),
+        (["--arch", "sm_75"], "--arch 'sm_75': cannot compile for it here; choose from sm_80"),
         (["--arch", "7.5"], "--arch '7.5'"),
         (
             ["--kernel", "fused_bwd", "--config", "block_n=48"],
@@ -158,5 +167,29 @@ def test_bad_input_is_named_before_compiling(args, message, no_compile, capsys):
 
 
 def test_arch_spellings():
-    assert report.parse_archs("90,sm80,sm_90a,SM_80") == ["sm_90", "sm_80"]
+    assert report.parse_archs("90,sm80,sm_90a,SM_80,sm_100a,120") == [
+        "sm_90", "sm_80", "sm_100", "sm_120"
+    ]  # fmt: skip
     assert report.parse_archs(None) == ["sm_90", "sm_80"]
+    assert set(report.ARCHS) == {"sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"}
+
+
+# the configs a GPU launch picks follow its arch: Hopper's 128 x 128 candidates, smaller tiles on
+# the archs where the forward's 128 x 128 spills (a stand-in for the device's capability)
+def test_launches_pick_the_candidates_of_their_arch(monkeypatch):
+    import torch
+
+    from fused_dft.kernels import configs
+
+    monkeypatch.delenv(configs.ENV_CONFIG, raising=False)
+    monkeypatch.setattr(configs, "_ARCHS", {0: "sm_89"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda0 = torch.device("cuda", 0)
+    small = configs.plan(torch.bfloat16, cuda0, 4096, 128256).candidates
+    assert small == configs.SMALL_SETS["16bit"] and max(c.block_n * c.block_v for c in small) == (
+        64 * 128
+    )
+    monkeypatch.setattr(configs, "_ARCHS", {0: "sm_90"})
+    hopper = configs.plan(torch.bfloat16, cuda0, 4096, 128256).candidates
+    assert hopper == configs.config_set(torch.bfloat16, 4096, 128256, "sm_90")
+    assert hopper[0].block_n == hopper[0].block_v == 128

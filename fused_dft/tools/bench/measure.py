@@ -131,6 +131,8 @@ def measure(
         "inputs_bytes": memory.base,
         "memory_method": memory.method,
         "loss": runs[-1][1],
+        # token rows its matmuls multiply (fused_dft drops ignored rows where it may read the host)
+        "rows_multiplied": provider.matmul_rows(labels),
     }
     hidden.grad = None
     weight.grad = None

@@ -42,6 +42,8 @@ class Provider:
     distributed: bool = False
     make_inputs: Callable | None = None  # (problem, requires_grad) -> (hidden, weight, labels)
     errors: Callable | None = None  # as measure.errors_on_prefix
+    # labels -> the token rows its matmuls multiply (every row unless it drops ignored ones)
+    matmul_rows: Callable[[torch.Tensor], int] = lambda labels: labels.numel()
 
 
 def _vocab_parallel() -> Provider:
@@ -55,6 +57,7 @@ def _vocab_parallel() -> Provider:
         distributed=True,
         make_inputs=distributed.make_shard_inputs,
         errors=distributed.errors_on_shard,
+        matmul_rows=fused_dft_rows,
     )
 
 
@@ -135,6 +138,24 @@ def _fused_dft(impl: str) -> Callable[[Problem], LossFn]:
         return loss_fn
 
     return build
+
+
+def fused_dft_rows(labels: torch.Tensor) -> int:
+    """Rows fused_dft's chunked / fused matmuls multiply at the device's default validate: the
+    non-ignored ones where the selection is exact (selection.exact_selection: the CPU default,
+    CUDA outside graph capture), else all of them."""
+    from fused_dft.arguments import default_validate
+    from fused_dft.options import LossOptions
+    from fused_dft.selection import exact_selection
+
+    opts = LossOptions(ignore_index=IGNORE_INDEX, validate=default_validate(labels.device))
+    if exact_selection(opts, labels.device):
+        return int((labels != IGNORE_INDEX).sum())
+    return labels.numel()
+
+
+def _non_ignored(labels: torch.Tensor) -> int:
+    return int((labels != IGNORE_INDEX).sum())
 
 
 def resolved_impl(impl: str, problem: Problem) -> str:
@@ -255,11 +276,27 @@ PROVIDERS: dict[str, Provider] = {
     p.key: p
     for p in (
         Provider("naive", "naive (TRL / DFT code)", _always, _naive),
-        Provider("auto", "fused_dft auto", _fused_dft_unavailable("auto"), _fused_dft("auto")),
         Provider(
-            "chunked", "fused_dft chunked", _fused_dft_unavailable("chunked"), _fused_dft("chunked")
+            "auto",
+            "fused_dft auto",
+            _fused_dft_unavailable("auto"),
+            _fused_dft("auto"),
+            matmul_rows=fused_dft_rows,
         ),
-        Provider("fused", "fused_dft fused", _fused_dft_unavailable("fused"), _fused_dft("fused")),
+        Provider(
+            "chunked",
+            "fused_dft chunked",
+            _fused_dft_unavailable("chunked"),
+            _fused_dft("chunked"),
+            matmul_rows=fused_dft_rows,
+        ),
+        Provider(
+            "fused",
+            "fused_dft fused",
+            _fused_dft_unavailable("fused"),
+            _fused_dft("fused"),
+            matmul_rows=fused_dft_rows,
+        ),
         Provider(
             "reference",
             "fused_dft reference",
@@ -280,7 +317,14 @@ PROVIDERS: dict[str, Provider] = {
             _needs_cuda("cut_cross_entropy", "cut-cross-entropy", "Cut Cross-Entropy's kernels"),
             _cce,
         ),
-        Provider("bound", "3-GEMM bound (6NDV)", _always, _three_gemms, is_loss=False),
+        Provider(
+            "bound",
+            "3-GEMM bound (6NDV)",
+            _always,
+            _three_gemms,
+            is_loss=False,
+            matmul_rows=_non_ignored,
+        ),
     )
 }
 
