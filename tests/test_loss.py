@@ -350,3 +350,32 @@ def test_backward_of_precomputed_gradients_allocates_no_weight_sized_buffer(monk
     big = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage >= V * D * 4]
     assert not big, f"weight-sized allocations in backward: {big}"
     assert w.grad.data_ptr() == seen["dw"]
+
+
+# labels of every narrower integer dtype, V = 200: int8 cannot hold V (200 wraps to -56 in int8
+# compares) and uint8 reads ignore_index -100 as 156, so label 156 would alias it; each must give
+# exactly what int64 labels give, on every impl and with both row selections
+LABEL_WIDTH_V = 200
+
+
+@pytest.mark.parametrize("case", ["reference", *IMPL_CASES])
+@pytest.mark.parametrize(
+    "dtype", [torch.uint8, torch.int8, torch.int16, torch.int32], ids=lambda d: str(d)[6:]
+)
+def test_labels_of_any_integer_width(case, dtype, monkeypatch):
+    impl = use_impl(case, monkeypatch)
+    hidden, weight, labels, _ = make_inputs(N, D, LABEL_WIDTH_V)
+    labels = torch.randint(0, 127 if dtype == torch.int8 else LABEL_WIDTH_V, (N,))
+    labels[:3] = 3
+    if dtype == torch.uint8:  # no uint8 is -100: nothing is ignored, and 156 is a real label
+        labels[3:7] = 156
+    else:
+        labels[-4:] = -100
+    for validate in ("sync", "device"):
+        opts = dict(validate=validate, reduction="none")
+        loss, grads, stats, up = run(impl, hidden, weight, labels.to(dtype), **opts)
+        loss_64, grads_64, stats_64, _ = run(impl, hidden, weight, labels, upstream=up, **opts)
+        assert int(stats.num_tokens) == int(stats_64.num_tokens) == int((labels != -100).sum())
+        assert_close(loss, loss_64, f"{dtype} loss", rtol=1e-6, atol_frac=1e-7)
+        for name, g, g_64 in zip(("dh", "dW"), grads, grads_64):
+            assert_close(g, g_64, f"{dtype} {name}", rtol=1e-6, atol_frac=1e-7)
