@@ -121,6 +121,22 @@ DFT = Member(
     "`use_token_scaling=True`",
 )
 
+
+def _power_definition(logp_y, logp, p: dict, old) -> torch.Tensor:
+    """(1 - p^q) / q whose autograd gradient is -p^q d log p at every order.
+
+    Not -expm1(q log p) / q: torch's expm1 backward is grad * (result + 1), and result + 1
+    rounds to 0 once p^q < ~6e-8 in fp32, dropping the gradient of unlikely tokens. Here the
+    differentiable term is -exp(q log p) / q (its gradient -p^q d log p, exact for any p), and a
+    constant correction (no gradient) gives the value of -expm1(q log p) / q, accurate near p = 1
+    where 1 - exp(q log p) cancels."""
+    q = p["power_q"]
+    x = q * logp_y
+    power = torch.exp(x)
+    correction = (-torch.expm1(x) - (1 - power)).detach()
+    return ((1 - power) + correction) / q
+
+
 POWER = Member(
     name="power",
     # (1 - p^q) / q = -expm1(q log p) / q; w = p^q
@@ -128,7 +144,7 @@ POWER = Member(
         -torch.expm1(p["power_q"] * s.logp) / p["power_q"],
         torch.exp(p["power_q"] * s.logp),
     ),
-    definition=lambda logp_y, logp, p, old: -torch.expm1(p["power_q"] * logp_y) / p["power_q"],
+    definition=_power_definition,
     loss_text="`(1 - p^q) / q`",
     weight_text="`p^q`",
     params=(Param("power_q", 1.0, 0.0, False, "q = 1 is loss `1 - p`, DFT's gradient"),),

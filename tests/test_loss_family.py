@@ -356,3 +356,25 @@ def test_a_registered_member_runs_on_every_impl(focal_member, case, monkeypatch)
         ("db", b2.grad, b.grad),
     ):
         assert_close(got, want, name)
+
+
+# the issue's case: V = 1000 logits of spread ~2, label 5 far from likely, so p^2 < 6e-8 where
+# torch's expm1 backward (grad * (result + 1)) rounds the fp32 gradient to 0
+@pytest.mark.parametrize("case", ["reference", *IMPL_CASES])
+def test_power_gradient_of_unlikely_tokens(case, monkeypatch):
+    impl = use_impl(case, monkeypatch)
+    torch.manual_seed(0)
+    h = torch.randn(1, 33)
+    weight = torch.randn(1000, 33) / 33**0.5 * 2
+    y = torch.tensor([5])
+    hr = h.clone().requires_grad_(True)
+    opts = dict(loss_type="power", power_q=2.0, impl=impl)
+    fused_dft.fused_linear_dft_loss(hr, weight, y, **opts).backward()
+    # float64 closed form: dz = p^q (softmax - onehot), dh = dz W
+    z = h.double() @ weight.double().t()
+    soft = torch.softmax(z, 1)
+    w = soft[0, 5] ** 2
+    assert float(w) < 6e-8  # the regime where expm1's backward loses the gradient
+    dh = (w * (soft - F.one_hot(y, 1000).double())) @ weight.double()
+    assert float(hr.grad.abs().max()) > 0
+    assert_close(hr.grad, dh, "dh", rtol=1e-4, atol_frac=1e-5)
