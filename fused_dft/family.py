@@ -180,7 +180,9 @@ EAFT = Member(
 
 def _psft_coefficients(s: TokenStats, p: dict, vocab: int, old) -> tuple:
     r, eps = _psft_ratio(s.logp, old), p["clip_eps"]
-    return _psft_loss(r, eps), torch.where(r <= 1 + eps, r, torch.zeros_like(r))
+    # w = 0 where the clip is active; a NaN r (a NaN old log-prob under validate "device" /
+    # "off") keeps w NaN, so the token's gradient is NaN like its loss, as autograd gives it
+    return _psft_loss(r, eps), torch.where(r > 1 + eps, torch.zeros_like(r), r)
 
 
 PSFT = Member(

@@ -379,3 +379,25 @@ def test_labels_of_any_integer_width(case, dtype, monkeypatch):
         assert_close(loss, loss_64, f"{dtype} loss", rtol=1e-6, atol_frac=1e-7)
         for name, g, g_64 in zip(("dh", "dW"), grads, grads_64):
             assert_close(g, g_64, f"{dtype} {name}", rtol=1e-6, atol_frac=1e-7)
+
+
+# NaN and inf hidden states at ignored rows, with both row selections (sync: the ignored rows are
+# dropped; device: every row reaches the backend, the ignored ones masked)
+@pytest.mark.parametrize("case", ["reference", *IMPL_CASES])
+@pytest.mark.parametrize("validate", ["sync", "device"])
+def test_nonfinite_hidden_at_ignored_rows_touches_nothing(case, validate, monkeypatch):
+    impl = use_impl(case, monkeypatch)
+    hidden, weight, labels, bias = make_inputs(N, D, V, bias=True)
+    ignored = (labels == -100).nonzero().squeeze(1)
+    assert ignored.numel() >= 2
+    poisoned, clean = hidden.clone(), hidden.clone()
+    poisoned[ignored[0]] = float("nan")
+    poisoned[ignored[1], 3] = float("inf")
+    clean[ignored] = 0.0
+    opts = dict(validate=validate, reduction="none")
+    loss, grads, _, up = run(impl, poisoned, weight, labels, bias, **opts)
+    loss_t, grads_t, _, _ = truth(clean, weight, labels, bias, up, **opts)
+    assert_close(loss, loss_t, "loss", rtol=1e-5, atol_frac=1e-6)
+    assert bool((grads[0][ignored] == 0).all()), "dh at ignored rows is not 0"
+    for name, g, g_t in zip(("dh", "dW", "db"), grads, grads_t):
+        assert_close(g, g_t, name)

@@ -378,3 +378,33 @@ def test_power_gradient_of_unlikely_tokens(case, monkeypatch):
     dh = (w * (soft - F.one_hot(y, 1000).double())) @ weight.double()
     assert float(hr.grad.abs().max()) > 0
     assert_close(hr.grad, dh, "dh", rtol=1e-4, atol_frac=1e-5)
+
+
+# psft's old_logprobs under validate "device" / "off" (nothing read on the host): NaN filler at
+# ignored positions changes nothing; a NaN at a token makes that token's loss and gradient NaN
+# in every impl (as autograd gives it in the reference), never a silently finite gradient
+@pytest.mark.parametrize("case", ["reference", *IMPL_CASES])
+@pytest.mark.parametrize("validate", ["device", "off"])
+def test_psft_nan_old_logprobs_consistent(case, validate, monkeypatch):
+    impl = use_impl(case, monkeypatch)
+    hidden, weight, labels, bias, opts = member_inputs("psft")
+    opts = {**opts, "reduction": "none"}
+    ignored = (labels == IGNORE).nonzero().squeeze(1)
+    token = int((labels != IGNORE).nonzero()[0, 0])
+    upstream = torch.randn(N, dtype=torch.float64)
+    mode = {"validate": validate}
+    filled = opts["old_logprobs"].clone()
+    filled[ignored] = float("nan")
+    loss, grads, _, _ = run_impl(
+        impl, hidden, weight, labels, bias, upstream, {**opts, "old_logprobs": filled, **mode}
+    )
+    loss_t, grads_t, _, _ = oracle(hidden, weight, labels, bias, upstream, **opts)
+    assert_close(loss, loss_t, "loss (NaN filler at ignored rows)", rtol=1e-5, atol_frac=1e-6)
+    for name, g, g_t in zip(("dh", "dW", "db"), grads, grads_t):
+        assert_close(g, g_t, f"{name} (NaN filler at ignored rows)")
+    filled[token] = float("nan")
+    loss, grads, _, _ = run_impl(
+        impl, hidden, weight, labels, bias, upstream, {**opts, "old_logprobs": filled, **mode}
+    )
+    assert bool(torch.isnan(loss[token])), f"{impl}: loss of the NaN token {loss[token]}"
+    assert bool(torch.isnan(grads[0][token]).all()), f"{impl}: dh of the NaN token is finite"
