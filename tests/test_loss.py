@@ -381,6 +381,49 @@ def test_labels_of_any_integer_width(case, dtype, monkeypatch):
             assert_close(g, g_64, f"{dtype} {name}", rtol=1e-6, atol_frac=1e-7)
 
 
+# the check is the same on every path, so the public impls at their default tiles: precomputed
+# gradients (chunked / auto, mean and sum) and the recomputing backward (fused, and "none")
+@pytest.mark.parametrize("impl", ["auto", "chunked", "fused"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_second_order_gradients_are_a_clear_error(impl, reduction):
+    hidden, weight, labels, _ = make_inputs(N, D, V)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss = fused_dft.fused_linear_dft_loss(h, w, labels, impl=impl, reduction=reduction)
+    with pytest.raises(RuntimeError, match=r"create_graph=True.*not supported.*impl='reference'"):
+        torch.autograd.grad(loss.sum(), (h, w), create_graph=True)
+
+
+def _float64_dft(hidden, weight, bias, labels):
+    """DFT written here in float64 torch (mean over the non-ignored tokens), for autograd."""
+    logp = torch.log_softmax(torch.nn.functional.linear(hidden, weight, bias), dim=-1)
+    valid = labels != -100
+    logp_y = logp.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)[valid]
+    return (-logp_y.detach().exp() * logp_y).sum() / valid.sum()
+
+
+def test_reference_supports_second_order_gradients():
+    """A gradient penalty |d loss / d hidden|^2, differentiated w.r.t. the weight and the bias:
+    impl="reference" in fp32 against the same penalty on DFT written here in float64."""
+    hidden, weight, labels, bias = make_inputs(N, D, V, bias=True, scale=2.0)
+
+    def penalty_grads(h, w, b, loss_fn):
+        h, w, b = (t.clone().requires_grad_(True) for t in (h, w, b))
+        (dh,) = torch.autograd.grad(loss_fn(h, w, b), h, create_graph=True)
+        return torch.autograd.grad(dh.square().sum(), (w, b))
+
+    got = penalty_grads(
+        hidden, weight, bias,
+        lambda h, w, b: fused_dft.fused_linear_dft_loss(h, w, labels, b, impl="reference"),
+    )  # fmt: skip
+    want = penalty_grads(
+        hidden.double(), weight.double(), bias.double(),
+        lambda h, w, b: _float64_dft(h, w, b, labels),
+    )  # fmt: skip
+    for name, g, g_t in zip(("d penalty / dW", "d penalty / db"), got, want):
+        assert float(g_t.abs().max()) > 0
+        assert_close(g, g_t, name, rtol=1e-4, atol_frac=1e-5)
+
+
 # NaN and inf hidden states at ignored rows, with both row selections (sync: the ignored rows are
 # dropped; device: every row reaches the backend, the ignored ones masked)
 @pytest.mark.parametrize("case", ["reference", *IMPL_CASES])
