@@ -160,7 +160,8 @@ def _eaft_coefficients(s: TokenStats, p: dict, vocab: int, old) -> tuple:
 
 def _eaft_definition(logp_y, logp, p: dict, old) -> torch.Tensor:
     with torch.no_grad():
-        entropy = -(logp.exp() * logp).sum(-1)
+        # the clamp keeps 0 * log 0 = 0 where a logit is -inf (a masked vocabulary entry)
+        entropy = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
         w = _normalized_entropy(entropy, logp.shape[-1]) ** p["eaft_alpha"]
     return -w * logp_y
 

@@ -424,6 +424,29 @@ def test_reference_supports_second_order_gradients():
         assert_close(g, g_t, name, rtol=1e-4, atol_frac=1e-5)
 
 
+# a bias of -inf masks part of the vocabulary (labels stay outside it): the first 40% makes the
+# first vocabulary tile of every row all -inf (the Triton row kernel's first tile with small tiles,
+# the first split's first tile in the fused kernel), a middle block the first tile of the second
+# split (fused_small_tiles: 3 splits of 64 columns over V = 129); eaft reads the entropy (0 * -inf)
+MINUS_INF_BLOCKS = {"first_40_percent": (0, 52), "middle_block": (64, 100)}
+
+
+@pytest.mark.parametrize("case", IMPL_CASES)
+@pytest.mark.parametrize("block", list(MINUS_INF_BLOCKS))
+@pytest.mark.parametrize("loss_type", ["dft", "eaft"])
+def test_minus_inf_logits_stay_finite(case, block, loss_type, monkeypatch):
+    hidden, weight, labels, bias = make_inputs(N, D, V, bias=True)
+    lo, hi = MINUS_INF_BLOCKS[block]
+    bias[lo:hi] = float("-inf")
+    labels[(labels >= lo) & (labels < hi)] = V - 1
+    loss, grads = check_against_truth(
+        case, monkeypatch, hidden, weight, labels, bias, loss_type=loss_type, reduction="none"
+    )
+    assert bool(torch.isfinite(loss).all())
+    for name, g in zip(("dh", "dW", "db"), grads):
+        assert bool(torch.isfinite(g).all()), f"{name} is not finite"
+
+
 # NaN and inf hidden states at ignored rows, with both row selections (sync: the ignored rows are
 # dropped; device: every row reaches the backend, the ignored ones masked)
 @pytest.mark.parametrize("case", ["reference", *IMPL_CASES])

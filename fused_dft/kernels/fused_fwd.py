@@ -12,6 +12,8 @@ BLOCK_N tokens and a contiguous range of vocab tiles; for each tile it
   2. updates per token (online log-sum-exp, one exp per element):
          m' = max(m, max_j z_j);  alpha = exp(m - m');  e_j = exp(z_j - m')
          s <- alpha s + sum e;  t <- alpha (t + (m - m') s) + sum e (z - m');
+     with the exponents taken relative to 0 while m' = -inf (a tile of -inf logits: a masked
+     vocabulary), so no exp(-inf - -inf) = NaN, and e (z - m') = 0 where e = 0;
   3. adds the label logit z_y (in the tile that holds y) and sum z (label smoothing).
 The number of splits is chosen from the SM count and the number of token blocks so that about one
 wave of programs is one group (small batches still fill the GPU). Partials (5, splits, n) are
@@ -105,17 +107,20 @@ def _fused_partials_kernel(
         z_y += tl.sum(tl.where(offs_v[None, :] == y_local[:, None], z, 0.0), 1)
         if NEED_SUM:
             sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
-        # 2. online log-sum-exp. Columns past V get a finite, hugely negative z: exp gives 0 and
-        #    e * (z - m') stays 0 (with -inf it would be 0 * inf = nan). Every tile has a real
-        #    column, so m' is finite (or nan / inf from the data, which then propagates).
-        z = tl.where(col_mask[None, :], z, -1.0e30)
+        # 2. online log-sum-exp. Columns past V are -inf, like masked vocabulary entries (a
+        #    bias of -inf): every tile so far may be all -inf (m' = -inf), so the exponents are
+        #    taken relative to m_ref = m', or 0 while m' = -inf (never exp(-inf - -inf) = nan);
+        #    then alpha = 0, e = 0 and s = t = 0 until a finite logit arrives. e (z - m_ref) is
+        #    0 where e is 0 (not 0 * -inf = nan). nan / +inf from the data still propagate (s).
+        z = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(z - m_ref[:, None])
         if NEED_ENTROPY:
-            # relative to the running max: no cancellation at |z| >> 1
+            # relative to the running max: no cancellation at |z| >> 1 (s > 0: m, m' finite)
             t = alpha * (t + tl.where(s > 0, m - m_new, 0.0) * s)
-            t += tl.sum(e * (z - m_new[:, None]), 1)
+            t += tl.sum(tl.where(e > 0, e * (z - m_ref[:, None]), 0.0), 1)
         s = s * alpha + tl.sum(e, 1)
         m = m_new
 
