@@ -108,7 +108,8 @@ def _fused_dz_kernel(
     # 3. one store of the block, in the scratch's dtype; the bias gradient's column sums of this
     #    token block in fp32 (summed over token blocks by the caller: no atomics)
     if COMPUTE_DB:
-        tl.store(db_ptr + pid_n * stride_dbn + local_cols, tl.sum(dz, 0), mask=col_mask)
+        db_row = db_ptr + pid_n.to(tl.int64) * stride_dbn  # int64: program id x a runtime int
+        tl.store(db_row + local_cols, tl.sum(dz, 0), mask=col_mask)
     tl.store(
         dz_ptr + rows[:, None] * stride_dzn + local_cols[None, :],
         dz.to(dz_ptr.dtype.element_ty),

@@ -86,7 +86,7 @@ def _fused_partials_kernel(
     t = tl.zeros([BLOCK_N], tl.float32)
     z_y = tl.zeros([BLOCK_N], tl.float32)
     sum_z = tl.zeros([BLOCK_N], tl.float32)
-    v_begin = split * split_cols
+    v_begin = split.to(tl.int64) * split_cols  # int64: every program id x runtime int product
     v_end = tl.minimum(v_begin + split_cols, V)
     v_end = tl.where(pid_n * BLOCK_N < count, v_end, v_begin)
     offs_v = tl.arange(0, BLOCK_V)
@@ -124,9 +124,11 @@ def _fused_partials_kernel(
         s = s * alpha + tl.sum(e, 1)
         m = m_new
 
-    # 4. partials (5, splits, N); rows past the count get m = -inf, s = 0 (merged, then masked)
-    base = part_ptr + split * N + rows
-    plane = num_splits * N
+    # 4. partials (5, splits, N); rows past the count get m = -inf, s = 0 (merged, then masked).
+    #    int64: the last plane's offset 4 * splits * N passes 2^31 from splits * N >= 2^29
+    #    (N >= 524,288 tokens with vocab_splits=1024)
+    base = part_ptr + split.to(tl.int64) * N + rows
+    plane = num_splits.to(tl.int64) * N
     out_mask = rows < N
     tl.store(base, m, mask=out_mask)
     tl.store(base + plane, s, mask=out_mask)
