@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..options import LossOptions
 from ..partials import NUM_PARTIALS, merge
-from . import configs
+from . import common, configs
 from .common import (
     grouped_program,
     logits_tile,
@@ -187,17 +187,18 @@ def fused_partials(
     part = new_output((NUM_PARTIALS, splits, n), torch.float32, hidden.device)
     if n == 0:
         return part[:, 0]
-    plan.launch(
-        _fused_partials_kernel,
-        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,),
-        hidden, weight, bias if bias is not None else weight, row_idx, labels, count, part,
-        n, v, d, split_cols, splits,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        float(opts.logit_scale), float(opts.softcap or 1.0),
-        NEED_ENTROPY=opts.needs_entropy,
-        NEED_SUM=opts.needs_logit_sum,
-        **kernel_flags(hidden, bias, opts),
-    )  # fmt: skip
+    with common.launch_device(hidden.device):
+        plan.launch(
+            _fused_partials_kernel,
+            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,),
+            hidden, weight, bias if bias is not None else weight, row_idx, labels, count, part,
+            n, v, d, split_cols, splits,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            float(opts.logit_scale), float(opts.softcap or 1.0),
+            NEED_ENTROPY=opts.needs_entropy,
+            NEED_SUM=opts.needs_logit_sum,
+            **kernel_flags(hidden, bias, opts),
+        )  # fmt: skip
     return merge(part, dim=1)
 
 

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ..options import LossOptions
 from ..partials import NUM_PARTIALS
+from . import common
 from .common import new_output, transform_logits
 
 DEFAULT_BLOCK_V = 4096
@@ -146,16 +147,17 @@ def rows_partials(
     part = new_output((NUM_PARTIALS, n), torch.float32, x.device)
     if n == 0:
         return part
-    _rows_partials_kernel[(n,)](
-        x, x.stride(0), labels.contiguous(), part, n, v,
-        float(opts.logit_scale), float(opts.softcap or 1.0),
-        HAS_SCALE=opts.logit_scale != 1.0,
-        HAS_SOFTCAP=opts.softcap is not None,
-        NEED_ENTROPY=opts.needs_entropy,
-        NEED_SUM=opts.needs_logit_sum,
-        BLOCK_V=_block(v, block_v),
-        num_warps=NUM_WARPS,
-    )  # fmt: skip
+    with common.launch_device(x.device):
+        _rows_partials_kernel[(n,)](
+            x, x.stride(0), labels.contiguous(), part, n, v,
+            float(opts.logit_scale), float(opts.softcap or 1.0),
+            HAS_SCALE=opts.logit_scale != 1.0,
+            HAS_SOFTCAP=opts.softcap is not None,
+            NEED_ENTROPY=opts.needs_entropy,
+            NEED_SUM=opts.needs_logit_sum,
+            BLOCK_V=_block(v, block_v),
+            num_warps=NUM_WARPS,
+        )  # fmt: skip
     return part
 
 
@@ -172,14 +174,15 @@ def rows_grad_(
     assert x.stride(1) == 1, "logits chunk must be contiguous along the vocabulary"
     if n == 0:
         return x
-    _rows_grad_kernel[(n,)](
-        x, x.stride(0), labels.contiguous(), lse.float().contiguous(),
-        coefs.float().contiguous(), n, v,
-        float(opts.logit_scale), float(opts.softcap or 1.0),
-        HAS_SCALE=opts.logit_scale != 1.0,
-        HAS_SOFTCAP=opts.softcap is not None,
-        HAS_UNIFORM=opts.label_smoothing > 0,
-        BLOCK_V=_block(v, block_v),
-        num_warps=NUM_WARPS,
-    )  # fmt: skip
+    with common.launch_device(x.device):
+        _rows_grad_kernel[(n,)](
+            x, x.stride(0), labels.contiguous(), lse.float().contiguous(),
+            coefs.float().contiguous(), n, v,
+            float(opts.logit_scale), float(opts.softcap or 1.0),
+            HAS_SCALE=opts.logit_scale != 1.0,
+            HAS_SOFTCAP=opts.softcap is not None,
+            HAS_UNIFORM=opts.label_smoothing > 0,
+            BLOCK_V=_block(v, block_v),
+            num_warps=NUM_WARPS,
+        )  # fmt: skip
     return x
