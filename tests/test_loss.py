@@ -354,11 +354,12 @@ def test_backward_of_precomputed_gradients_allocates_no_weight_sized_buffer(monk
 
 # labels of every narrower integer dtype, V = 200: int8 cannot hold V (200 wraps to -56 in int8
 # compares) and uint8 reads ignore_index -100 as 156, so label 156 would alias it; each must give
-# exactly what int64 labels give, on every impl and with both row selections
+# exactly what int64 labels give, on every public impl (labels are widened before any path; the
+# small-tile cases add nothing for them but ~45 s) and with both row selections
 LABEL_WIDTH_V = 200
 
 
-@pytest.mark.parametrize("case", ["reference", *IMPL_CASES])
+@pytest.mark.parametrize("case", ["reference", "auto", "chunked", "fused"])
 @pytest.mark.parametrize(
     "dtype", [torch.uint8, torch.int8, torch.int16, torch.int32], ids=lambda d: str(d)[6:]
 )
