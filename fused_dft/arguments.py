@@ -36,6 +36,18 @@ VALIDATE_MODES = ("sync", "device", "off")
 # the public impl choices; "chunked" runs the Triton row kernels where they can run and the
 # same path with torch row ops ("chunked_torch") elsewhere
 IMPLS = ("auto", "reference", "chunked", "fused")
+# integer labels of any width are taken (widened to int64 by int64_labels before any compare);
+# not uint64, whose values from 2^63 on have no int64 form
+LABEL_DTYPES = (
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+)
+LABEL_DTYPE_NAMES = tuple(str(d).removeprefix("torch.") for d in LABEL_DTYPES)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # the keyword options of fused_linear_dft_loss that are not tensors, besides the family's own
@@ -218,8 +230,11 @@ def check_tensors(hidden, weight, labels, bias) -> None:
         raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     if bias is not None and bias.dtype != hidden.dtype:
         raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor (e.g. torch.long), got {labels.dtype}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(
+            f"labels must be an integer tensor of a dtype in {LABEL_DTYPE_NAMES} (torch.long "
+            f"preferred), got {labels.dtype}"
+        )
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape (..., D), got a 0-d tensor")
     if weight.dim() != 2:
@@ -231,6 +246,11 @@ def check_tensors(hidden, weight, labels, bias) -> None:
         )
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one row (V >= 1)")
+    if hidden.shape[-1] == 0:
+        raise ValueError(
+            f"hidden and weight must have at least one feature (D = hidden.shape[-1] >= 1), got "
+            f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}"
+        )
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
@@ -248,6 +268,13 @@ def check_tensors(hidden, weight, labels, bias) -> None:
             f", bias={bias.device}" if bias is not None else ""
         )
         raise ValueError(f"all tensors must be on one device, got {names}")
+
+
+def int64_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels (checked by check_tensors) as int64, so that every comparison with ignore_index or
+    V is exact: in a narrower dtype a Python int wraps (uint8 reads -100 as 156, int8 reads 200
+    as -56). A copy of N integers, only when labels are not int64 already."""
+    return labels if labels.dtype == torch.int64 else labels.to(torch.int64)
 
 
 def resolve_impl(impl: str, hidden: torch.Tensor) -> str:

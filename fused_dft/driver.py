@@ -31,6 +31,20 @@ BACKWARD_TWICE = (
     "reduction='none' or recompute the loss"
 )
 
+DOUBLE_BACKWARD = (
+    "fused_dft: second-order gradients (torch.autograd.grad(..., create_graph=True), a double "
+    "backward such as a gradient penalty) are not supported by impl='auto', 'chunked' or 'fused': "
+    "their backward is not differentiable; use impl='reference', which supports them"
+)
+
+
+def check_first_order() -> None:
+    """Raise DOUBLE_BACKWARD in a backward that autograd would differentiate again: grad mode is
+    on inside backward exactly when create_graph=True (the engine sets it so). Under
+    torch.compile's tracing of the backward the check is left to the compiled graph."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(DOUBLE_BACKWARD)
+
 
 class PathForward(NamedTuple):
     """loss (reduced), stat sums (4,), num_valid, log p_y (N,) in the caller's row order; and for

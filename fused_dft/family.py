@@ -121,6 +121,22 @@ DFT = Member(
     "`use_token_scaling=True`",
 )
 
+
+def _power_definition(logp_y, logp, p: dict, old) -> torch.Tensor:
+    """(1 - p^q) / q whose autograd gradient is -p^q d log p at every order.
+
+    Not -expm1(q log p) / q: torch's expm1 backward is grad * (result + 1), and result + 1
+    rounds to 0 once p^q < ~6e-8 in fp32, dropping the gradient of unlikely tokens. Here the
+    differentiable term is -exp(q log p) / q (its gradient -p^q d log p, exact for any p), and a
+    constant correction (no gradient) gives the value of -expm1(q log p) / q, accurate near p = 1
+    where 1 - exp(q log p) cancels."""
+    q = p["power_q"]
+    x = q * logp_y
+    power = torch.exp(x)
+    correction = (-torch.expm1(x) - (1 - power)).detach()
+    return ((1 - power) + correction) / q
+
+
 POWER = Member(
     name="power",
     # (1 - p^q) / q = -expm1(q log p) / q; w = p^q
@@ -128,7 +144,7 @@ POWER = Member(
         -torch.expm1(p["power_q"] * s.logp) / p["power_q"],
         torch.exp(p["power_q"] * s.logp),
     ),
-    definition=lambda logp_y, logp, p, old: -torch.expm1(p["power_q"] * logp_y) / p["power_q"],
+    definition=_power_definition,
     loss_text="`(1 - p^q) / q`",
     weight_text="`p^q`",
     params=(Param("power_q", 1.0, 0.0, False, "q = 1 is loss `1 - p`, DFT's gradient"),),
@@ -144,7 +160,8 @@ def _eaft_coefficients(s: TokenStats, p: dict, vocab: int, old) -> tuple:
 
 def _eaft_definition(logp_y, logp, p: dict, old) -> torch.Tensor:
     with torch.no_grad():
-        entropy = -(logp.exp() * logp).sum(-1)
+        # the clamp keeps 0 * log 0 = 0 where a logit is -inf (a masked vocabulary entry)
+        entropy = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
         w = _normalized_entropy(entropy, logp.shape[-1]) ** p["eaft_alpha"]
     return -w * logp_y
 
@@ -164,7 +181,9 @@ EAFT = Member(
 
 def _psft_coefficients(s: TokenStats, p: dict, vocab: int, old) -> tuple:
     r, eps = _psft_ratio(s.logp, old), p["clip_eps"]
-    return _psft_loss(r, eps), torch.where(r <= 1 + eps, r, torch.zeros_like(r))
+    # w = 0 where the clip is active; a NaN r (a NaN old log-prob under validate "device" /
+    # "off") keeps w NaN, so the token's gradient is NaN like its loss, as autograd gives it
+    return _psft_loss(r, eps), torch.where(r > 1 + eps, torch.zeros_like(r), r)
 
 
 PSFT = Member(

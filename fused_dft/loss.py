@@ -20,6 +20,7 @@ from .arguments import (
     check_loss_options,
     check_tensors,
     check_token_inputs,
+    int64_labels,
     make_options,
     resolve_impl,
     resolve_validate,
@@ -112,6 +113,7 @@ def fused_linear_dft_loss(
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_tensors(hidden, weight, labels, bias)
     layout = vocab_parallel_layout(hidden, weight, bias, labels)  # None unless DTensors are given
+    labels = int64_labels(labels)  # uint8 / int8 / int16 / int32 compare exactly from here on
     check_token_inputs(opts, labels, token_weights, old_logprobs)
     opts = dataclasses.replace(opts, validate=resolve_validate(validate, hidden.device))
     impl = resolve_impl(impl, hidden)

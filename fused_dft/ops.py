@@ -27,7 +27,13 @@ from torch import Tensor
 
 from .backends import BACKENDS
 from .backends.base import Saved, acc_dtype
-from .driver import BACKWARD_TWICE, path_backward, path_forward, scale_precomputed
+from .driver import (
+    BACKWARD_TWICE,
+    check_first_order,
+    path_backward,
+    path_forward,
+    scale_precomputed,
+)
 from .options import LossOptions, decode_options, encode_options
 from .selection import gather_rows, scatter_rows, select_rows
 
@@ -149,6 +155,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_grads_of_other_outputs):
+    check_first_order()  # create_graph=True: one clear error, not a gradient without a graph
     need = ctx.need
     if _precomputed(decode_options(ctx.options), ctx.impl, need):
         if ctx.consumed:

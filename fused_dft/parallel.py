@@ -51,7 +51,13 @@ import torch.distributed as dist
 
 from . import partials as P
 from .backends.base import VocabShard
-from .driver import BACKWARD_TWICE, path_backward, path_forward, scale_precomputed
+from .driver import (
+    BACKWARD_TWICE,
+    check_first_order,
+    path_backward,
+    path_forward,
+    scale_precomputed,
+)
 from .options import LossOptions
 
 SUPPORTED = (
@@ -213,6 +219,7 @@ class VocabParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums, _grad_num, _grad_logprobs):
+        check_first_order()  # create_graph=True is refused here too
         hidden, weight, bias = ctx.saved_tensors
         if ctx.precomputed is not None:  # chunked, mean / sum: computed in the forward pass
             dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)

@@ -43,11 +43,14 @@ def reference_loss(
     vocab = weight.shape[0]
     if opts.validate == "sync":
         labels = checked_labels(labels, token_weights, old_logprobs, vocab, opts.ignore_index)
+    valid = labels != opts.ignore_index
+    # ignored rows never touch the math: their hidden is replaced by 0 (not multiplied by 0), so
+    # a NaN / inf there reaches no logit and gets an exact 0 gradient, as in the other impls
+    hidden = torch.where(valid[:, None], hidden, hidden.new_zeros(()))
     logits = F.linear(hidden, weight, bias)
     if logits.dtype != torch.float64:
         logits = logits.float()
     z = transform_logits(logits, opts)
-    valid = labels != opts.ignore_index
     # a label outside [0, V) (validate="device" / "off") is never read: its logit counts as 0
     bad = valid & ((labels < 0) | (labels >= vocab))
     safe_labels = torch.where(valid & ~bad, labels, torch.zeros_like(labels))

@@ -59,6 +59,7 @@ VOCAB_PARALLEL_3 = [
     "labels-in-first-shard-only",
     "triton-rows-dft-mean",
     "fused-dft-mean-bias-softcap",
+    "double-backward-refused",
 ]
 BAD_INPUTS = [
     "bad-replicate-weight",
@@ -156,6 +157,8 @@ def triton_skip_reason(case: str) -> str | None:
 def _kind(case: str) -> str:
     if case.startswith("bad-"):
         return "bad"
+    if case == "double-backward-refused":
+        return "double_backward"
     return "model" if case in MODELS else "vocab_parallel"
 
 
@@ -605,4 +608,31 @@ def run_tensor_parallel(case: str, world: int, rank: int, batches) -> None:
     _assert_grads(model, expected, f"rank {rank} {case}", full=full)
 
 
-CASE_RUNNERS = {"vocab_parallel": run_vocab_parallel, "bad": run_bad_input, "model": run_model}
+def run_double_backward(case: str, world: int) -> None:
+    """create_graph=True through the vocab-parallel Function: the one clear error on every rank
+    (raised before dh's all-reduce, so the ranks stay in step), for the precomputed (mean) and
+    the recomputing ("none") backward, chunked and fused."""
+    import pytest
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import fused_dft
+
+    mesh = _mesh(world)
+    weight = distribute_tensor(torch.randn(V, D), mesh, [Shard(0)]).requires_grad_(True)
+    labels = torch.randint(0, V, (N,))
+    for impl in ("auto", "fused"):
+        for reduction in ("mean", "none"):
+            hidden = torch.randn(N, D, requires_grad=True)
+            loss = fused_dft.fused_linear_dft_loss(
+                hidden, weight, labels, impl=impl, reduction=reduction
+            )
+            with pytest.raises(RuntimeError, match=r"create_graph=True.*impl='reference'"):
+                torch.autograd.grad(loss.sum(), hidden, create_graph=True)
+
+
+CASE_RUNNERS = {
+    "vocab_parallel": run_vocab_parallel,
+    "bad": run_bad_input,
+    "model": run_model,
+    "double_backward": run_double_backward,
+}

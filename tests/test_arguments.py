@@ -54,6 +54,24 @@ def call(impl="auto", **over):
         (dict(weight=torch.randn(V * D)), ValueError, r"weight must have shape \(V, D\)"),
         (dict(weight=torch.randn(V, D + 1)), ValueError, "D = hidden.shape\\[-1\\] = 8"),
         (dict(weight=torch.randn(0, D)), ValueError, "weight must have at least one row"),
+        # D = 0: no feature to multiply (torch would fail in a reshape deep inside)
+        (
+            dict(hidden=torch.randn(N, 0), weight=torch.randn(V, 0)),
+            ValueError,
+            r"hidden and weight must have at least one feature .*hidden \(6, 0\)",
+        ),
+        # uint64 labels from 2^63 on have no int64 form: refused, naming the dtypes taken
+        (
+            dict(labels=torch.zeros(N, dtype=torch.uint64)),
+            TypeError,
+            "labels must be an integer tensor of a dtype in .*'uint8'.*got torch.uint64",
+        ),
+        # narrow labels are checked as the integers they hold (int8: V = 10, 127 out of range)
+        (
+            dict(labels=torch.tensor([0, 1, 127, 2, 3, 4], dtype=torch.int8)),
+            ValueError,
+            r"\[0, 10\).*\[2\] = 127",
+        ),
         (dict(labels=torch.zeros(N + 1, dtype=torch.long)), ValueError, "labels must have"),
         (dict(labels=torch.zeros(2, 3, dtype=torch.long)), ValueError, "leading shape \\(6,\\)"),
         (dict(bias=torch.randn(V + 1)), ValueError, r"bias must have shape \(V,\) = \(10,\)"),

@@ -350,3 +350,121 @@ def test_backward_of_precomputed_gradients_allocates_no_weight_sized_buffer(monk
     big = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage >= V * D * 4]
     assert not big, f"weight-sized allocations in backward: {big}"
     assert w.grad.data_ptr() == seen["dw"]
+
+
+# labels of every narrower integer dtype, V = 200: int8 cannot hold V (200 wraps to -56 in int8
+# compares) and uint8 reads ignore_index -100 as 156, so label 156 would alias it; each must give
+# exactly what int64 labels give, on every public impl (labels are widened before any path; the
+# small-tile cases add nothing for them but ~45 s) and with both row selections
+LABEL_WIDTH_V = 200
+
+
+@pytest.mark.parametrize("case", ["reference", "auto", "chunked", "fused"])
+@pytest.mark.parametrize(
+    "dtype", [torch.uint8, torch.int8, torch.int16, torch.int32], ids=lambda d: str(d)[6:]
+)
+def test_labels_of_any_integer_width(case, dtype, monkeypatch):
+    impl = use_impl(case, monkeypatch)
+    hidden, weight, labels, _ = make_inputs(N, D, LABEL_WIDTH_V)
+    labels = torch.randint(0, 127 if dtype == torch.int8 else LABEL_WIDTH_V, (N,))
+    labels[:3] = 3
+    if dtype == torch.uint8:  # no uint8 is -100: nothing is ignored, and 156 is a real label
+        labels[3:7] = 156
+    else:
+        labels[-4:] = -100
+    for validate in ("sync", "device"):
+        opts = dict(validate=validate, reduction="none")
+        loss, grads, stats, up = run(impl, hidden, weight, labels.to(dtype), **opts)
+        loss_64, grads_64, stats_64, _ = run(impl, hidden, weight, labels, upstream=up, **opts)
+        assert int(stats.num_tokens) == int(stats_64.num_tokens) == int((labels != -100).sum())
+        assert_close(loss, loss_64, f"{dtype} loss", rtol=1e-6, atol_frac=1e-7)
+        for name, g, g_64 in zip(("dh", "dW"), grads, grads_64):
+            assert_close(g, g_64, f"{dtype} {name}", rtol=1e-6, atol_frac=1e-7)
+
+
+# the check is the same on every path, so the public impls at their default tiles: precomputed
+# gradients (chunked / auto, mean and sum) and the recomputing backward (fused, and "none")
+@pytest.mark.parametrize("impl", ["auto", "chunked", "fused"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_second_order_gradients_are_a_clear_error(impl, reduction):
+    hidden, weight, labels, _ = make_inputs(N, D, V)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss = fused_dft.fused_linear_dft_loss(h, w, labels, impl=impl, reduction=reduction)
+    with pytest.raises(RuntimeError, match=r"create_graph=True.*not supported.*impl='reference'"):
+        torch.autograd.grad(loss.sum(), (h, w), create_graph=True)
+
+
+def _float64_dft(hidden, weight, bias, labels):
+    """DFT written here in float64 torch (mean over the non-ignored tokens), for autograd."""
+    logp = torch.log_softmax(torch.nn.functional.linear(hidden, weight, bias), dim=-1)
+    valid = labels != -100
+    logp_y = logp.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)[valid]
+    return (-logp_y.detach().exp() * logp_y).sum() / valid.sum()
+
+
+def test_reference_supports_second_order_gradients():
+    """A gradient penalty |d loss / d hidden|^2, differentiated w.r.t. the weight and the bias:
+    impl="reference" in fp32 against the same penalty on DFT written here in float64."""
+    hidden, weight, labels, bias = make_inputs(N, D, V, bias=True, scale=2.0)
+
+    def penalty_grads(h, w, b, loss_fn):
+        h, w, b = (t.clone().requires_grad_(True) for t in (h, w, b))
+        (dh,) = torch.autograd.grad(loss_fn(h, w, b), h, create_graph=True)
+        return torch.autograd.grad(dh.square().sum(), (w, b))
+
+    got = penalty_grads(
+        hidden, weight, bias,
+        lambda h, w, b: fused_dft.fused_linear_dft_loss(h, w, labels, b, impl="reference"),
+    )  # fmt: skip
+    want = penalty_grads(
+        hidden.double(), weight.double(), bias.double(),
+        lambda h, w, b: _float64_dft(h, w, b, labels),
+    )  # fmt: skip
+    for name, g, g_t in zip(("d penalty / dW", "d penalty / db"), got, want):
+        assert float(g_t.abs().max()) > 0
+        assert_close(g, g_t, name, rtol=1e-4, atol_frac=1e-5)
+
+
+# a bias of -inf masks part of the vocabulary (labels stay outside it): the first 40% makes the
+# first vocabulary tile of every row all -inf (the Triton row kernel's first tile with small tiles,
+# the first split's first tile in the fused kernel), a middle block the first tile of the second
+# split (fused_small_tiles: 3 splits of 64 columns over V = 129); eaft reads the entropy (0 * -inf)
+MINUS_INF_BLOCKS = {"first_40_percent": (0, 52), "middle_block": (64, 100)}
+
+
+@pytest.mark.parametrize("case", IMPL_CASES)
+@pytest.mark.parametrize("block", list(MINUS_INF_BLOCKS))
+@pytest.mark.parametrize("loss_type", ["dft", "eaft"])
+def test_minus_inf_logits_stay_finite(case, block, loss_type, monkeypatch):
+    hidden, weight, labels, bias = make_inputs(N, D, V, bias=True)
+    lo, hi = MINUS_INF_BLOCKS[block]
+    bias[lo:hi] = float("-inf")
+    labels[(labels >= lo) & (labels < hi)] = V - 1
+    loss, grads = check_against_truth(
+        case, monkeypatch, hidden, weight, labels, bias, loss_type=loss_type, reduction="none"
+    )
+    assert bool(torch.isfinite(loss).all())
+    for name, g in zip(("dh", "dW", "db"), grads):
+        assert bool(torch.isfinite(g).all()), f"{name} is not finite"
+
+
+# NaN and inf hidden states at ignored rows, with both row selections (sync: the ignored rows are
+# dropped; device: every row reaches the backend, the ignored ones masked)
+@pytest.mark.parametrize("case", ["reference", *IMPL_CASES])
+@pytest.mark.parametrize("validate", ["sync", "device"])
+def test_nonfinite_hidden_at_ignored_rows_touches_nothing(case, validate, monkeypatch):
+    impl = use_impl(case, monkeypatch)
+    hidden, weight, labels, bias = make_inputs(N, D, V, bias=True)
+    ignored = (labels == -100).nonzero().squeeze(1)
+    assert ignored.numel() >= 2
+    poisoned, clean = hidden.clone(), hidden.clone()
+    poisoned[ignored[0]] = float("nan")
+    poisoned[ignored[1], 3] = float("inf")
+    clean[ignored] = 0.0
+    opts = dict(validate=validate, reduction="none")
+    loss, grads, _, up = run(impl, poisoned, weight, labels, bias, **opts)
+    loss_t, grads_t, _, _ = truth(clean, weight, labels, bias, up, **opts)
+    assert_close(loss, loss_t, "loss", rtol=1e-5, atol_frac=1e-6)
+    assert bool((grads[0][ignored] == 0).all()), "dh at ignored rows is not 0"
+    for name, g, g_t in zip(("dh", "dW", "db"), grads, grads_t):
+        assert_close(g, g_t, name)

@@ -359,3 +359,55 @@ def test_a_registered_member_runs_on_every_impl(focal_member, case, monkeypatch)
         ("db", b2.grad, b.grad),
     ):
         assert_close(got, want, name)
+
+
+# the issue's case: V = 1000 logits of spread ~2, label 5 far from likely, so p^2 < 6e-8 where
+# torch's expm1 backward (grad * (result + 1)) rounds the fp32 gradient to 0
+@pytest.mark.parametrize("case", ["reference", *IMPL_CASES])
+def test_power_gradient_of_unlikely_tokens(case, monkeypatch):
+    impl = use_impl(case, monkeypatch)
+    torch.manual_seed(0)
+    h = torch.randn(1, 33)
+    weight = torch.randn(1000, 33) / 33**0.5 * 2
+    y = torch.tensor([5])
+    hr = h.clone().requires_grad_(True)
+    opts = dict(loss_type="power", power_q=2.0, impl=impl)
+    fused_dft.fused_linear_dft_loss(hr, weight, y, **opts).backward()
+    # float64 closed form: dz = p^q (softmax - onehot), dh = dz W
+    z = h.double() @ weight.double().t()
+    soft = torch.softmax(z, 1)
+    w = soft[0, 5] ** 2
+    assert float(w) < 6e-8  # the regime where expm1's backward loses the gradient
+    dh = (w * (soft - F.one_hot(y, 1000).double())) @ weight.double()
+    assert float(hr.grad.abs().max()) > 0
+    assert_close(hr.grad, dh, "dh", rtol=1e-4, atol_frac=1e-5)
+
+
+# psft's old_logprobs under validate "device" / "off" (nothing read on the host): NaN filler at
+# ignored positions changes nothing; a NaN at a token makes that token's loss and gradient NaN
+# in every impl (as autograd gives it in the reference), never a silently finite gradient
+@pytest.mark.parametrize("case", ["reference", *IMPL_CASES])
+@pytest.mark.parametrize("validate", ["device", "off"])
+def test_psft_nan_old_logprobs_consistent(case, validate, monkeypatch):
+    impl = use_impl(case, monkeypatch)
+    hidden, weight, labels, bias, opts = member_inputs("psft")
+    opts = {**opts, "reduction": "none"}
+    ignored = (labels == IGNORE).nonzero().squeeze(1)
+    token = int((labels != IGNORE).nonzero()[0, 0])
+    upstream = torch.randn(N, dtype=torch.float64)
+    mode = {"validate": validate}
+    filled = opts["old_logprobs"].clone()
+    filled[ignored] = float("nan")
+    loss, grads, _, _ = run_impl(
+        impl, hidden, weight, labels, bias, upstream, {**opts, "old_logprobs": filled, **mode}
+    )
+    loss_t, grads_t, _, _ = oracle(hidden, weight, labels, bias, upstream, **opts)
+    assert_close(loss, loss_t, "loss (NaN filler at ignored rows)", rtol=1e-5, atol_frac=1e-6)
+    for name, g, g_t in zip(("dh", "dW", "db"), grads, grads_t):
+        assert_close(g, g_t, f"{name} (NaN filler at ignored rows)")
+    filled[token] = float("nan")
+    loss, grads, _, _ = run_impl(
+        impl, hidden, weight, labels, bias, upstream, {**opts, "old_logprobs": filled, **mode}
+    )
+    assert bool(torch.isnan(loss[token])), f"{impl}: loss of the NaN token {loss[token]}"
+    assert bool(torch.isnan(grads[0][token]).all()), f"{impl}: dh of the NaN token is finite"

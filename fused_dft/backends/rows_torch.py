@@ -56,6 +56,9 @@ def rows_partials_(x: torch.Tensor, labels: torch.Tensor, opts: LossOptions) -> 
         for r in range(0, x.shape[0], _ENTROPY_ROWS):
             block = x[r : r + _ENTROPY_ROWS]
             e = torch.exp(block, out=buffer[: block.shape[0]])
+            # a -inf logit (a masked vocabulary entry) has e = 0: clamped, its term is 0 * finite
+            # instead of 0 * -inf = nan (nan from the data stays nan)
+            block.clamp_(min=torch.finfo(x.dtype).min)
             t[r : r + _ENTROPY_ROWS] = (e.unsqueeze(1) @ block.unsqueeze(2)).view(-1)
             block.copy_(e)
     else:

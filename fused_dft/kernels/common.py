@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -17,6 +19,16 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def launch_device(device: torch.device):
+    """The context every launcher runs its kernel in: the tensors' CUDA device. Triton launches
+    on torch's current device and stream, not on the tensors' (with lm_head on cuda:1 and the
+    current device cuda:0 a kernel would read another GPU's addresses); elsewhere, nothing.
+    Launchers call it as common.launch_device, so one hook covers them all (the tests spy on it)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 @triton.jit

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..options import LossOptions
+from . import common
 from .common import grouped_program, logits_tile, transform_logits
 from .configs import DZ_KEY, LaunchPlan, n_bucket
 from .fused_fwd import kernel_flags
@@ -109,7 +110,8 @@ def _fused_dz_kernel(
     # 3. one store of the block, in the scratch's dtype; the bias gradient's column sums of this
     #    token block in fp32 (summed over token blocks by the caller: no atomics)
     if COMPUTE_DB:
-        tl.store(db_ptr + pid_n * stride_dbn + local_cols, tl.sum(dz, 0), mask=col_mask)
+        db_row = db_ptr + pid_n.to(tl.int64) * stride_dbn  # int64: program id x a runtime int
+        tl.store(db_row + local_cols, tl.sum(dz, 0), mask=col_mask)
     tl.store(
         dz_ptr + rows[:, None] * stride_dzn + local_cols[None, :],
         dz.to(dz_ptr.dtype.element_ty),
@@ -148,20 +150,21 @@ def fused_dz(
     assert row_idx.shape[0] == n and v_start + vc <= weight.shape[0]
     if n == 0 or vc == 0:
         return out
-    plan.launch(
-        _fused_dz_kernel,
-        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(vc, meta["BLOCK_V"]),),
-        hidden, weight, bias if bias is not None else weight, row_idx, labels, count,
-        count_offset, lse, coefs, coefs.stride(0), out, out.stride(0),
-        db_partial if db_partial is not None else out,
-        db_partial.stride(0) if db_partial is not None else 0,
-        n, vc, v_start, hidden.shape[1],
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        float(opts.logit_scale), float(opts.softcap or 1.0), n_bucket(hidden.shape[0]),
-        key=DZ_KEY,
-        reset_to_zero=("db_ptr",) if db_partial is not None else (),
-        HAS_UNIFORM=opts.label_smoothing > 0,
-        COMPUTE_DB=db_partial is not None,
-        **kernel_flags(hidden, bias, opts),
-    )  # fmt: skip
+    with common.launch_device(hidden.device):
+        plan.launch(
+            _fused_dz_kernel,
+            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(vc, meta["BLOCK_V"]),),
+            hidden, weight, bias if bias is not None else weight, row_idx, labels, count,
+            count_offset, lse, coefs, coefs.stride(0), out, out.stride(0),
+            db_partial if db_partial is not None else out,
+            db_partial.stride(0) if db_partial is not None else 0,
+            n, vc, v_start, hidden.shape[1],
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            float(opts.logit_scale), float(opts.softcap or 1.0), n_bucket(hidden.shape[0]),
+            key=DZ_KEY,
+            reset_to_zero=("db_ptr",) if db_partial is not None else (),
+            HAS_UNIFORM=opts.label_smoothing > 0,
+            COMPUTE_DB=db_partial is not None,
+            **kernel_flags(hidden, bias, opts),
+        )  # fmt: skip
     return out

@@ -12,6 +12,8 @@ BLOCK_N tokens and a contiguous range of vocab tiles; for each tile it
   2. updates per token (online log-sum-exp, one exp per element):
          m' = max(m, max_j z_j);  alpha = exp(m - m');  e_j = exp(z_j - m')
          s <- alpha s + sum e;  t <- alpha (t + (m - m') s) + sum e (z - m');
+     with the exponents taken relative to 0 while m' = -inf (a tile of -inf logits: a masked
+     vocabulary), so no exp(-inf - -inf) = NaN, and e (z - m') = 0 where e = 0;
   3. adds the label logit z_y (in the tile that holds y) and sum z (label smoothing).
 The number of splits is chosen from the SM count and the number of token blocks so that about one
 wave of programs is one group (small batches still fill the GPU). Partials (5, splits, n) are
@@ -26,7 +28,7 @@ import triton.language as tl
 
 from ..options import LossOptions
 from ..partials import NUM_PARTIALS, merge
-from . import configs
+from . import common, configs
 from .common import (
     grouped_program,
     logits_tile,
@@ -85,7 +87,7 @@ def _fused_partials_kernel(
     t = tl.zeros([BLOCK_N], tl.float32)
     z_y = tl.zeros([BLOCK_N], tl.float32)
     sum_z = tl.zeros([BLOCK_N], tl.float32)
-    v_begin = split * split_cols
+    v_begin = split.to(tl.int64) * split_cols  # int64: every program id x runtime int product
     v_end = tl.minimum(v_begin + split_cols, V)
     v_end = tl.where(pid_n * BLOCK_N < count, v_end, v_begin)
     offs_v = tl.arange(0, BLOCK_V)
@@ -106,23 +108,28 @@ def _fused_partials_kernel(
         z_y += tl.sum(tl.where(offs_v[None, :] == y_local[:, None], z, 0.0), 1)
         if NEED_SUM:
             sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
-        # 2. online log-sum-exp. Columns past V get a finite, hugely negative z: exp gives 0 and
-        #    e * (z - m') stays 0 (with -inf it would be 0 * inf = nan). Every tile has a real
-        #    column, so m' is finite (or nan / inf from the data, which then propagates).
-        z = tl.where(col_mask[None, :], z, -1.0e30)
+        # 2. online log-sum-exp. Columns past V are -inf, like masked vocabulary entries (a
+        #    bias of -inf): every tile so far may be all -inf (m' = -inf), so the exponents are
+        #    taken relative to m_ref = m', or 0 while m' = -inf (never exp(-inf - -inf) = nan);
+        #    then alpha = 0, e = 0 and s = t = 0 until a finite logit arrives. e (z - m_ref) is
+        #    0 where e is 0 (not 0 * -inf = nan). nan / +inf from the data still propagate (s).
+        z = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(z - m_ref[:, None])
         if NEED_ENTROPY:
-            # relative to the running max: no cancellation at |z| >> 1
+            # relative to the running max: no cancellation at |z| >> 1 (s > 0: m, m' finite)
             t = alpha * (t + tl.where(s > 0, m - m_new, 0.0) * s)
-            t += tl.sum(e * (z - m_new[:, None]), 1)
+            t += tl.sum(tl.where(e > 0, e * (z - m_ref[:, None]), 0.0), 1)
         s = s * alpha + tl.sum(e, 1)
         m = m_new
 
-    # 4. partials (5, splits, N); rows past the count get m = -inf, s = 0 (merged, then masked)
-    base = part_ptr + split * N + rows
-    plane = num_splits * N
+    # 4. partials (5, splits, N); rows past the count get m = -inf, s = 0 (merged, then masked).
+    #    int64: the last plane's offset 4 * splits * N passes 2^31 from splits * N >= 2^29
+    #    (N >= 524,288 tokens with vocab_splits=1024)
+    base = part_ptr + split.to(tl.int64) * N + rows
+    plane = num_splits.to(tl.int64) * N
     out_mask = rows < N
     tl.store(base, m, mask=out_mask)
     tl.store(base + plane, s, mask=out_mask)
@@ -181,18 +188,20 @@ def fused_partials(
     part = new_output((NUM_PARTIALS, splits, n), torch.float32, hidden.device)
     if n == 0:
         return part[:, 0]
-    plan.launch(
-        _fused_partials_kernel,
-        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,),
-        hidden, weight, bias if bias is not None else weight, row_idx, labels, count, part,
-        n, v, d, split_cols, splits,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        float(opts.logit_scale), float(opts.softcap or 1.0), configs.n_bucket(hidden.shape[0]),
-        key=configs.FWD_KEY,
-        NEED_ENTROPY=opts.needs_entropy,
-        NEED_SUM=opts.needs_logit_sum,
-        **kernel_flags(hidden, bias, opts),
-    )  # fmt: skip
+    with common.launch_device(hidden.device):
+        plan.launch(
+            _fused_partials_kernel,
+            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,),
+            hidden, weight, bias if bias is not None else weight, row_idx, labels, count, part,
+            n, v, d, split_cols, splits,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            float(opts.logit_scale), float(opts.softcap or 1.0),
+            configs.n_bucket(hidden.shape[0]),
+            key=configs.FWD_KEY,
+            NEED_ENTROPY=opts.needs_entropy,
+            NEED_SUM=opts.needs_logit_sum,
+            **kernel_flags(hidden, bias, opts),
+        )  # fmt: skip
     return merge(part, dim=1)
 
 

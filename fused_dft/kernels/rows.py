@@ -6,6 +6,7 @@ _rows_partials_kernel: z = transform(x) = softcap * tanh(logit_scale * x / softc
     partials of partials.py, with an online log-sum-exp kept per row (one exp per element):
         tile max mt; m' = max(m, mt); alpha = exp(m - m');  e = exp(z - m')
         s <- alpha s + sum e;  t <- alpha (t + (m - m') s) + sum e (z - m')
+    (relative to 0 while m' = -inf: a first tile of -inf logits gives no exp(-inf - -inf) = NaN)
     plus z_y (the label's logit, loaded first, before anything could write the row) and sum z.
 _rows_grad_kernel: given the row's lse and coefficients (a, b, u) (weights.py), in place:
         dz = a * exp(z - lse) - b * [j == y] - u;  dx = dz * (1 - tanh^2) * logit_scale.
@@ -22,6 +23,7 @@ import triton.language as tl
 
 from ..options import LossOptions
 from ..partials import NUM_PARTIALS
+from . import common
 from .common import new_output, transform_logits
 
 DEFAULT_BLOCK_V = 4096
@@ -55,8 +57,10 @@ def _rows_partials_kernel(
     z_y, _th_y = transform_logits(x_y, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
     z_y = tl.where(y_inside, z_y, 0.0)
 
-    # 2. online log-sum-exp over vocab tiles; every tile has >= 1 column, so m is finite after
-    #    the first tile (or nan/inf from the data, which then propagates)
+    # 2. online log-sum-exp over vocab tiles. Every tile so far may be all -inf (masked
+    #    vocabulary entries, a bias of -inf): the exponents are taken relative to m_ref = m', or 0
+    #    while m' = -inf (never exp(-inf - -inf) = nan), and e (z - m_ref) is 0 where e is 0 (not
+    #    0 * -inf = nan); nan / +inf from the data still propagate through s
     m = float("-inf")
     s = 0.0
     t = 0.0
@@ -68,12 +72,13 @@ def _rows_partials_kernel(
         z, _ = transform_logits(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
         z = tl.where(mask, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 0))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(z - m_ref)
         if NEED_ENTROPY:
-            # kept relative to the running max: no cancellation at |z| >> 1
+            # kept relative to the running max: no cancellation at |z| >> 1 (s > 0: m finite)
             shift = tl.where(s > 0, m - m_new, 0.0)
-            t = alpha * (t + shift * s) + tl.sum(e * tl.where(mask, z - m_new, 0.0), 0)
+            t = alpha * (t + shift * s) + tl.sum(tl.where(e > 0, e * (z - m_ref), 0.0), 0)
         if NEED_SUM:
             sum_z += tl.sum(tl.where(mask, z, 0.0), 0)
         s = s * alpha + tl.sum(e, 0)
@@ -142,16 +147,17 @@ def rows_partials(
     part = new_output((NUM_PARTIALS, n), torch.float32, x.device)
     if n == 0:
         return part
-    _rows_partials_kernel[(n,)](
-        x, x.stride(0), labels.contiguous(), part, n, v,
-        float(opts.logit_scale), float(opts.softcap or 1.0),
-        HAS_SCALE=opts.logit_scale != 1.0,
-        HAS_SOFTCAP=opts.softcap is not None,
-        NEED_ENTROPY=opts.needs_entropy,
-        NEED_SUM=opts.needs_logit_sum,
-        BLOCK_V=_block(v, block_v),
-        num_warps=NUM_WARPS,
-    )  # fmt: skip
+    with common.launch_device(x.device):
+        _rows_partials_kernel[(n,)](
+            x, x.stride(0), labels.contiguous(), part, n, v,
+            float(opts.logit_scale), float(opts.softcap or 1.0),
+            HAS_SCALE=opts.logit_scale != 1.0,
+            HAS_SOFTCAP=opts.softcap is not None,
+            NEED_ENTROPY=opts.needs_entropy,
+            NEED_SUM=opts.needs_logit_sum,
+            BLOCK_V=_block(v, block_v),
+            num_warps=NUM_WARPS,
+        )  # fmt: skip
     return part
 
 
@@ -168,14 +174,15 @@ def rows_grad_(
     assert x.stride(1) == 1, "logits chunk must be contiguous along the vocabulary"
     if n == 0:
         return x
-    _rows_grad_kernel[(n,)](
-        x, x.stride(0), labels.contiguous(), lse.float().contiguous(),
-        coefs.float().contiguous(), n, v,
-        float(opts.logit_scale), float(opts.softcap or 1.0),
-        HAS_SCALE=opts.logit_scale != 1.0,
-        HAS_SOFTCAP=opts.softcap is not None,
-        HAS_UNIFORM=opts.label_smoothing > 0,
-        BLOCK_V=_block(v, block_v),
-        num_warps=NUM_WARPS,
-    )  # fmt: skip
+    with common.launch_device(x.device):
+        _rows_grad_kernel[(n,)](
+            x, x.stride(0), labels.contiguous(), lse.float().contiguous(),
+            coefs.float().contiguous(), n, v,
+            float(opts.logit_scale), float(opts.softcap or 1.0),
+            HAS_SCALE=opts.logit_scale != 1.0,
+            HAS_SOFTCAP=opts.softcap is not None,
+            HAS_UNIFORM=opts.label_smoothing > 0,
+            BLOCK_V=_block(v, block_v),
+            num_warps=NUM_WARPS,
+        )  # fmt: skip
     return x

@@ -225,8 +225,9 @@ def _worker_main() -> int:
     return 0
 
 
-def compile_one(job: dict) -> dict:
-    """Compile one job in this process (the interpreter must be off) and read its resources."""
+def compile_kernel(job: dict):
+    """triton.compile of one job (kernel, dtype, arch, config) in this process (the interpreter
+    must be off): the CompiledKernel, whose asm holds "ttir", "ttgir", "ptx" and "cubin"."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -249,7 +250,16 @@ def compile_one(job: dict) -> dict:
         if kind.startswith("*") or multiple == "16":
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch.capability, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", arch.capability, 32), options=options)
+
+
+def compile_one(job: dict) -> dict:
+    """Compile one job in this process (the interpreter must be off) and read its resources."""
+    import triton
+
+    spec = SPECS[job["kernel"]]
+    arch = ARCHS[job["arch"]]
+    compiled = compile_kernel(job)
     usage = resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     instr = None
