@@ -96,3 +96,28 @@ def test_bench_expected_prints_the_table_and_runs_nothing(monkeypatch, capsys):
     for name in ("naive", "chunked", "fused", "bound", "H100 SXM", "A100 SXM 80GB"):
         assert name in out
     assert "L40S" not in out.split("peaks")[0]
+
+
+# torch's names of the table's GPUs, and of parts with other peaks that must not borrow them
+@pytest.mark.parametrize(
+    "name, key",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("NVIDIA L40S", "l40s"),
+        ("NVIDIA GeForce RTX 4090", "4090"),
+        ("NVIDIA B200", "b200"),
+        ("NVIDIA H100 PCIe", None),
+        ("NVIDIA H100 NVL", None),
+        ("NVIDIA H200 NVL", None),
+        ("NVIDIA GH200 480GB", None),
+        ("NVIDIA A100-SXM4-40GB", None),
+        ("NVIDIA A100 80GB PCIe", None),
+        ("NVIDIA GeForce RTX 4090 D", None),
+        ("Tesla T4", None),
+    ],
+)
+def test_torch_device_names_map_to_the_gpu_table_or_to_none(name, key):
+    gpu = model.gpu_for_device(name)
+    assert (gpu.key if gpu else None) == key
