@@ -57,11 +57,14 @@ def test_fused_does_eight_tdv_and_counts_dh_passes_per_vocab_chunk():
     t, d, v = HEADLINE.rows, 4096, 128256
     phases = {p.name: p for p in model.fused_phases(HEADLINE)}
     assert sum(p.flops for p in phases.values()) == 8 * t * d * v
-    cols = (256 * 2**20) // (t * 2) // 128 * 128  # the dz scratch's columns: 11648
+    cols = 2**30 // (t * 2) // 128 * 128  # the CUDA dz scratch's (1 GiB) columns: 46720
     chunks = math.ceil(v / cols)
-    assert chunks == 12
+    assert chunks == 3
     dh = phases["dh += dz W (fp32 C)"]
     assert dh.bytes == (t * v + v * d + t * d) * 2 + chunks * 8 * t * d
+    # the CPU's fixed 256 MiB scratch: 11648 columns, 12 passes over the fp32 dh
+    small = {p.name: p for p in model.fused_phases(HEADLINE, scratch_bytes=256 * 2**20)}
+    assert small["dh += dz W (fp32 C)"].bytes == dh.bytes + (12 - 3) * 8 * t * d
 
 
 def test_trimming_scales_the_trimmed_paths_and_not_naive():

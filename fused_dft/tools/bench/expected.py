@@ -156,11 +156,14 @@ def chunked_phases(s: Shape, chunk_rows: int) -> list[Phase]:
     ]
 
 
-def fused_phases(s: Shape, scratch_bytes: int = 256 * 2**20, token_chunk: int = 16384) -> list:
+def fused_phases(s: Shape, scratch_bytes: int | None = None, token_chunk: int = 16384) -> list:
     """fused_dft fused (trimmed rows): the forward kernel (partials, no logits stored); backward:
-    the dz kernel recomputes the logits into a scratch of scratch_bytes, then the dW and dh
+    the dz kernel recomputes the logits into a scratch of scratch_bytes (default: the CUDA
+    cap, backends/fused.py's DZ_SCRATCH_MAX_BYTES, on a GPU with room), then the dW and dh
     GEMMs per vocab chunk (dh accumulated in fp32); dW written once when one token chunk holds
     every token (backends/fused.py)."""
+    if scratch_bytes is None:
+        from fused_dft.backends.fused import DZ_SCRATCH_MAX_BYTES as scratch_bytes
     t, d, v, b = s.rows, s.hidden, s.vocab, s.elem_bytes
     rows = max(1, min(t, token_chunk))
     cols = min(v, max(128, scratch_bytes // (rows * b) // 128 * 128))
