@@ -33,7 +33,8 @@ bench: install-bench
 check: install-bench
 	fused-dft check
 
-# on a machine with a GPU: tests on CUDA, check, bench vs the 3-GEMM bound, config sweep (<= 8 min)
+# on a machine with a GPU, in order of value (<= 8 min): kernel tests on CUDA, the headline bench
+# row, check, the other tests, the rest of the bench (measured / expected), config sweep
 gpu-check:
 	$(PYTHON3) bench/gpu_check.py
 

@@ -5,9 +5,10 @@ Forward (2*N*D*V FLOPs): the kernel reduces each non-ignored token's logits to i
 then the loss and the gradient coefficients (a, b, u) in torch (weights.py). It keeps, per
 non-ignored token, lse and (a, b, u) (16 bytes).
 Backward (6*N*D*V FLOPs): for each chunk of at most TOKEN_CHUNK tokens and each chunk of vocab
-columns that fits the dz scratch (DZ_SCRATCH_BYTES), the dz kernel recomputes the logits and
-writes their gradient (coefficients times the upstream gradient, so any per-token upstream
-gradient, reduction="none", is exact), then cuBLAS GEMMs with fp32 accumulation:
+columns that fits the dz scratch (dz_scratch_bytes: larger on CUDA where memory allows), the dz
+kernel recomputes the logits and writes their gradient (coefficients times the upstream
+gradient, so any per-token upstream gradient, reduction="none", is exact), then cuBLAS GEMMs
+with fp32 accumulation:
     dW[cols] = dz^T h_rows   (written once, in the weight's dtype, when one token chunk covers
                               every token; else accumulated in an fp32 dW over token chunks)
     dh_rows += dz W[cols]    (an fp32 accumulator of token-chunk x D)
@@ -52,6 +53,24 @@ def fused_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
 DZ_SCRATCH_BYTES = 256 * 2**20
 TOKEN_CHUNK = 16384
 _COLUMN_MULTIPLE = 128  # vocab chunks a multiple of the GEMM tile
+# CUDA: the scratch grows up to DZ_SCRATCH_MAX_BYTES where 1/_DZ_FREE_SHARE of the free memory
+# holds it. Why: the fp32 dh accumulator (token chunk x D x 4 B) is read and written by the dh
+# GEMM once per vocab chunk. At 16384 x 4096 x 128256 in bf16 it is 256 MiB, so 512 MiB a pass:
+# a 256 MiB scratch holds 8192 columns, 16 vocab chunks, 8.6 GB (~2.9 ms at 3.35 TB/s x 0.9,
+# H100 SXM); 1 GiB holds 32768, 4 chunks, 2.1 GB (~0.7 ms); each dh GEMM also gets a 4x longer K.
+# At 8192 x 4096 x 151936: 10 chunks (2.7 GB) -> 3 (0.8 GB). The cost is 768 MiB more peak memory
+# in the backward, still under chunked's 2.1 GB logits buffer.
+DZ_SCRATCH_MAX_BYTES = 2**30
+_DZ_FREE_SHARE = 4
+
+
+def dz_scratch_bytes(device: torch.device) -> int:
+    """The dz scratch's bytes: DZ_SCRATCH_BYTES, on CUDA up to DZ_SCRATCH_MAX_BYTES within
+    1/_DZ_FREE_SHARE of the free memory (torch.cuda.mem_get_info)."""
+    if device.type != "cuda" or DZ_SCRATCH_MAX_BYTES <= DZ_SCRATCH_BYTES:
+        return DZ_SCRATCH_BYTES
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return max(DZ_SCRATCH_BYTES, min(DZ_SCRATCH_MAX_BYTES, free_bytes // _DZ_FREE_SHARE))
 
 
 def fused_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, opts: LossOptions,
@@ -81,7 +100,7 @@ def fused_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, opt
             else torch.empty(v, d, dtype=weight.dtype, device=dev)
         )
     if n > 0 and any(need):
-        cols = DZ_SCRATCH_BYTES // (token_chunk * hidden.element_size())
+        cols = dz_scratch_bytes(dev) // (token_chunk * hidden.element_size())
         cols = min(v, max(_COLUMN_MULTIPLE, cols // _COLUMN_MULTIPLE * _COLUMN_MULTIPLE))
         scratch = torch.empty(token_chunk, cols, dtype=hidden.dtype, device=dev)
         plan = configs.plan(hidden.dtype, dev, d, v, config)

@@ -161,7 +161,12 @@ def v_bucket(v: int) -> str:
 # from `fused-dft kernels` (sm_90 and sm_80, triton 3.6 and 3.9; bench/README.md has the table):
 # no candidate spills on sm_90. 128 x 128 tiles give 64 FLOP per byte of operand traffic (twice
 # 64 x 128's); the forward's online log-sum-exp epilogue keeps it at ~250 registers, so 128 x 256
-# (which spills) is not offered.
+# (which spills) is not offered. Hopper-sized tiles checked for sm_90 (issue 17, triton 3.9,
+# `fused-dft kernels --arch sm_90 --dtype bf16 --kernel fused_fwd,fused_bwd --config <each>`):
+# 128x256 and 256x128, block_d 32 / 64, 8 warps (255 registers) or 16 (capped at 128), 2-4
+# stages, 12 configs: every one spills in both kernels (forward 48-216 B/thread, dz 32-160 B),
+# in 72-144 KB. None is offered; a bigger tile needs the kernels restructured (two 128 x 128
+# halves per program, or a persistent kernel), not a config.
 _C = FusedConfig
 _16BIT_SHORT_D = (
     _C(128, 128, 64, num_warps=8, num_stages=3),

@@ -8,6 +8,15 @@ compiled). Per compile:
     registers     registers per thread (cuobjdump --dump-resource-usage: REG)
     spill_bytes   stack frame + local memory per thread (STACK + LOCAL), where ptxas puts spilled
                   registers: the kernels make no calls and hold no local arrays
+    tile          block_n x block_v x block_d of the fused kernels' logits tile; num_warps,
+                  num_stages: the launch's warps and pipeline depth
+    ctas_per_sm   programs one SM holds at once, from registers and shared memory alone: registers
+                  allocated per warp in units of 256, against the arch's 65536 per SM; shared
+                  memory plus the 1 KB the runtime reserves per block, against its shared memory
+                  per SM (228 KB on sm_90 / sm_100, 164 KB on sm_80, 100 KB on sm_86 / 89 / 120)
+    flop_per_byte FLOPs of a logits tile per operand byte loaded from L2:
+                  2*BN*BV*BD / ((BN + BV) * BD * elem_bytes) = 2*BN*BV / ((BN + BV) * elem_bytes)
+                  (128 x 128 in bf16: 64; 128 x 256: 85); at 600+ TFLOP/s, 64 needs ~9 TB/s of L2
     tensor_cores  whether the dots became the arch's tensor-core instruction (PTX wgmma.mma_async on
                   sm_90, tcgen05.mma on sm_100, mma.sync on sm_80 / sm_86 / sm_89 / sm_120; a dot
                   that fell back to mma.sync on sm_90 counts as False); None without tl.dot
@@ -38,11 +47,16 @@ KEYS = (
     "dtype",
     "arch",
     "config",
+    "tile",
+    "num_warps",
+    "num_stages",
     "shared_bytes",
     "registers",
     "spill_bytes",
     "tensor_cores",
     "atomics",
+    "ctas_per_sm",
+    "flop_per_byte",
 )
 RESULT_PREFIX = "FUSED_DFT_KERNEL_REPORT "
 
@@ -53,17 +67,19 @@ class Arch:
     capability: int
     shared_limit: int  # largest dynamic shared memory one block may opt into, bytes
     tensor_core_ptx: str  # the tensor-core instruction a dot should become
+    shared_per_sm: int  # shared memory of one SM, bytes (what resident blocks share)
+    regs_per_sm: int = 65536
 
 
 ARCHS: dict[str, Arch] = {
     a.name: a
     for a in (
-        Arch("sm_80", 80, 163 * 1024, r"\bmma\.sync"),  # A100, A800
-        Arch("sm_86", 86, 99 * 1024, r"\bmma\.sync"),  # A10, A40, RTX 3090, RTX A6000
-        Arch("sm_89", 89, 99 * 1024, r"\bmma\.sync"),  # L4, L40S, RTX 4090, RTX 6000 Ada
-        Arch("sm_90", 90, 227 * 1024, r"\bwgmma\.mma_async"),  # H100, H200, GH200
-        Arch("sm_100", 100, 227 * 1024, r"\btcgen05\.mma"),  # B200, GB200
-        Arch("sm_120", 120, 99 * 1024, r"\bmma\.sync"),  # RTX 50xx, RTX PRO 6000 Blackwell
+        Arch("sm_80", 80, 163 * 1024, r"\bmma\.sync", 164 * 1024),  # A100, A800
+        Arch("sm_86", 86, 99 * 1024, r"\bmma\.sync", 100 * 1024),  # A10, A40, RTX 3090, A6000
+        Arch("sm_89", 89, 99 * 1024, r"\bmma\.sync", 100 * 1024),  # L4, L40S, RTX 4090
+        Arch("sm_90", 90, 227 * 1024, r"\bwgmma\.mma_async", 228 * 1024),  # H100, H200, GH200
+        Arch("sm_100", 100, 227 * 1024, r"\btcgen05\.mma", 228 * 1024),  # B200, GB200
+        Arch("sm_120", 120, 99 * 1024, r"\bmma\.sync", 100 * 1024),  # RTX 50xx, RTX PRO 6000
     )
 }
 DEFAULT_ARCHS = ("sm_90", "sm_80")
@@ -265,8 +281,17 @@ def compile_one(job: dict) -> dict:
     instr = None
     if spec.has_dot:
         instr = next((name for name, text in _DOT_PTX if text in ptx), "none")
+    shared = int(compiled.metadata.shared)
+    warps = int(compiled.metadata.num_warps)
+    tile = [meta.get(k) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")]
+    elem_bytes = 2 if pointee in ("bf16", "fp16") else 4
     return {
-        "shared_bytes": int(compiled.metadata.shared),
+        "tile": "x".join(map(str, tile)) if all(tile) else None,
+        "num_warps": warps,
+        "num_stages": options.get("num_stages"),
+        "ctas_per_sm": ctas_per_sm(usage["REG"], warps, shared, arch),
+        "flop_per_byte": flop_per_byte(*tile[:2], elem_bytes) if all(tile) else None,
+        "shared_bytes": shared,
         "registers": usage["REG"],
         "spill_bytes": usage["STACK"] + usage["LOCAL"],
         "tensor_cores": None if instr is None else bool(re.search(arch.tensor_core_ptx, ptx)),
@@ -274,6 +299,21 @@ def compile_one(job: dict) -> dict:
         "dot_instruction": instr,
         "triton": triton.__version__,
     }
+
+
+def ctas_per_sm(registers: int, num_warps: int, shared_bytes: int, arch: Arch) -> int:
+    """Blocks one SM holds at once by registers and shared memory (not by the block limit):
+    registers are allocated per warp in units of 256, each block's shared memory comes with
+    1 KB the runtime reserves. 255 registers x 8 warps fill sm_90's 65536: 1."""
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    by_registers = arch.regs_per_sm // (regs_per_warp * num_warps)
+    by_shared = arch.shared_per_sm // (shared_bytes + 1024)
+    return min(by_registers, by_shared)
+
+
+def flop_per_byte(block_n: int, block_v: int, elem_bytes: int) -> float:
+    """2*BN*BV*BD FLOPs per (BN + BV)*BD operand elements loaded: BD cancels."""
+    return 2 * block_n * block_v / ((block_n + block_v) * elem_bytes)
 
 
 # the tensor-core instruction a dot became, as the table names it
@@ -333,12 +373,12 @@ def json_rows(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    header = ["kernel", "dtype", "arch", "config", "shared", "regs", "spill", "tensor cores"]
-    header += ["atomics", "problems"]
+    header = ["kernel", "dtype", "arch", "config", "tile", "w/s", "shared", "regs", "spill"]
+    header += ["CTAs/SM", "tensor cores", "FLOP/B", "atomics", "problems"]
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["kernel"], r["dtype"], r["arch"], r["config"], *["-"] * 5, r["error"]])
+            body.append([r["kernel"], r["dtype"], r["arch"], r["config"], *["-"] * 9, r["error"]])
             continue
         tc = {None: "-", True: r["dot_instruction"], False: f"no ({r['dot_instruction']})"}
         body.append(
@@ -347,10 +387,14 @@ def table(rows: list[dict]) -> str:
                 r["dtype"],
                 r["arch"],
                 r["config"],
+                r["tile"] or "-",
+                f"{r['num_warps']}/{r['num_stages'] or '-'}",
                 f"{r['shared_bytes'] / 1024:.0f} KB",
                 str(r["registers"]),
                 f"{r['spill_bytes']} B",
+                str(r["ctas_per_sm"]),
                 tc[r["tensor_cores"]],
+                "-" if r["flop_per_byte"] is None else f"{r['flop_per_byte']:.0f}",
                 str(r["atomics"]),
                 "; ".join(problems(r)),
             ]

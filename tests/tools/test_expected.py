@@ -57,11 +57,14 @@ def test_fused_does_eight_tdv_and_counts_dh_passes_per_vocab_chunk():
     t, d, v = HEADLINE.rows, 4096, 128256
     phases = {p.name: p for p in model.fused_phases(HEADLINE)}
     assert sum(p.flops for p in phases.values()) == 8 * t * d * v
-    cols = (256 * 2**20) // (t * 2) // 128 * 128  # the dz scratch's columns: 11648
+    cols = 2**30 // (t * 2) // 128 * 128  # the CUDA dz scratch's (1 GiB) columns: 46720
     chunks = math.ceil(v / cols)
-    assert chunks == 12
+    assert chunks == 3
     dh = phases["dh += dz W (fp32 C)"]
     assert dh.bytes == (t * v + v * d + t * d) * 2 + chunks * 8 * t * d
+    # the CPU's fixed 256 MiB scratch: 11648 columns, 12 passes over the fp32 dh
+    small = {p.name: p for p in model.fused_phases(HEADLINE, scratch_bytes=256 * 2**20)}
+    assert small["dh += dz W (fp32 C)"].bytes == dh.bytes + (12 - 3) * 8 * t * d
 
 
 def test_trimming_scales_the_trimmed_paths_and_not_naive():
@@ -96,3 +99,28 @@ def test_bench_expected_prints_the_table_and_runs_nothing(monkeypatch, capsys):
     for name in ("naive", "chunked", "fused", "bound", "H100 SXM", "A100 SXM 80GB"):
         assert name in out
     assert "L40S" not in out.split("peaks")[0]
+
+
+# torch's names of the table's GPUs, and of parts with other peaks that must not borrow them
+@pytest.mark.parametrize(
+    "name, key",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("NVIDIA L40S", "l40s"),
+        ("NVIDIA GeForce RTX 4090", "4090"),
+        ("NVIDIA B200", "b200"),
+        ("NVIDIA H100 PCIe", None),
+        ("NVIDIA H100 NVL", None),
+        ("NVIDIA H200 NVL", None),
+        ("NVIDIA GH200 480GB", None),
+        ("NVIDIA A100-SXM4-40GB", None),
+        ("NVIDIA A100 80GB PCIe", None),
+        ("NVIDIA GeForce RTX 4090 D", None),
+        ("Tesla T4", None),
+    ],
+)
+def test_torch_device_names_map_to_the_gpu_table_or_to_none(name, key):
+    gpu = model.gpu_for_device(name)
+    assert (gpu.key if gpu else None) == key

@@ -193,3 +193,22 @@ def test_launches_pick_the_candidates_of_their_arch(monkeypatch):
     hopper = configs.plan(torch.bfloat16, cuda0, 4096, 128256).candidates
     assert hopper == configs.config_set(torch.bfloat16, 4096, 128256, "sm_90")
     assert hopper[0].block_n == hopper[0].block_v == 128
+
+
+def test_ctas_per_sm_from_registers_and_shared_memory():
+    hopper = report.ARCHS["sm_90"]
+    # the shipped 128x128x64 forward: 255 registers x 8 warps fill the 65536 registers
+    assert report.ctas_per_sm(255, 8, 96 * 1024, hopper) == 1
+    # 174 registers round up to 5632 per warp: 45056 of 65536, still one block
+    assert report.ctas_per_sm(174, 8, 96 * 1024, hopper) == 1
+    # 128 registers x 8 warps: two by registers; 72 KB (+1 KB reserved) x 3 fit 228 KB
+    assert report.ctas_per_sm(128, 8, 72 * 1024, hopper) == 2
+    assert report.ctas_per_sm(64, 4, 72 * 1024, hopper) == 3  # shared memory limits it
+    assert report.ctas_per_sm(64, 4, 72 * 1024, report.ARCHS["sm_89"]) == 1  # 100 KB per SM
+
+
+def test_flop_per_byte_of_a_logits_tile():
+    assert report.flop_per_byte(128, 128, 2) == 64  # the figure for 128 x 128 in bf16
+    assert report.flop_per_byte(128, 256, 2) == report.flop_per_byte(256, 128, 2) == 2 * 32768 / 768
+    assert report.flop_per_byte(64, 128, 2) == pytest.approx(42.67, abs=0.01)
+    assert report.flop_per_byte(128, 128, 4) == 32  # fp32 operands: twice the bytes

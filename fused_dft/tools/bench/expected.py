@@ -29,6 +29,7 @@ Bytes per element of the logits (M = rows x V elements, b = 2 bytes for bf16/fp1
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 GEMM_EFFICIENCY = 0.80
@@ -65,6 +66,28 @@ GPUS: dict[str, Gpu] = {
             "HBM3e"),
     )
 }  # fmt: skip
+
+
+# torch.cuda.get_device_name() -> the GPUS key whose peaks it has; first match wins. Parts whose
+# peaks differ from the table's are not matched (H100 PCIe / NVL, H200 NVL, A100 40GB or PCIe,
+# RTX 4090 D, GH200 whose name holds "H200" but not as a word): measured only for them.
+DEVICE_NAMES: tuple[tuple[str, str], ...] = (
+    (r"\bH100\b(?!.*\b(PCIe|NVL)\b)", "h100"),  # NVIDIA H100 80GB HBM3
+    (r"\bH200\b(?!.*\bNVL\b)", "h200"),  # NVIDIA H200
+    (r"\bA100-SXM4-80GB\b", "a100"),  # NVIDIA A100-SXM4-80GB
+    (r"\bL40S\b", "l40s"),  # NVIDIA L40S
+    (r"\bRTX 4090\b(?! D\b)(?!.*Laptop)", "4090"),  # NVIDIA GeForce RTX 4090
+    (r"\bB200\b", "b200"),  # NVIDIA B200
+)
+
+
+def gpu_for_device(name: str) -> Gpu | None:
+    """The model's GPU for a torch device name, or None when the table has no GPU with its
+    peaks (the caller prints measured times only)."""
+    for pattern, key in DEVICE_NAMES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return GPUS[key]
+    return None
 
 
 @dataclass(frozen=True)
@@ -133,11 +156,14 @@ def chunked_phases(s: Shape, chunk_rows: int) -> list[Phase]:
     ]
 
 
-def fused_phases(s: Shape, scratch_bytes: int = 256 * 2**20, token_chunk: int = 16384) -> list:
+def fused_phases(s: Shape, scratch_bytes: int | None = None, token_chunk: int = 16384) -> list:
     """fused_dft fused (trimmed rows): the forward kernel (partials, no logits stored); backward:
-    the dz kernel recomputes the logits into a scratch of scratch_bytes, then the dW and dh
+    the dz kernel recomputes the logits into a scratch of scratch_bytes (default: the CUDA
+    cap, backends/fused.py's DZ_SCRATCH_MAX_BYTES, on a GPU with room), then the dW and dh
     GEMMs per vocab chunk (dh accumulated in fp32); dW written once when one token chunk holds
     every token (backends/fused.py)."""
+    if scratch_bytes is None:
+        from fused_dft.backends.fused import DZ_SCRATCH_MAX_BYTES as scratch_bytes
     t, d, v, b = s.rows, s.hidden, s.vocab, s.elem_bytes
     rows = max(1, min(t, token_chunk))
     cols = min(v, max(128, scratch_bytes // (rows * b) // 128 * 128))
