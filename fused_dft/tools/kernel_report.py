@@ -275,6 +275,8 @@ def compile_one(job: dict) -> dict:
 
     spec = SPECS[job["kernel"]]
     arch = ARCHS[job["arch"]]
+    pointee = DTYPES[job["dtype"]][0]
+    meta, options = spec.parse_config(job["config"])
     compiled = compile_kernel(job)
     usage = resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]

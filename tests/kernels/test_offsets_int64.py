@@ -31,7 +31,8 @@ from fused_dft.tools import kernel_report as kr
 from fused_dft.tools.kernel_specs import SPECS
 out = {}
 for name, spec in SPECS.items():
-    job = {"kernel": name, "dtype": "bf16", "arch": "sm_90", "config": spec.defaults("bf16")[0]}
+    config = spec.defaults("bf16", "sm_90")[0]
+    job = {"kernel": name, "dtype": "bf16", "arch": "sm_90", "config": config}
     out[name] = kr.compile_kernel(job).asm["ttir"]
 print("TTIR " + json.dumps(out))
 """
