@@ -164,6 +164,21 @@ def _family_params(own, given: dict) -> tuple[tuple[str, float], ...]:
     return own.resolve(given)
 
 
+def check_vocab_params(opts: LossOptions, vocab: int, vocab_parallel: bool = False) -> None:
+    """The family parameters bounded by V (eaft_topk), once V is known; a top-k entropy needs the
+    whole vocabulary's logits of a row, which a vocab-parallel rank does not hold."""
+    own = member(opts.loss_type)
+    for p in own.params:
+        value = opts.params.get(p.name)
+        if p.at_most_vocab and value is not None and value > vocab:
+            raise ValueError(f"{p.name} must be {p.bound} = {vocab}, got {value!r}")
+    if vocab_parallel and own.topk_of(opts.params) > 0:
+        raise ValueError(
+            f"loss_type={opts.loss_type!r} with a top-k entropy is not supported with a "
+            "vocab-parallel weight (each rank holds only its shard's logits)"
+        )
+
+
 def check_impl(impl: str, chunk_size: int | None) -> None:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

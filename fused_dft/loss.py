@@ -20,6 +20,7 @@ from .arguments import (
     check_loss_options,
     check_tensors,
     check_token_inputs,
+    check_vocab_params,
     make_options,
     resolve_impl,
     resolve_validate,
@@ -111,6 +112,7 @@ def fused_linear_dft_loss(
     check_tensors(hidden, weight, labels, bias)
     layout = vocab_parallel_layout(hidden, weight, bias, labels)  # None unless DTensors are given
     check_token_inputs(opts, labels, token_weights, old_logprobs)
+    check_vocab_params(opts, weight.shape[0], vocab_parallel=layout is not None)
     opts = dataclasses.replace(opts, validate=resolve_validate(validate, hidden.device))
     impl = resolve_impl(impl, hidden)
 

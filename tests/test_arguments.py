@@ -74,6 +74,12 @@ def call(impl="auto", **over):
         (dict(loss_type="power", power_q=-1), ValueError, "power_q must be > 0"),
         (dict(loss_type="power", power_q=float("inf")), ValueError, "power_q must be a finite"),
         (dict(loss_type="eaft", eaft_alpha=-0.5), ValueError, "eaft_alpha must be >= 0"),
+        # eaft's top-k: k in [1, V] (0: the full entropy), an int; the normalizer positive
+        (dict(loss_type="eaft", eaft_topk=V + 1), ValueError, "eaft_topk must be .*<= V = 10"),
+        (dict(loss_type="eaft", eaft_topk=-1), ValueError, "eaft_topk must be >= 0"),
+        (dict(loss_type="eaft", eaft_topk=2.0), ValueError, "eaft_topk must be an int"),
+        (dict(loss_type="eaft", eaft_normalizer=0.0), ValueError, "eaft_normalizer must be > 0"),
+        (dict(eaft_topk=5), ValueError, "eaft_topk is a parameter of loss_type 'eaft'"),
         (
             dict(loss_type="psft", clip_eps=0.0, old_logprobs=-torch.rand(N)),
             ValueError,

@@ -29,14 +29,17 @@ MEMBERS = {
     "power_half": {"loss_type": "power", "power_q": 0.5},
     "power_two": {"loss_type": "power", "power_q": 2.0},
     "eaft": {"loss_type": "eaft", "eaft_alpha": 0.7},
+    # LLaMA-Factory's form (top 20, over 3) and axolotl's (top k, no normalizer), k not a tile size
+    "eaft_topk": {"loss_type": "eaft", "eaft_alpha": 0.7, "eaft_topk": 20},
+    "eaft_topk_axolotl": {"loss_type": "eaft", "eaft_topk": 7, "eaft_normalizer": 1.0},
     "psft": {"loss_type": "psft", "clip_eps": 0.2},
 }
 
 
 def oracle(hidden, weight, labels, bias, upstream, *, loss_type="dft", reduction="mean",
            logit_scale=1.0, softcap=None, token_weights=None, old_logprobs=None, power_q=1.0,
-           eaft_alpha=1.0, clip_eps=0.2, z_loss=0.0, label_smoothing=0.0,
-           ignore_index=IGNORE):  # fmt: skip
+           eaft_alpha=1.0, eaft_topk=0, eaft_normalizer=None, clip_eps=0.2, z_loss=0.0,
+           label_smoothing=0.0, ignore_index=IGNORE):  # fmt: skip
     """float64 loss, (dh, dW, db), per-token log p and stats from the formulas of the issue."""
     h, w = hidden.double(), weight.double()
     x = h @ w.t() + (bias.double() if bias is not None else 0.0)
@@ -60,8 +63,13 @@ def oracle(hidden, weight, labels, bias, upstream, *, loss_type="dft", reduction
         loss, wt = -p * logp, p
     elif loss_type == "power":
         loss, wt = (1 - p**power_q) / power_q, p**power_q
+    elif loss_type == "eaft" and eaft_topk:  # the top k of z renormalized, over c (3 by default)
+        top = z.topk(eaft_topk, dim=1).values
+        q = torch.softmax(top, 1)
+        wt = (-(q * q.log()).sum(1) / (eaft_normalizer or 3.0)) ** eaft_alpha
+        loss = -wt * logp
     elif loss_type == "eaft":
-        wt = (entropy / math.log(vocab)) ** eaft_alpha
+        wt = (entropy / (eaft_normalizer or math.log(vocab))) ** eaft_alpha
         loss = -wt * logp
     else:  # psft
         r = p / old_logprobs.double().exp()
@@ -177,6 +185,64 @@ def test_label_smoothing_is_torch_cross_entropy(case, reduction, monkeypatch):
         assert_close(g, g_t, name)
 
 
+# EAFT as LLaMA-Factory 0.9.5 computes it (_eaft_cross_entropy, written here from its formula):
+# per valid token CE times sg((H_20 / 3)^alpha), H_20 the entropy of the 20 largest logits
+# renormalized among themselves; sum / num_items_in_batch, or the mean. And axolotl's eaft_loss:
+# the top-k entropy with log(q + 1e-10) and no normalizer.
+def llamafactory_eaft(logits, labels, alpha, num_items_in_batch=None):
+    valid = labels != IGNORE
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")[valid]
+    with torch.no_grad():
+        top = logits[valid].topk(20, dim=-1).values
+        log_q = top - top.logsumexp(-1, keepdim=True)
+        weight = (-(log_q.exp() * log_q).sum(-1) / 3.0) ** alpha
+    if num_items_in_batch is not None:
+        return (ce * weight).sum() / num_items_in_batch
+    return (ce * weight).mean()
+
+
+def axolotl_eaft(logits, labels, alpha, k):
+    valid = labels != IGNORE
+    with torch.no_grad():
+        q = torch.softmax(logits[valid].topk(min(k, logits.shape[-1]), dim=-1).values, -1)
+        weight = (-(q * torch.log(q + 1e-10)).sum(-1)) ** alpha
+    return (F.cross_entropy(logits[valid], labels[valid], reduction="none") * weight).mean()
+
+
+@pytest.mark.parametrize("case", ["reference", *IMPL_CASES])
+@pytest.mark.parametrize("form", ["llamafactory_mean", "llamafactory_num_items", "axolotl"])
+def test_eaft_topk_equals_the_trainers(form, case, monkeypatch):
+    impl = use_impl(case, monkeypatch)
+    hidden, weight, labels, bias = make_inputs(N, D, V, bias=True, scale=2.0, ignore_index=IGNORE)
+    h, w, b = (t.double().requires_grad_(True) for t in (hidden, weight, bias))
+    logits = F.linear(h, w, b)
+    if form == "axolotl":
+        expected = axolotl_eaft(logits, labels, 0.5, 11)
+        opts = dict(eaft_alpha=0.5, eaft_topk=11, eaft_normalizer=1.0)
+    else:
+        num_items = 50 if form == "llamafactory_num_items" else None
+        expected = llamafactory_eaft(logits, labels, 1.3, num_items)
+        opts = dict(eaft_alpha=1.3, eaft_topk=20, reduction="sum" if num_items else "mean")
+    grads_t = torch.autograd.grad(expected, [h, w, b])
+    h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+    loss = fused_dft.fused_linear_dft_loss(
+        h, w, labels, b, loss_type="eaft", impl=impl, ignore_index=IGNORE, chunk_size=8, **opts
+    )
+    if form == "llamafactory_num_items":
+        loss = loss / 50
+    grads = torch.autograd.grad(loss, [h, w, b])
+    assert_close(loss, expected, "loss", rtol=1e-5, atol_frac=1e-6)
+    for name, g, g_t in zip(("dh", "dW", "db"), grads, grads_t):
+        assert_close(g, g_t, name)
+
+
+def test_eaft_topk_default_normalizer_is_llamafactorys_constant():
+    params = dict(family.member("eaft").resolve({"eaft_topk": 20}))
+    assert params == {"eaft_alpha": 1.0, "eaft_topk": 20, "eaft_normalizer": 3.0}
+    params = dict(family.member("eaft").resolve({}))
+    assert params == {"eaft_alpha": 1.0, "eaft_topk": 0, "eaft_normalizer": None}  # None: log V
+
+
 # members whose loss has no stop-gradient are ordinary functions: finite differences check the
 # reference's autograd (dft and eaft are checked against the closed form above instead)
 @pytest.mark.parametrize(
@@ -254,7 +320,7 @@ def test_patched_psft_round_trip_uses_returned_logprobs():
 
 # bf16: each new member's error no worse than torch's own in bf16 (the reference run in bf16)
 @pytest.mark.parametrize("case", ["chunked", "fused"])
-@pytest.mark.parametrize("member", ["power_half", "eaft", "psft", "ce_smoothed"])
+@pytest.mark.parametrize("member", ["power_half", "eaft", "eaft_topk", "psft", "ce_smoothed"])
 def test_member_bf16_within_torch_error(member, case, monkeypatch):
     impl = use_impl(case, monkeypatch)
     hidden, weight, labels, bias, opts = member_inputs(member, dtype=torch.bfloat16)

@@ -23,11 +23,18 @@ import torch
 
 from .. import partials as P
 from ..coefficients import token_terms
+from ..family import member
 from ..options import LossOptions
 from ..selection import Rows, chunk_of, mask_terms, mean_scale, stat_sums, token_logprobs
 from .base import Backend, Forward, Saved, VocabShard, acc_dtype, full_vocab, local_labels
 from .matmul import addmm_fp32_
-from .rows_torch import rows_grad_, rows_grad_from_logits_, rows_partials_, transform_
+from .rows_torch import (
+    rows_grad_,
+    rows_grad_from_logits_,
+    rows_partials_,
+    rows_topk_entropy,
+    transform_,
+)
 
 # Elements of one chunk's logits buffer: 32M (128 MB in fp32) on the CPU; on CUDA at most 256M,
 # and at most a share of the free memory
@@ -121,6 +128,7 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
         )
     grads = new_grads(hidden, weight, need) if grads_now else None
     grad_scale = mean_scale(opts, rows, acc)
+    topk = member(opts.loss_type).topk_of(opts.params)
     if use_triton:
         from ..kernels import rows as rows_triton
 
@@ -130,6 +138,8 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
         y_c = local_labels(rows_c.labels, shard)
         h_c = _gather_hidden(hidden, rows_c)
         x = _logits(h_c, weight, bias)
+        # 0. a top-k entropy (eaft_topk) from the raw logits, before anything overwrites them
+        topk_h = rows_topk_entropy(x, topk, opts) if topk else None
         # 1. partials of this shard's vocabulary, merged across shards, per-token figures
         if use_triton:
             part = rows_triton.rows_partials(x, y_c, opts)
@@ -140,7 +150,7 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
             m_local = part[P.M].clone()
         if shard is not None:
             part = shard.merge(part)
-        stats = P.finalize(part.to(acc))
+        stats = P.finalize(part.to(acc))._replace(topk_entropy=topk_h)
         terms = mask_terms(token_terms(stats, opts, vocab, rows_c.token_weights,
                                        rows_c.old_logprobs), rows_c)  # fmt: skip
         token_loss[start:stop] = terms.loss
@@ -187,6 +197,19 @@ def chunked_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, o
         _apply_dx(x.to(hidden.dtype), h_c, rows_c.idx, weight, *grads)
         del x
     return grads
+
+
+def topk_entropy_pass(hidden, weight, bias, rows: Rows, k: int, opts: LossOptions,
+                      chunk_size: int | None = None) -> torch.Tensor:  # fmt: skip
+    """(n,) the top-k entropy of each selected row (rows_topk_entropy), one chunk of logits at a
+    time: a forward-only pass (one more 2 N D V GEMM) for a backend that keeps no logits."""
+    out = torch.empty(rows.n, dtype=acc_dtype(hidden), device=hidden.device)
+    chunk_rows = chunk_rows_for(chunk_size, weight, hidden)
+    for start in range(0, rows.n, chunk_rows):
+        rows_c = chunk_of(rows, start, min(start + chunk_rows, rows.n))
+        x = _logits(_gather_hidden(hidden, rows_c), weight, bias)
+        out[start : start + rows_c.n] = rows_topk_entropy(x, k, opts)
+    return out
 
 
 def chunk_rows_for(chunk_size: int | None, weight: torch.Tensor, hidden: torch.Tensor) -> int:

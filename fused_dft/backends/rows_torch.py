@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..options import LossOptions
+from ..partials import topk_entropy
 
 _ENTROPY_ROWS = 16  # rows of the exp buffer when the entropy is needed
 
@@ -32,6 +33,17 @@ def transform_(x: torch.Tensor, opts: LossOptions, keep_dtanh: bool) -> torch.Te
             dtanh = 1.0 - x * x
         x.mul_(opts.softcap)
     return dtanh
+
+
+def rows_topk_entropy(x: torch.Tensor, k: int, opts: LossOptions) -> torch.Tensor:
+    """x (n, V) raw logits (not modified) -> (n,) the entropy of each row's k largest transformed
+    logits renormalized among themselves (fp32, fp64 for fp64 x). The transform is monotone
+    (increasing for logit_scale > 0), so the top k of x are the top k of z: only they are
+    transformed."""
+    values = x.topk(k, dim=1, largest=opts.logit_scale > 0).values
+    values = values.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    transform_(values, opts, keep_dtanh=False)
+    return topk_entropy(values)
 
 
 def _in_range(labels: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
