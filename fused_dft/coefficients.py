@@ -3,7 +3,7 @@
 Every member of the family (family.py) is a gradient-stopped per-token weight w on cross-entropy,
 so with softmax_j = exp(z_j - lse) the gradient of a token's loss with respect to its logits is
 
-    d loss_t / d z_j = a * softmax_j - b * [j == y] - u
+    d loss_t / d z_j = a * softmax_j - b * [j == y] - u      (- c * softmax_j * (z_j - lse))
 
 and every backend applies exactly that (then the softcap / logit_scale chain rule). A member
 gives (loss_t, w), so a = w, b = w, u = 0. Then, for any member:
@@ -12,6 +12,9 @@ gives (loss_t, w), so a = w, b = w, u = 0. Then, for any member:
     z_loss c_z: loss += c_z lse^2; a += 2 c_z lse
     token_weights tau: loss, a, b, u all times tau.
 Ignored tokens are not passed here (or have every term zeroed by the caller).
+The bracketed fourth term is the entropy's gradient, used only by fused_linear_logprobs (per-token
+log p_y and H with gradients; logprob_coefficients): the backward passes apply it when the
+coefficients have a fourth row c.
 """
 
 from __future__ import annotations
@@ -66,3 +69,20 @@ def token_terms(
             tw = token_weights.to(loss.dtype)
             loss, a, b, u = loss * tw, a * tw, b * tw, u * tw
         return TokenTerms(loss, a, b, u)
+
+
+def logprob_coefficients(
+    entropy: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None
+) -> torch.Tensor:
+    """The logit-gradient coefficients of g_l * log p_y + g_H * H for each token
+    (fused_linear_logprobs' backward), with l = z - lse the log-softmax:
+        d log p_y / dz = onehot(y) - softmax,    dH / dz = -softmax * (l + H)
+    so dz = a softmax - b onehot - u - c softmax l with
+        a = -g_l - g_H H,  b = -g_l,  u = 0,  c = g_H.
+    Returns (4, n) = (a, b, u, c), or (3, n) without the entropy (grad_entropy None)."""
+    with torch.no_grad():
+        b = -grad_logp
+        if grad_entropy is None:
+            return torch.stack([b, b, torch.zeros_like(b)])
+        a = b - grad_entropy * entropy
+        return torch.stack([a, b, torch.zeros_like(b), grad_entropy])

@@ -10,6 +10,9 @@ Function (parallel.py, one rank's shard): check values, select rows, run a backe
               gradients in the parameters' dtypes
 A backend that computed the gradients in its forward pass (chunked, "mean" / "sum") is not run
 again: backward scales what it returned (scale_precomputed), once.
+fused_linear_logprobs takes the same steps (logprobs_forward / logprobs_backward) with per-token
+outputs log p_y and H: forward keeps lse and H, backward turns the two upstream gradients into
+(a, b, u, c) (coefficients.logprob_coefficients) and runs the backend's backward.
 """
 
 from __future__ import annotations
@@ -18,11 +21,19 @@ from typing import NamedTuple
 
 import torch
 
-from .arguments import check_values
+from .arguments import check_label_range, check_values
 from .backends import BACKENDS
 from .backends.base import Saved, VocabShard, acc_dtype
+from .coefficients import logprob_coefficients
 from .options import LossOptions
-from .selection import Rows, mean_scale, reduce_token_loss, scatter_rows, select_rows
+from .selection import (
+    Rows,
+    gather_rows,
+    mean_scale,
+    reduce_token_loss,
+    scatter_rows,
+    select_rows,
+)
 
 BACKWARD_TWICE = (
     "fused_dft: backward through the same graph twice is not supported with "
@@ -97,3 +108,48 @@ def scale_precomputed(grads, grad_loss):
         if g is not None:
             g.mul_(factor)
     return grads
+
+
+def logprobs_forward(hidden, weight, bias, labels, opts: LossOptions, impl: str,
+                     chunk_size: int | None):  # fmt: skip
+    """hidden (N, D), labels (N,); opts: reduction "none", return_stats when the entropy is
+    wanted. Returns (log p_y, entropy or an empty tensor, lse), each (N,) in the accumulation
+    dtype and 0 at ignored rows."""
+    if opts.validate == "sync":
+        check_label_range(labels, weight.shape[0], opts.ignore_index)
+    acc, n_rows = acc_dtype(hidden), hidden.shape[0]
+    rows = select_rows(labels, opts, None, None, acc, weight.shape[0])
+    out = BACKENDS[impl].forward(hidden, weight, bias, rows, opts, (True, False, False), None,
+                                 chunk_size)  # fmt: skip
+    logp = out.logp
+    if rows.bad is not None:  # validate="device": a bad label's log-prob is NaN
+        logp = torch.where(rows.bad, torch.full_like(logp, float("nan")), logp)
+    entropy = out.entropy if out.entropy is not None else hidden.new_empty((0,), dtype=acc)
+    if entropy.numel():
+        entropy = scatter_rows(entropy, rows, n_rows)
+    lse = scatter_rows(out.saved.lse.to(acc), rows, n_rows)
+    return scatter_rows(logp, rows, n_rows), entropy, lse
+
+
+def logprobs_backward(hidden, weight, bias, labels, entropy, lse, grad_logp, grad_entropy,
+                      opts: LossOptions, impl: str, chunk_size: int | None, need):  # fmt: skip
+    """(dh, dW, db) of sum_t (g_l[t] log p_y[t] + g_H[t] H[t]) from the forward's lse and H
+    (N,); grad_entropy None when the entropy was not returned or got no gradient."""
+    acc = acc_dtype(hidden)
+    rows = select_rows(labels, opts, None, None, acc, weight.shape[0])
+
+    def pick(t):
+        t = gather_rows(t.to(acc), rows)
+        return t if rows.valid is None else torch.where(rows.valid, t, torch.zeros_like(t))
+
+    coefs = logprob_coefficients(
+        pick(entropy) if grad_entropy is not None else None,
+        pick(grad_logp),
+        pick(grad_entropy) if grad_entropy is not None else None,
+    )
+    saved = Saved(gather_rows(lse, rows), coefs)
+    upstream = torch.ones(rows.n, dtype=acc, device=hidden.device)
+    grads = BACKENDS[impl].backward(
+        hidden, weight, bias, rows, saved, upstream, opts, need, None, chunk_size
+    )
+    return cast_grads(grads, weight, bias)

@@ -15,6 +15,10 @@ tokens recompiles nothing (with dynamic shapes). Which tensors are real depends 
         the forward op (dh, dW, db); backward scales them (6*N*D*V FLOPs in all).
     chunked "none", and fused: per token lse and (a, b, u) (zero at ignored rows); the backward op
         recomputes the logits and applies the upstream gradient (8*N*D*V FLOPs).
+    fused_dft::linear_logprobs_fwd(hidden, weight, bias, labels, options, impl, chunk_size)
+        -> log p_y (N,), entropy (N,) (or empty), lse (N,)               fused_linear_logprobs
+    fused_dft::linear_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, labels,
+                                   entropy, lse, options, impl, chunk_size, need) -> dh, dW, db
 Unused outputs are empty (0,) tensors. Non-tensor options travel as one string (LossOptions).
 Inside the ops the work is opaque to dynamo: with validate="sync" they may read values on the host
 (the label check, nonzero) without a graph break; with "device" / "off" they never do.
@@ -27,7 +31,14 @@ from torch import Tensor
 
 from .backends import BACKENDS
 from .backends.base import Saved, acc_dtype
-from .driver import BACKWARD_TWICE, path_backward, path_forward, scale_precomputed
+from .driver import (
+    BACKWARD_TWICE,
+    logprobs_backward,
+    logprobs_forward,
+    path_backward,
+    path_forward,
+    scale_precomputed,
+)
 from .options import LossOptions, decode_options, encode_options
 from .selection import gather_rows, scatter_rows, select_rows
 
@@ -186,3 +197,102 @@ def linear_loss(hidden, weight, bias, labels, token_weights, old_logprobs, opts:
     )  # fmt: skip
     loss, sums, num_valid, logprobs = out[:4]
     return loss, sums.detach(), num_valid.detach(), logprobs.detach()
+
+
+@torch.library.custom_op("fused_dft::linear_logprobs_fwd", mutates_args=())
+def linear_logprobs_fwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    options: str,
+    impl: str,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    opts = decode_options(options)
+    return logprobs_forward(hidden, weight, bias, labels, opts, impl, chunk_size or None)
+
+
+@linear_logprobs_fwd.register_fake
+def _(hidden, weight, bias, labels, options, impl, chunk_size):
+    n_rows, acc = hidden.shape[0], acc_dtype(hidden)
+    per_token = hidden.new_empty((n_rows,), dtype=acc)
+    entropy = hidden.new_empty((n_rows,), dtype=acc)
+    if not decode_options(options).return_stats:
+        entropy = _empty(hidden, acc)
+    return per_token, entropy, hidden.new_empty((n_rows,), dtype=acc)
+
+
+@torch.library.custom_op("fused_dft::linear_logprobs_bwd", mutates_args=())
+def linear_logprobs_bwd(
+    grad_logp: Tensor,
+    grad_entropy: Tensor | None,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    entropy: Tensor,
+    lse: Tensor,
+    options: str,
+    impl: str,
+    chunk_size: int,
+    need: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    dh, dw, db = logprobs_backward(
+        hidden, weight, bias, labels, entropy, lse, grad_logp, grad_entropy,
+        decode_options(options), impl, chunk_size or None, need,
+    )  # fmt: skip
+    return (
+        dh if dh is not None else _empty(hidden),
+        dw if dw is not None else _empty(weight),
+        db if db is not None else _empty(weight),
+    )
+
+
+@linear_logprobs_bwd.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, lse, options, impl,
+      chunk_size, need):  # fmt: skip
+    return (
+        hidden.new_empty(hidden.shape) if need[0] else _empty(hidden),
+        weight.new_empty(weight.shape) if need[1] else _empty(weight),
+        weight.new_empty((weight.shape[0],)) if need[2] else _empty(weight),
+    )
+
+
+def _setup_logprobs(ctx, inputs, output):
+    hidden, weight, bias, labels, options, impl, chunk_size = inputs
+    _, entropy, lse = output
+    ctx.options, ctx.impl, ctx.chunk_size = options, impl, chunk_size
+    ctx.need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(hidden, weight, bias, labels, entropy.detach(), lse.detach())
+
+
+def _backward_logprobs(ctx, grad_logp, grad_entropy, _grad_lse):
+    hidden, weight, bias, labels, entropy, lse = ctx.saved_tensors
+    if grad_logp is None and grad_entropy is None:
+        return None, None, None, None, None, None, None
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    if entropy.numel() == 0:
+        grad_entropy = None
+    dh, dw, db = linear_logprobs_bwd(
+        grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, lse,
+        ctx.options, ctx.impl, ctx.chunk_size, list(ctx.need),
+    )  # fmt: skip
+    dh, dw, db = (g if flag else None for g, flag in zip((dh, dw, db), ctx.need))
+    return dh, dw, db, None, None, None, None
+
+
+linear_logprobs_fwd.register_autograd(_backward_logprobs, setup_context=_setup_logprobs)
+
+
+def linear_logprobs(hidden, weight, bias, labels, opts: LossOptions, impl: str,
+                    chunk_size: int | None):  # fmt: skip
+    """hidden (N, D), labels (N,). Returns (log p_y (N,), entropy (N,) or empty), differentiable
+    through both."""
+    logp, entropy, _ = linear_logprobs_fwd(
+        hidden, weight, bias, labels, encode_options(opts), impl, chunk_size or 0
+    )
+    return logp, entropy

@@ -99,3 +99,33 @@ def _stat_sums(z, logp, logp_y, lse, safe_labels, valid):
     correct = (z_y >= z.max(-1).values).to(logp.dtype)
     per_token = torch.stack([-logp_y.detach(), entropy, correct, lse], dim=-1)
     return torch.where(valid[:, None], per_token, zero).sum(0).float()
+
+
+def reference_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: LossOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_linear_logprobs on materialized logits: (log p_y (N,), entropy (N,) or empty), 0 at
+    ignored tokens, differentiable through both by autograd (opts.return_stats: the entropy)."""
+    vocab = weight.shape[0]
+    if opts.validate == "sync":
+        labels = checked_labels(labels, None, None, vocab, opts.ignore_index)
+    logits = F.linear(hidden, weight, bias)
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    logp = torch.log_softmax(transform_logits(logits, opts), dim=-1)
+    valid = labels != opts.ignore_index
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    safe = torch.where(valid & ~bad, labels, torch.zeros_like(labels))
+    logp_y = logp.gather(-1, safe[:, None]).squeeze(-1)
+    if opts.validate == "device":
+        logp_y = torch.where(bad, float("nan"), logp_y)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp_y = torch.where(valid, logp_y, zero)
+    if not opts.return_stats:
+        return logp_y, logp.new_empty((0,))
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp_y, torch.where(valid, entropy, zero)

@@ -121,6 +121,13 @@ def token_logprobs(stats: TokenStats, rows: Rows) -> torch.Tensor:
     return torch.where(rows.valid, stats.logp, torch.zeros_like(stats.logp))
 
 
+def token_entropy(stats: TokenStats, rows: Rows) -> torch.Tensor:
+    """The entropy of the selected rows, 0 where a row is not a token."""
+    if rows.valid is None:
+        return stats.entropy
+    return torch.where(rows.valid, stats.entropy, torch.zeros_like(stats.entropy))
+
+
 def mean_scale(opts: LossOptions, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
     """d(reduced loss) / d(token loss) as a device scalar: 1 / num_valid for "mean" (1 when
     there are no tokens), else 1."""

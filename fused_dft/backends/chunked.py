@@ -25,7 +25,15 @@ from .. import partials as P
 from ..coefficients import token_terms
 from ..family import member
 from ..options import LossOptions
-from ..selection import Rows, chunk_of, mask_terms, mean_scale, stat_sums, token_logprobs
+from ..selection import (
+    Rows,
+    chunk_of,
+    mask_terms,
+    mean_scale,
+    stat_sums,
+    token_entropy,
+    token_logprobs,
+)
 from .base import Backend, Forward, Saved, VocabShard, acc_dtype, full_vocab, local_labels
 from .matmul import addmm_fp32_
 from .rows_torch import (
@@ -121,6 +129,7 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
     token_loss = torch.empty(n, dtype=acc, device=dev)
     logp = torch.empty(n, dtype=acc, device=dev)
     sums = torch.zeros(4, dtype=torch.float32, device=dev)
+    entropy = torch.empty(n, dtype=acc, device=dev) if opts.needs_entropy else None
     saved = None
     if keep:
         saved = Saved(
@@ -156,6 +165,8 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
         token_loss[start:stop] = terms.loss
         logp[start:stop] = token_logprobs(stats, rows_c)
         sums += stat_sums(stats, rows_c)
+        if entropy is not None:
+            entropy[start:stop] = token_entropy(stats, rows_c)
         if keep:
             saved.lse[start:stop] = stats.lse
             saved.coefs[:, start:stop] = terms.scaled(1)
@@ -169,7 +180,7 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
             rows_grad_(x, y_c, torch.exp(m_local - stats.lse), coefs, dtanh, opts)
         _apply_dx(x.to(hidden.dtype), h_c, rows_c.idx, weight, *grads)
         del x
-    return Forward(token_loss, logp, sums, saved, grads)
+    return Forward(token_loss, logp, sums, saved, grads, entropy)
 
 
 def chunked_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, opts, need,

@@ -26,7 +26,7 @@ from .. import partials as P
 from ..coefficients import token_terms
 from ..family import member
 from ..options import LossOptions
-from ..selection import Rows, mask_terms, stat_sums, token_logprobs
+from ..selection import Rows, mask_terms, stat_sums, token_entropy, token_logprobs
 from .base import Backend, Forward, Saved, VocabShard, full_vocab, local_labels
 from .chunked import topk_entropy_pass
 from .matmul import addmm_fp32_
@@ -54,7 +54,9 @@ def fused_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
                         rows.old_logprobs)  # fmt: skip
     terms = mask_terms(terms, rows)
     saved = Saved(stats.lse, terms.scaled(1)) if any(need) else None
-    return Forward(terms.loss, token_logprobs(stats, rows), stat_sums(stats, rows), saved, None)
+    entropy = token_entropy(stats, rows) if opts.needs_entropy else None
+    logp = token_logprobs(stats, rows)
+    return Forward(terms.loss, logp, stat_sums(stats, rows), saved, None, entropy)
 
 
 # bytes of the logit-gradient scratch (token chunk x vocab chunk) and the most tokens per chunk

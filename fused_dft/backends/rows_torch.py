@@ -8,7 +8,9 @@ one (n, V) buffer (two with softcap, which keeps 1 - tanh^2 for the chain rule):
   rows_grad_:     from e (or from raw logits with rows_grad_from_logits_), given the row's global
                   lse and coefficients (a, b, u) of weights.py:
                       dz = a * exp(z - lse) - b * onehot(y) - u
-                      dx = dz * (1 - tanh^2 if softcap) * logit_scale    written into x.
+                      dx = dz * (1 - tanh^2 if softcap) * logit_scale    written into x;
+                  rows_grad_from_logits_ also takes c, the entropy's gradient:
+                      dz -= c * exp(l) * l,  l = z - lse  (dH/dz = -p (l + H), -p H in a).
 Labels outside [0, V) (a vocab shard that does not hold the label) give z_y = 0 and no one-hot.
 """
 
@@ -106,7 +108,16 @@ def rows_grad_from_logits_(
     coefs: torch.Tensor,
     opts: LossOptions,
 ) -> torch.Tensor:
-    """x (n, V) raw logits (fp32/fp64), overwritten with dx given each row's lse and coefs."""
+    """x (n, V) raw logits (fp32/fp64), overwritten with dx given each row's lse and coefs:
+    (a, b, u), or (a, b, u, c) with the entropy-gradient term - c * softmax * log_softmax
+    (fused_linear_logprobs), which costs one more (n, V) buffer."""
     dtanh = transform_(x, opts, keep_dtanh=True)
-    x.sub_(lse.to(x.dtype)[:, None]).exp_()
+    x.sub_(lse.to(x.dtype)[:, None])  # log softmax
+    if coefs.shape[0] > 3:
+        a, b, u, c = coefs.to(x.dtype).unbind(0)
+        p = torch.exp(x)
+        x.mul_(-c[:, None]).add_(a[:, None]).mul_(p)  # (a - c l) p
+        coefs = torch.stack([torch.ones_like(a), b, u])
+    else:
+        x.exp_()
     return rows_grad_(x, labels, torch.ones_like(lse), coefs, dtanh, opts)
