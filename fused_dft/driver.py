@@ -23,7 +23,7 @@ import torch
 
 from .arguments import check_label_range, check_values
 from .backends import BACKENDS
-from .backends.base import Saved, VocabShard, acc_dtype
+from .backends.base import Reference, Saved, VocabShard, acc_dtype
 from .coefficients import logprob_coefficients
 from .options import LossOptions
 from .selection import (
@@ -57,14 +57,17 @@ class PathForward(NamedTuple):
 
 def path_forward(hidden, weight, bias, labels, token_weights, old_logprobs, opts: LossOptions,
                  impl: str, chunk_size: int | None, need,
-                 shard: VocabShard | None = None) -> PathForward:  # fmt: skip
-    """hidden (N, D), labels (N,) global ids; need = (dh, dW, db); impl: a name in BACKENDS.
+                 shard: VocabShard | None = None,
+                 ref: Reference | None = None) -> PathForward:  # fmt: skip
+    """hidden (N, D), labels (N,) global ids; need = (dh, dW, db); impl: a name in BACKENDS;
+    ref: the reference model's hidden states and head (asft; chunked backends only).
     With validate="sync" the value checks run first, before any compute."""
     vocab = shard.vocab if shard is not None else weight.shape[0]
     if opts.validate == "sync":
         check_values(labels, vocab, opts, token_weights, old_logprobs)
     rows = select_rows(labels, opts, token_weights, old_logprobs, acc_dtype(hidden), vocab)
-    out = BACKENDS[impl].forward(hidden, weight, bias, rows, opts, need, shard, chunk_size)
+    out = BACKENDS[impl].forward(hidden, weight, bias, rows, opts, need, shard, chunk_size,
+                                 **_with_ref(ref))  # fmt: skip
     n_rows = hidden.shape[0]
     loss = reduce_token_loss(out.token_loss, rows, n_rows, opts)
     logprobs = scatter_rows(out.logp, rows, n_rows)
@@ -73,7 +76,8 @@ def path_forward(hidden, weight, bias, labels, token_weights, old_logprobs, opts
 
 def path_backward(hidden, weight, bias, rows: Rows, saved: Saved, grad_loss, opts: LossOptions,
                   impl: str, chunk_size: int | None, need,
-                  shard: VocabShard | None = None):  # fmt: skip
+                  shard: VocabShard | None = None,
+                  ref: Reference | None = None):  # fmt: skip
     """(dh (N, D), dW, db) from Saved (per selected row) and the upstream gradient of the loss,
     in the parameters' dtypes; None where not needed."""
     acc = acc_dtype(hidden)
@@ -82,9 +86,15 @@ def path_backward(hidden, weight, bias, rows: Rows, saved: Saved, grad_loss, opt
     else:
         upstream = (grad_loss.to(acc) * mean_scale(opts, rows, acc)).expand(rows.n)
     grads = BACKENDS[impl].backward(
-        hidden, weight, bias, rows, saved, upstream, opts, need, shard, chunk_size
-    )
+        hidden, weight, bias, rows, saved, upstream, opts, need, shard, chunk_size,
+        **_with_ref(ref),
+    )  # fmt: skip
     return cast_grads(grads, weight, bias)
+
+
+def _with_ref(ref: Reference | None) -> dict:
+    """The backend's ref keyword, only when there is one (backends without it never see it)."""
+    return {} if ref is None else {"ref": ref}
 
 
 def cast_grads(grads, weight, bias):

@@ -84,9 +84,12 @@ class Param:
 
 
 # (stats of the selected tokens, the member's parameters, the full V, old log-probs or None)
-# -> (loss_t, w): per-token loss before label smoothing, z-loss and token weights, and its weight
+# -> (loss_t, w): per-token loss before label smoothing, z-loss and token weights, and its weight;
+# or (loss_t, w, r) for a member with a reference model (needs_reference), whose gradient adds
+# r * (softmax(z) - q), q the reference's softmax (coefficients.py: a = w + r)
 Coefficients = Callable[[TokenStats, dict, int, "torch.Tensor | None"], tuple]
-# (log p_y (n,), log-softmax (n, V), parameters, old log-probs or None) -> per-token loss
+# (log p_y (n,), log-softmax (n, V), parameters, old log-probs or None) -> per-token loss; a
+# member with a reference also gets ref_logp=, the reference's log-softmax (n, V)
 Definition = Callable[[torch.Tensor, torch.Tensor, dict, "torch.Tensor | None"], torch.Tensor]
 
 
@@ -102,6 +105,7 @@ class Member:
     params: tuple[Param, ...] = ()
     needs_old_logprobs: bool = False  # old_logprobs required (shaped like labels)
     needs_entropy: bool = False  # w reads H: the kernels compute the entropy partial
+    needs_reference: bool = False  # ref_hidden / ref_weight required: stats.kl is computed
     source: str = ""
     replaces: str = ""
 
@@ -246,7 +250,31 @@ PSFT = Member(
     replaces="no trainer flag",
 )
 
-REGISTRY: dict[str, Member] = {m.name: m for m in (DFT, CE, POWER, EAFT, PSFT)}
+
+def _asft_coefficients(s: TokenStats, p: dict, vocab: int, old) -> tuple:
+    prob, alpha = s.logp.exp(), p["asft_alpha"]
+    return -prob * s.logp + alpha * s.kl, prob, torch.full_like(prob, alpha)
+
+
+def _asft_definition(logp_y, logp, p: dict, old, ref_logp=None) -> torch.Tensor:
+    q = ref_logp.exp()
+    kl = (torch.xlogy(q, q) - q * logp).sum(-1)  # sum_j q_j (log q_j - log p_j), 0 log 0 = 0
+    return -logp_y.detach().exp() * logp_y + p["asft_alpha"] * kl
+
+
+ASFT = Member(
+    name="asft",
+    coefficients=_asft_coefficients,
+    definition=_asft_definition,
+    loss_text="`-sg(p) log p + alpha sum_v q_v log(q_v / p_v)`, `q` the reference model's softmax",
+    weight_text="`p`, plus `alpha (softmax - q)` in the gradient",
+    params=(Param("asft_alpha", 0.1, 0.0, True),),
+    needs_reference=True,
+    source="Anchored SFT (ASFT), as LLaMA-Factory 0.9.5 defines it",
+    replaces='LLaMA-Factory `use_asft_loss` (`asft_alpha`; exact with `reduction="mean"`)',
+)
+
+REGISTRY: dict[str, Member] = {m.name: m for m in (DFT, CE, POWER, EAFT, PSFT, ASFT)}
 
 
 def register(new: Member) -> None:

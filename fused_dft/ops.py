@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .backends import BACKENDS
-from .backends.base import Saved, acc_dtype
+from .backends.base import Reference, Saved, acc_dtype
 from .driver import (
     BACKWARD_TWICE,
     logprobs_backward,
@@ -64,12 +64,15 @@ def linear_loss_fwd(
     impl: str,
     chunk_size: int,
     need: list[bool],
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    ref_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     opts = decode_options(options)
     acc, n_rows = acc_dtype(hidden), hidden.shape[0]
     loss, sums, num_valid, logprobs, rows, saved, grads = path_forward(
         hidden, weight, bias, labels, token_weights, old_logprobs, opts, impl, chunk_size or None,
-        need,
+        need, ref=_reference(ref_hidden, ref_weight, ref_bias),
     )  # fmt: skip
     dh, dw, db = grads if grads is not None else (None, None, None)
     lse = coefs = None
@@ -87,11 +90,13 @@ def linear_loss_fwd(
 
 
 @linear_loss_fwd.register_fake
-def _(hidden, weight, bias, labels, token_weights, old_logprobs, options, impl, chunk_size, need):
+def _(hidden, weight, bias, labels, token_weights, old_logprobs, options, impl, chunk_size, need,
+      ref_hidden=None, ref_weight=None, ref_bias=None):  # fmt: skip
     opts = decode_options(options)
     n_rows, acc = hidden.shape[0], acc_dtype(hidden)
     now = _precomputed(opts, impl, need)
     keep = any(need) and not now
+    n_coefs = 3 if ref_hidden is None else 5
     return (
         hidden.new_empty((n_rows,) if opts.reduction == "none" else (), dtype=acc),
         hidden.new_empty((4,), dtype=torch.float32),
@@ -101,7 +106,7 @@ def _(hidden, weight, bias, labels, token_weights, old_logprobs, options, impl, 
         hidden.new_empty(weight.shape, dtype=acc) if now and need[1] else _empty(hidden, acc),
         hidden.new_empty((weight.shape[0],), dtype=acc) if now and need[2] else _empty(hidden, acc),
         hidden.new_empty((n_rows,), dtype=acc) if keep else _empty(hidden, acc),
-        hidden.new_empty((3, n_rows), dtype=acc) if keep else _empty(hidden, acc),
+        hidden.new_empty((n_coefs, n_rows), dtype=acc) if keep else _empty(hidden, acc),
     )
 
 
@@ -118,13 +123,17 @@ def linear_loss_bwd(
     impl: str,
     chunk_size: int,
     need: list[bool],
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    ref_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     opts = decode_options(options)
     rows = select_rows(labels, opts, None, None, acc_dtype(hidden), weight.shape[0])
     saved = Saved(gather_rows(lse, rows), gather_rows(coefs, rows))
     dh, dw, db = path_backward(
-        hidden, weight, bias, rows, saved, grad_loss, opts, impl, chunk_size or None, need
-    )
+        hidden, weight, bias, rows, saved, grad_loss, opts, impl, chunk_size or None, need,
+        ref=_reference(ref_hidden, ref_weight, ref_bias),
+    )  # fmt: skip
     return (
         dh if dh is not None else _empty(hidden),
         dw if dw is not None else _empty(weight),
@@ -133,7 +142,8 @@ def linear_loss_bwd(
 
 
 @linear_loss_bwd.register_fake
-def _(grad_loss, hidden, weight, bias, labels, lse, coefs, options, impl, chunk_size, need):
+def _(grad_loss, hidden, weight, bias, labels, lse, coefs, options, impl, chunk_size, need,
+      ref_hidden=None, ref_weight=None, ref_bias=None):  # fmt: skip
     return (
         hidden.new_empty(hidden.shape) if need[0] else _empty(hidden),
         weight.new_empty(weight.shape) if need[1] else _empty(weight),
@@ -142,7 +152,7 @@ def _(grad_loss, hidden, weight, bias, labels, lse, coefs, options, impl, chunk_
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, _, _, options, impl, chunk_size, need = inputs
+    hidden, weight, bias, labels, _, _, options, impl, chunk_size, need, *ref = inputs
     _, _, _, _, dh, dw, db, lse, coefs = output
     ctx.options, ctx.impl, ctx.chunk_size, ctx.need = options, impl, chunk_size, tuple(need)
     ctx.weight_dtype = weight.dtype
@@ -156,7 +166,8 @@ def _setup_context(ctx, inputs, output):
     if _precomputed(decode_options(options), impl, need):
         ctx.save_for_backward(dh.detach(), dw.detach(), db.detach())
     else:
-        ctx.save_for_backward(hidden, weight, bias, labels, lse.detach(), coefs.detach())
+        ref = [t.detach() if t is not None else None for t in (ref or (None, None, None))]
+        ctx.save_for_backward(hidden, weight, bias, labels, lse.detach(), coefs.detach(), *ref)
 
 
 def _backward(ctx, grad_loss, *_grads_of_other_outputs):
@@ -170,21 +181,27 @@ def _backward(ctx, grad_loss, *_grads_of_other_outputs):
         db = db.to(ctx.bias_dtype) if need[2] else None
         dh = dh if need[0] else None
     else:
-        hidden, weight, bias, labels, lse, coefs = ctx.saved_tensors
+        hidden, weight, bias, labels, lse, coefs, *ref = ctx.saved_tensors
         dh, dw, db = linear_loss_bwd(
             grad_loss, hidden, weight, bias, labels, lse, coefs,
-            ctx.options, ctx.impl, ctx.chunk_size, list(need),
+            ctx.options, ctx.impl, ctx.chunk_size, list(need), *ref,
         )  # fmt: skip
         dh, dw, db = (g if flag else None for g, flag in zip((dh, dw, db), need))
-    return dh, dw, db, None, None, None, None, None, None, None
+    return dh, dw, db, None, None, None, None, None, None, None, None, None, None
 
 
 linear_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _reference(ref_hidden, ref_weight, ref_bias) -> Reference | None:
+    return None if ref_hidden is None else Reference(ref_hidden, ref_weight, ref_bias)
+
+
 def linear_loss(hidden, weight, bias, labels, token_weights, old_logprobs, opts: LossOptions,
-                impl: str, chunk_size: int | None):  # fmt: skip
-    """hidden (N, D), labels (N,). Returns (loss, stat sums (4,), num_valid, logprobs (N,))."""
+                impl: str, chunk_size: int | None,
+                ref: Reference | None = None):  # fmt: skip
+    """hidden (N, D), labels (N,); ref: asft's reference model (hidden (N, D_r), head).
+    Returns (loss, stat sums (4,), num_valid, logprobs (N,))."""
     grad = torch.is_grad_enabled()
     need = [
         grad and hidden.requires_grad,
@@ -193,7 +210,7 @@ def linear_loss(hidden, weight, bias, labels, token_weights, old_logprobs, opts:
     ]
     out = linear_loss_fwd(
         hidden, weight, bias, labels, token_weights, old_logprobs,
-        encode_options(opts), impl, chunk_size or 0, need,
+        encode_options(opts), impl, chunk_size or 0, need, *(ref or ()),
     )  # fmt: skip
     loss, sums, num_valid, logprobs = out[:4]
     return loss, sums.detach(), num_valid.detach(), logprobs.detach()

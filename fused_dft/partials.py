@@ -16,7 +16,9 @@ From the whole vocabulary:
     correct = (z_y >= m) (the label logit is the maximum; ties count as correct).
 One figure is not a merge of partials: the entropy of the k largest logits renormalized among
 themselves (eaft's top-k form), which the backends compute from the k values of a row (topk_entropy)
-and add to TokenStats; it is gradient-stopped, so only the forward pass needs it.
+and add to TokenStats; it is gradient-stopped, so only the forward pass needs it. Nor is
+asft's KL(q || p) = sum_j q_j (log q_j - log p_j), q the reference model's softmax: the chunked
+backend computes sum_j q_j (log q_j - z_j) from both logit chunks, and KL = that + lse.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class TokenStats(NamedTuple):
     correct: torch.Tensor
     sum_z: torch.Tensor
     topk_entropy: torch.Tensor | None = None  # entropy of the top-k logits, when a member asks
+    kl: torch.Tensor | None = None  # KL(reference || policy), when a member has a reference
 
 
 def topk_entropy(values: torch.Tensor) -> torch.Tensor:

@@ -33,9 +33,11 @@ def reference_loss(
     opts: LossOptions,
     token_weights: torch.Tensor | None = None,
     old_logprobs: torch.Tensor | None = None,
+    ref=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (N, D), weight (V, D), labels (N,), bias (V,) or None; token_weights and
-    old_logprobs (N,) or None.
+    old_logprobs (N,) or None; ref: (hidden (N, D_r), weight (V, D_r), bias) of asft's reference
+    model, whose log-softmax (no gradient) the member's definition reads.
 
     Returns (loss reduced per opts.reduction, stat sums fp32 (4,), number of valid tokens,
     per-token log p_y (N,), 0 at ignored tokens). Differentiable through torch autograd.
@@ -60,7 +62,14 @@ def reference_loss(
         old_logprobs = torch.where(valid, old_logprobs.to(logp.dtype), zero)
     if token_weights is not None:
         token_weights = torch.where(valid, token_weights.to(logp.dtype), zero)
-    token_loss = member(opts.loss_type).definition(logp_y, logp, opts.params, old_logprobs)
+    extra = {}
+    if ref is not None:
+        with torch.no_grad():
+            ref_logits = F.linear(*ref)
+            ref_logits = ref_logits if ref_logits.dtype == torch.float64 else ref_logits.float()
+            extra["ref_logp"] = torch.log_softmax(transform_logits(ref_logits, opts), dim=-1)
+    token_loss = member(opts.loss_type).definition(logp_y, logp, opts.params, old_logprobs,
+                                                   **extra)  # fmt: skip
     lse = torch.logsumexp(z, dim=-1)
     if opts.label_smoothing > 0:
         uniform_nll = -logp.mean(-1)  # -(1/V) sum_j log p_j

@@ -99,9 +99,11 @@ def chunk_of(rows: Rows, start: int, stop: int) -> Rows:
 def mask_terms(terms: TokenTerms, rows: Rows) -> TokenTerms:
     """Zero every term of the rows that are not tokens; NaN for bad labels (validate="device")."""
     if rows.valid is not None:
-        terms = TokenTerms(*(torch.where(rows.valid, t, torch.zeros_like(t)) for t in terms))
+        terms = TokenTerms(*(None if t is None else torch.where(rows.valid, t, torch.zeros_like(t))
+                             for t in terms))  # fmt: skip
     if rows.bad is not None:
-        terms = TokenTerms(*(torch.where(rows.bad, torch.full_like(t, float("nan")), t)
+        terms = TokenTerms(*(None if t is None else
+                             torch.where(rows.bad, torch.full_like(t, float("nan")), t)
                              for t in terms))  # fmt: skip
     return terms
 

@@ -45,6 +45,15 @@ class VocabShard(NamedTuple):
     merge: Callable[[torch.Tensor], torch.Tensor]
 
 
+class Reference(NamedTuple):
+    """A reference model's last hidden states (N, D_r) and LM head (V, D_r), bias (V,) or None
+    (asft): its logits are recomputed chunk by chunk beside the policy's, never differentiated."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
 class Saved(NamedTuple):
     """What backward needs when gradients are not computed in the forward pass: per selected row,
     lse and the coefficients (a, b, u) before the upstream gradient."""

@@ -34,9 +34,20 @@ from ..selection import (
     token_entropy,
     token_logprobs,
 )
-from .base import Backend, Forward, Saved, VocabShard, acc_dtype, full_vocab, local_labels
+from .base import (
+    Backend,
+    Forward,
+    Reference,
+    Saved,
+    VocabShard,
+    acc_dtype,
+    full_vocab,
+    local_labels,
+)
 from .matmul import addmm_fp32_
 from .rows_torch import (
+    reference_cross,
+    reference_log_softmax_,
     rows_grad_,
     rows_grad_from_logits_,
     rows_partials_,
@@ -111,14 +122,23 @@ def new_grads(hidden, weight, need):
     )
 
 
+def _reference_q(ref: Reference, rows_c: Rows, acc, opts: LossOptions) -> torch.Tensor:
+    """log q (n, V) of a chunk: the reference model's log-softmax (its logits chunk, in place)."""
+    xr = _logits(_gather_hidden(ref.hidden, rows_c), ref.weight, ref.bias).to(acc)
+    return reference_log_softmax_(xr, opts)
+
+
 def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
                     shard: VocabShard | None, chunk_size: int | None,
-                    use_triton: bool) -> Forward:  # fmt: skip
+                    use_triton: bool, ref: Reference | None = None) -> Forward:  # fmt: skip
     """hidden (N, D); rows: the selected tokens (only one chunk of them is gathered at a time).
 
     need = (dh, dW, db). With reduction "mean"/"sum" and a gradient needed, the gradients are
     computed now (for an upstream gradient of 1); with "none", Saved is returned instead.
+    ref (asft): the reference's chunk of logits beside the policy's gives KL(q || p) per token
+    and the gradient term - r q; the torch row ops apply it (the Triton row kernels do not).
     """
+    use_triton = use_triton and ref is None
     n = rows.n
     acc = acc_dtype(hidden)
     dev = hidden.device
@@ -133,7 +153,8 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
     saved = None
     if keep:
         saved = Saved(
-            torch.empty(n, dtype=acc, device=dev), torch.empty(3, n, dtype=acc, device=dev)
+            torch.empty(n, dtype=acc, device=dev),
+            torch.empty(3 if ref is None else 5, n, dtype=acc, device=dev),
         )
     grads = new_grads(hidden, weight, need) if grads_now else None
     grad_scale = mean_scale(opts, rows, acc)
@@ -155,11 +176,17 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
         else:
             x = x.to(acc)  # no copy for fp32/fp64 inputs
             dtanh = transform_(x, opts, keep_dtanh=grads_now)
+            if ref is not None:  # sum_j q_j (log q_j - z_j) while x holds z; then q
+                q = _reference_q(ref, rows_c, acc, opts)
+                cross = reference_cross(q, x)
+                q.exp_()
             part = rows_partials_(x, y_c, opts)  # x now holds exp(z - m_local)
             m_local = part[P.M].clone()
         if shard is not None:
             part = shard.merge(part)
         stats = P.finalize(part.to(acc))._replace(topk_entropy=topk_h)
+        if ref is not None:
+            stats = stats._replace(kl=cross + stats.lse)
         terms = mask_terms(token_terms(stats, opts, vocab, rows_c.token_weights,
                                        rows_c.old_logprobs), rows_c)  # fmt: skip
         token_loss[start:stop] = terms.loss
@@ -177,7 +204,8 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
         if use_triton:
             rows_triton.rows_grad_(x, y_c, stats.lse, coefs, opts)
         else:
-            rows_grad_(x, y_c, torch.exp(m_local - stats.lse), coefs, dtanh, opts)
+            softmax_scale = torch.exp(m_local - stats.lse)
+            rows_grad_(x, y_c, softmax_scale, coefs, dtanh, opts, q if ref is not None else None)
         _apply_dx(x.to(hidden.dtype), h_c, rows_c.idx, weight, *grads)
         del x
     return Forward(token_loss, logp, sums, saved, grads, entropy)
@@ -185,10 +213,11 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
 
 def chunked_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, opts, need,
                      shard: VocabShard | None, chunk_size: int | None,
-                     use_triton: bool):  # fmt: skip
+                     use_triton: bool, ref: Reference | None = None):  # fmt: skip
     """The gradients from Saved: upstream (n,) is each selected row's upstream gradient
-    (already times the mean scale). Recomputes each chunk's logits; returns dh, dW, db (fp32)
-    or None."""
+    (already times the mean scale). Recomputes each chunk's logits (and the reference's, ref);
+    returns dh, dW, db (fp32) or None."""
+    use_triton = use_triton and ref is None
     chunk_rows = chunk_rows_for(chunk_size, weight, hidden)
     grads = new_grads(hidden, weight, need)
     coefs_all = saved.coefs * upstream.to(saved.coefs.dtype)
@@ -204,7 +233,9 @@ def chunked_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, o
         if use_triton:
             rows_triton.rows_grad_(x, y_c, lse, coefs, opts)
         else:
-            x = rows_grad_from_logits_(x.to(acc_dtype(hidden)), y_c, lse, coefs, opts)
+            acc = acc_dtype(hidden)
+            q = _reference_q(ref, rows_c, acc, opts).exp_() if ref is not None else None
+            x = rows_grad_from_logits_(x.to(acc), y_c, lse, coefs, opts, q)
         _apply_dx(x.to(hidden.dtype), h_c, rows_c.idx, weight, *grads)
         del x
     return grads

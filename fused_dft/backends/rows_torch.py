@@ -85,15 +85,19 @@ def rows_grad_(
     coefs: torch.Tensor,
     dtanh: torch.Tensor | None,
     opts: LossOptions,
+    ref_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """e (n, V) = exp(z - c_row) for any per-row shift c_row, with softmax = e * softmax_scale
-    (softmax_scale = exp(c_row - lse)); coefs (3, n) = (a, b, u). Writes dx into e, returns it."""
-    a, b, u = coefs.to(e.dtype).unbind(0)
+    (softmax_scale = exp(c_row - lse)); coefs (3, n) = (a, b, u), or (5, n) = (a, b, u, -, r)
+    with ref_q (n, V) a reference's softmax (dz -= r q). Writes dx into e, returns it."""
+    a, b, u = coefs[:3].to(e.dtype).unbind(0)
     e.mul_((a * softmax_scale.to(e.dtype))[:, None])
     inside, safe = _in_range(labels, e.shape[1])
     e.scatter_add_(1, safe[:, None], torch.where(inside, -b, torch.zeros_like(b))[:, None])
     if opts.label_smoothing > 0:
         e.sub_(u[:, None])
+    if ref_q is not None:
+        e.addcmul_(ref_q, coefs[4].to(e.dtype)[:, None], value=-1)
     if dtanh is not None:
         e.mul_(dtanh)
     if opts.logit_scale != 1.0:
@@ -107,17 +111,35 @@ def rows_grad_from_logits_(
     lse: torch.Tensor,
     coefs: torch.Tensor,
     opts: LossOptions,
+    ref_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (n, V) raw logits (fp32/fp64), overwritten with dx given each row's lse and coefs:
     (a, b, u), or (a, b, u, c) with the entropy-gradient term - c * softmax * log_softmax
-    (fused_linear_logprobs), which costs one more (n, V) buffer."""
+    (fused_linear_logprobs), which costs one more (n, V) buffer; (a, b, u, 0, r) with ref_q."""
     dtanh = transform_(x, opts, keep_dtanh=True)
     x.sub_(lse.to(x.dtype)[:, None])  # log softmax
-    if coefs.shape[0] > 3:
+    if coefs.shape[0] == 4:
         a, b, u, c = coefs.to(x.dtype).unbind(0)
         p = torch.exp(x)
         x.mul_(-c[:, None]).add_(a[:, None]).mul_(p)  # (a - c l) p
         coefs = torch.stack([torch.ones_like(a), b, u])
     else:
         x.exp_()
-    return rows_grad_(x, labels, torch.ones_like(lse), coefs, dtanh, opts)
+    return rows_grad_(x, labels, torch.ones_like(lse), coefs, dtanh, opts, ref_q)
+
+
+def reference_log_softmax_(xr: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+    """xr (n, V) a reference model's raw logits (fp32/fp64), overwritten with their log-softmax
+    log q (the same logit_scale / softcap as the policy's)."""
+    transform_(xr, opts, keep_dtanh=False)
+    return xr.sub_(torch.logsumexp(xr, 1, keepdim=True))
+
+
+def reference_cross(log_q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """(n,) sum_j q_j (log q_j - z_j) for log q (n, V) and the policy's transformed logits z, in
+    row blocks (one block-sized temporary): KL(q || p) = this + lse(z), since sum_j q_j = 1."""
+    out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
+    for r in range(0, z.shape[0], _ENTROPY_ROWS):
+        lq = log_q[r : r + _ENTROPY_ROWS]
+        out[r : r + _ENTROPY_ROWS] = (lq.exp() * (lq - z[r : r + _ENTROPY_ROWS])).sum(1)
+    return out
