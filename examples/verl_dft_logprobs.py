@@ -45,8 +45,9 @@ def main() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        print(f"step {step}: dft loss {float(loss):.4f}  mean entropy "
-              f"{float((entropy * loss_mask).sum() / loss_mask.sum()):.3f}")  # fmt: skip
+        mean_entropy = float((entropy.detach() * loss_mask).sum() / loss_mask.sum())
+        # DFT's loss -p log p grows with p while p < 1/e: from a random model it rises at first
+        print(f"step {step}: dft loss {float(loss.detach()):.4f}  mean entropy {mean_entropy:.3f}")
 
 
 if __name__ == "__main__":
