@@ -104,7 +104,9 @@ class Member:
     weight_text: str
     params: tuple[Param, ...] = ()
     needs_old_logprobs: bool = False  # old_logprobs required (shaped like labels)
-    needs_entropy: bool = False  # w reads H: the kernels compute the entropy partial
+    # w reads H: the kernels compute the entropy partial (a function of the parameters when
+    # that depends on them: eaft with a top-k entropy does not read H)
+    needs_entropy: bool | Callable[[dict], bool] = False
     needs_reference: bool = False  # ref_hidden / ref_weight required: stats.kl is computed
     source: str = ""
     replaces: str = ""
@@ -117,6 +119,12 @@ class Member:
         for p in self.params:
             resolved[p.name] = p.resolve(given.get(p.name), resolved)
         return tuple(resolved.items())
+
+    def reads_entropy(self, params: dict) -> bool:
+        """Whether the weight reads the full entropy H with these parameters."""
+        if callable(self.needs_entropy):
+            return self.needs_entropy(params)
+        return self.needs_entropy
 
     def topk_of(self, params: dict) -> int:
         """k when the member's weight reads the entropy of the k largest logits (stats.topk_entropy
@@ -225,7 +233,7 @@ EAFT = Member(
             default_text="log V; 3 with top-k",
         ),
     ),
-    needs_entropy=True,
+    needs_entropy=lambda p: p["eaft_topk"] == 0,
     topk=lambda p: p["eaft_topk"],
     source="EAFT, arXiv 2601.02151",
     replaces="LLaMA-Factory `use_eaft_loss` (`eaft_topk=20`, exact), axolotl `use_eaft` "
