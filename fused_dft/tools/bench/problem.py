@@ -114,12 +114,13 @@ def family_inputs(problem: Problem, labels: torch.Tensor, hidden=None, weight=No
     """The per-token inputs a loss_type needs besides labels, the same for any prefix of the
     tokens: old_logprobs (psft's) cycle through 0, -0.2, ..., -3 (ratios p / exp(old) land below,
     inside and above the clip range); asft's reference model is the starting model (ref_hidden
-    = hidden, ref_weight a separate copy of weight, as a frozen reference head would be)."""
+    = hidden, ref_weight = weight, detached: the reference's own weights are an input, not
+    memory of the loss, so its peak memory shows what the loss adds)."""
     from fused_dft.family import member
 
     params = problem.params
     if member(problem.loss_type).needs_reference:
-        return {"ref_hidden": hidden.detach(), "ref_weight": weight.detach().clone(), **params}
+        return {"ref_hidden": hidden.detach(), "ref_weight": weight.detach(), **params}
     if not member(problem.loss_type).needs_old_logprobs:
         return params
     n = labels.shape[0]
