@@ -1,5 +1,6 @@
 """fused_dft: fused linear Dynamic Fine-Tuning (and cross-entropy) loss without full logits."""
 
+from .logprobs import fused_linear_logprobs
 from .loss import FusedLinearDFTLoss, fused_linear_dft_loss
 from .options import LossOptions, LossStats
 
@@ -47,6 +48,7 @@ __all__ = [
     "LossStats",
     "__version__",
     "fused_linear_dft_loss",
+    "fused_linear_logprobs",
     "is_patched",
     "patch_model",
     "unpatch_model",

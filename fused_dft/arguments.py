@@ -179,6 +179,70 @@ def _family_params(own, given: dict) -> tuple[tuple[str, float], ...]:
     return own.resolve(given)
 
 
+def check_vocab_params(opts: LossOptions, vocab: int, vocab_parallel: bool = False) -> None:
+    """The family parameters bounded by V (eaft_topk), once V is known; a top-k entropy needs the
+    whole vocabulary's logits of a row, which a vocab-parallel rank does not hold."""
+    own = member(opts.loss_type)
+    for p in own.params:
+        value = opts.params.get(p.name)
+        if p.at_most_vocab and value is not None and value > vocab:
+            raise ValueError(f"{p.name} must be {p.bound} = {vocab}, got {value!r}")
+    if vocab_parallel and own.topk_of(opts.params) > 0:
+        raise ValueError(
+            f"loss_type={opts.loss_type!r} with a top-k entropy is not supported with a "
+            "vocab-parallel weight (each rank holds only its shard's logits)"
+        )
+
+
+def check_reference_inputs(opts: LossOptions, impl: str, hidden, weight, ref_hidden, ref_weight,
+                           ref_bias, vocab_parallel: bool = False) -> None:  # fmt: skip
+    """asft's reference model: ref_hidden (..., D_r) with hidden's leading shape, ref_weight
+    (V, D_r) over the policy's vocabulary, ref_bias (V,) or None; hidden's dtype and device, no
+    grad; exactly when the loss_type needs them, and on the chunked or reference impls."""
+    named = {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias}
+    needs = member(opts.loss_type).needs_reference
+    if not needs:
+        given = [k for k, t in named.items() if t is not None]
+        if given:
+            users = [m for m in loss_types() if member(m).needs_reference]
+            raise ValueError(f"{given[0]} is only used by loss_type={users[0]!r}, "
+                             f"not {opts.loss_type!r}")  # fmt: skip
+        return
+    if ref_hidden is None or ref_weight is None:
+        raise ValueError(
+            f"loss_type={opts.loss_type!r} requires ref_hidden and ref_weight (the reference "
+            "model's last hidden states and LM-head weight)"
+        )
+    if impl == "fused" or vocab_parallel:
+        where = "impl='fused'" if impl == "fused" else "a vocab-parallel weight"
+        raise ValueError(f"loss_type={opts.loss_type!r} is not implemented with {where}; use "
+                         "impl='chunked' (or 'auto') or 'reference'")  # fmt: skip
+    for name, t in named.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t is None:
+            continue
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} must match hidden dtype {hidden.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {t.device}")
+        if t.requires_grad:
+            raise ValueError(f"{name} requires grad, but no gradient flows to the reference "
+                             f"model; pass {name}.detach()")  # fmt: skip
+    if ref_hidden.dim() < 1 or tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"ref_hidden must have hidden's leading shape {tuple(hidden.shape[:-1])}"
+                         f", got {tuple(ref_hidden.shape)}")  # fmt: skip
+    expected = (weight.shape[0], ref_hidden.shape[-1])
+    if tuple(ref_weight.shape) != expected:
+        raise ValueError(
+            f"ref_weight must have shape (V, D_ref) = {expected}: the policy's vocabulary V and "
+            f"ref_hidden's last dimension, got {tuple(ref_weight.shape)}"
+        )
+    if ref_bias is not None and tuple(ref_bias.shape) != (weight.shape[0],):
+        raise ValueError(f"ref_bias must have shape (V,) = ({weight.shape[0]},), "
+                         f"got {tuple(ref_bias.shape)}")  # fmt: skip
+
+
 def check_impl(impl: str, chunk_size: int | None) -> None:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

@@ -11,6 +11,9 @@ Function (parallel.py, one rank's shard): check values, select rows, run a backe
 A backend that computed the gradients in its forward pass (chunked, "mean" / "sum") is not run
 again: backward scales what it returned while casting it to the parameters' dtypes
 (scale_precomputed), one pass.
+fused_linear_logprobs takes the same steps (logprobs_forward / logprobs_backward) with per-token
+outputs log p_y and H: forward keeps lse and H, backward turns the two upstream gradients into
+(a, b, u, c) (coefficients.logprob_coefficients) and runs the backend's backward.
 """
 
 from __future__ import annotations
@@ -19,11 +22,19 @@ from typing import NamedTuple
 
 import torch
 
-from .arguments import check_values
+from .arguments import check_label_range, check_values
 from .backends import BACKENDS
-from .backends.base import Saved, VocabShard, acc_dtype
+from .backends.base import Reference, Saved, VocabShard, acc_dtype
+from .coefficients import logprob_coefficients
 from .options import LossOptions
-from .selection import Rows, mean_scale, reduce_token_loss, scatter_rows, select_rows
+from .selection import (
+    Rows,
+    gather_rows,
+    mean_scale,
+    reduce_token_loss,
+    scatter_rows,
+    select_rows,
+)
 
 BACKWARD_TWICE = (
     "fused_dft: backward through the same graph twice is not supported with "
@@ -61,14 +72,17 @@ class PathForward(NamedTuple):
 
 def path_forward(hidden, weight, bias, labels, token_weights, old_logprobs, opts: LossOptions,
                  impl: str, chunk_size: int | None, need,
-                 shard: VocabShard | None = None) -> PathForward:  # fmt: skip
-    """hidden (N, D), labels (N,) global ids; need = (dh, dW, db); impl: a name in BACKENDS.
+                 shard: VocabShard | None = None,
+                 ref: Reference | None = None) -> PathForward:  # fmt: skip
+    """hidden (N, D), labels (N,) global ids; need = (dh, dW, db); impl: a name in BACKENDS;
+    ref: the reference model's hidden states and head (asft; chunked backends only).
     With validate="sync" the value checks run first, before any compute."""
     vocab = shard.vocab if shard is not None else weight.shape[0]
     if opts.validate == "sync":
         check_values(labels, vocab, opts, token_weights, old_logprobs)
     rows = select_rows(labels, opts, token_weights, old_logprobs, acc_dtype(hidden), vocab)
-    out = BACKENDS[impl].forward(hidden, weight, bias, rows, opts, need, shard, chunk_size)
+    out = BACKENDS[impl].forward(hidden, weight, bias, rows, opts, need, shard, chunk_size,
+                                 **_with_ref(ref))  # fmt: skip
     n_rows = hidden.shape[0]
     loss = reduce_token_loss(out.token_loss, rows, n_rows, opts)
     logprobs = scatter_rows(out.logp, rows, n_rows)
@@ -77,7 +91,8 @@ def path_forward(hidden, weight, bias, labels, token_weights, old_logprobs, opts
 
 def path_backward(hidden, weight, bias, rows: Rows, saved: Saved, grad_loss, opts: LossOptions,
                   impl: str, chunk_size: int | None, need,
-                  shard: VocabShard | None = None):  # fmt: skip
+                  shard: VocabShard | None = None,
+                  ref: Reference | None = None):  # fmt: skip
     """(dh (N, D), dW, db) from Saved (per selected row) and the upstream gradient of the loss,
     in the parameters' dtypes; None where not needed."""
     acc = acc_dtype(hidden)
@@ -86,9 +101,15 @@ def path_backward(hidden, weight, bias, rows: Rows, saved: Saved, grad_loss, opt
     else:
         upstream = (grad_loss.to(acc) * mean_scale(opts, rows, acc)).expand(rows.n)
     grads = BACKENDS[impl].backward(
-        hidden, weight, bias, rows, saved, upstream, opts, need, shard, chunk_size
-    )
+        hidden, weight, bias, rows, saved, upstream, opts, need, shard, chunk_size,
+        **_with_ref(ref),
+    )  # fmt: skip
     return cast_grads(grads, weight, bias)
+
+
+def _with_ref(ref: Reference | None) -> dict:
+    """The backend's ref keyword, only when there is one (backends without it never see it)."""
+    return {} if ref is None else {"ref": ref}
 
 
 def cast_grads(grads, weight, bias):
@@ -129,3 +150,48 @@ def scale_precomputed(grads, grad_loss, dtypes):
 
 def _empty_as(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(g.shape, dtype=dtype, device=g.device)
+
+
+def logprobs_forward(hidden, weight, bias, labels, opts: LossOptions, impl: str,
+                     chunk_size: int | None):  # fmt: skip
+    """hidden (N, D), labels (N,); opts: reduction "none", return_stats when the entropy is
+    wanted. Returns (log p_y, entropy or an empty tensor, lse), each (N,) in the accumulation
+    dtype and 0 at ignored rows."""
+    if opts.validate == "sync":
+        check_label_range(labels, weight.shape[0], opts.ignore_index)
+    acc, n_rows = acc_dtype(hidden), hidden.shape[0]
+    rows = select_rows(labels, opts, None, None, acc, weight.shape[0])
+    out = BACKENDS[impl].forward(hidden, weight, bias, rows, opts, (True, False, False), None,
+                                 chunk_size)  # fmt: skip
+    logp = out.logp
+    if rows.bad is not None:  # validate="device": a bad label's log-prob is NaN
+        logp = torch.where(rows.bad, torch.full_like(logp, float("nan")), logp)
+    entropy = out.entropy if out.entropy is not None else hidden.new_empty((0,), dtype=acc)
+    if entropy.numel():
+        entropy = scatter_rows(entropy, rows, n_rows)
+    lse = scatter_rows(out.saved.lse.to(acc), rows, n_rows)
+    return scatter_rows(logp, rows, n_rows), entropy, lse
+
+
+def logprobs_backward(hidden, weight, bias, labels, entropy, lse, grad_logp, grad_entropy,
+                      opts: LossOptions, impl: str, chunk_size: int | None, need):  # fmt: skip
+    """(dh, dW, db) of sum_t (g_l[t] log p_y[t] + g_H[t] H[t]) from the forward's lse and H
+    (N,); grad_entropy None when the entropy was not returned or got no gradient."""
+    acc = acc_dtype(hidden)
+    rows = select_rows(labels, opts, None, None, acc, weight.shape[0])
+
+    def pick(t):
+        t = gather_rows(t.to(acc), rows)
+        return t if rows.valid is None else torch.where(rows.valid, t, torch.zeros_like(t))
+
+    coefs = logprob_coefficients(
+        pick(entropy) if grad_entropy is not None else None,
+        pick(grad_logp),
+        pick(grad_entropy) if grad_entropy is not None else None,
+    )
+    saved = Saved(gather_rows(lse, rows), coefs)
+    upstream = torch.ones(rows.n, dtype=acc, device=hidden.device)
+    grads = BACKENDS[impl].backward(
+        hidden, weight, bias, rows, saved, upstream, opts, need, None, chunk_size
+    )
+    return cast_grads(grads, weight, bias)

@@ -28,25 +28,39 @@ from dataclasses import dataclass
 
 import torch
 
-from .partials import TokenStats
+from .partials import TokenStats, topk_entropy
 
 
 @dataclass(frozen=True)
 class Param:
-    """A member's numeric parameter: finite, and above `low` (or at least `low`)."""
+    """A member's parameter: finite, and above `low` (or at least `low`).
+
+    integer: an int (eaft_topk); at_most_vocab: also <= V, checked at call time, when V is known
+    (arguments.check_vocab_params); default: a value, or a function of the parameters declared
+    before it (eaft_normalizer's depends on eaft_topk) that may return None ("derived from V",
+    read by the member's coefficients); default_text: how such a default reads in the docs."""
 
     name: str
-    default: float
+    default: float | Callable[[dict], float | None]
     low: float
     inclusive: bool
     doc: str = ""
+    integer: bool = False
+    at_most_vocab: bool = False
+    default_text: str = ""
 
     @property
     def bound(self) -> str:
-        return f"{'>=' if self.inclusive else '>'} {self.low:g}"
+        low = f"{'>=' if self.inclusive else '>'} {self.low:g}"
+        return f"{low} and <= V" if self.at_most_vocab else low
 
-    def check(self, value) -> float:
-        """The value as a float, or a ValueError naming the parameter and the range expected."""
+    @property
+    def default_doc(self) -> str:
+        return self.default_text or f"{self.default:g}"
+
+    def check(self, value) -> float | int:
+        """The value as a float (an int for an integer parameter), or a ValueError naming the
+        parameter and the range expected."""
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))
@@ -55,13 +69,27 @@ class Param:
             raise ValueError(f"{self.name} must be a finite number, got {value!r}")
         if value < self.low or (value == self.low and not self.inclusive):
             raise ValueError(f"{self.name} must be {self.bound}, got {value!r}")
+        if self.integer:
+            if not isinstance(value, int):
+                raise ValueError(f"{self.name} must be an int, got {value!r}")
+            return value
         return float(value)
+
+    def resolve(self, given, resolved: dict):
+        """The given value (checked), else the default (a function's None passes unchecked)."""
+        if given is not None:
+            return self.check(given)
+        default = self.default(resolved) if callable(self.default) else self.default
+        return None if default is None else self.check(default)
 
 
 # (stats of the selected tokens, the member's parameters, the full V, old log-probs or None)
-# -> (loss_t, w): per-token loss before label smoothing, z-loss and token weights, and its weight
+# -> (loss_t, w): per-token loss before label smoothing, z-loss and token weights, and its weight;
+# or (loss_t, w, r) for a member with a reference model (needs_reference), whose gradient adds
+# r * (softmax(z) - q), q the reference's softmax (coefficients.py: a = w + r)
 Coefficients = Callable[[TokenStats, dict, int, "torch.Tensor | None"], tuple]
-# (log p_y (n,), log-softmax (n, V), parameters, old log-probs or None) -> per-token loss
+# (log p_y (n,), log-softmax (n, V), parameters, old log-probs or None) -> per-token loss; a
+# member with a reference also gets ref_logp=, the reference's log-softmax (n, V)
 Definition = Callable[[torch.Tensor, torch.Tensor, dict, "torch.Tensor | None"], torch.Tensor]
 
 
@@ -76,16 +104,32 @@ class Member:
     weight_text: str
     params: tuple[Param, ...] = ()
     needs_old_logprobs: bool = False  # old_logprobs required (shaped like labels)
-    needs_entropy: bool = False  # w reads H: the kernels compute the entropy partial
+    # w reads H: the kernels compute the entropy partial (a function of the parameters when
+    # that depends on them: eaft with a top-k entropy does not read H)
+    needs_entropy: bool | Callable[[dict], bool] = False
+    needs_reference: bool = False  # ref_hidden / ref_weight required: stats.kl is computed
     source: str = ""
     replaces: str = ""
 
+    topk: Callable[[dict], int] | None = None  # its parameters -> k of a top-k entropy, or 0
+
     def resolve(self, given: dict) -> tuple[tuple[str, float], ...]:
         """The member's parameters: given values (checked) or defaults, in declaration order."""
-        return tuple(
-            (p.name, p.check(p.default if given.get(p.name) is None else given[p.name]))
-            for p in self.params
-        )
+        resolved: dict = {}
+        for p in self.params:
+            resolved[p.name] = p.resolve(given.get(p.name), resolved)
+        return tuple(resolved.items())
+
+    def reads_entropy(self, params: dict) -> bool:
+        """Whether the weight reads the full entropy H with these parameters."""
+        if callable(self.needs_entropy):
+            return self.needs_entropy(params)
+        return self.needs_entropy
+
+    def topk_of(self, params: dict) -> int:
+        """k when the member's weight reads the entropy of the k largest logits (stats.topk_entropy
+        is then computed by the backends in the forward pass), else 0."""
+        return self.topk(params) if self.topk is not None else 0
 
 
 def _normalized_entropy(entropy: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -153,16 +197,28 @@ POWER = Member(
 )
 
 
+def _eaft_normalized(entropy: torch.Tensor, p: dict, vocab: int) -> torch.Tensor:
+    """The entropy over eaft_normalizer (None: log V, for the full entropy); round-off can make
+    an entropy a hair negative."""
+    norm = p["eaft_normalizer"]
+    if norm is None:
+        norm = math.log(vocab) if vocab > 1 else 1.0
+    return entropy.clamp(min=0) / norm
+
+
 def _eaft_coefficients(s: TokenStats, p: dict, vocab: int, old) -> tuple:
-    w = _normalized_entropy(s.entropy, vocab).pow(p["eaft_alpha"])
+    entropy = s.topk_entropy if p["eaft_topk"] > 0 else s.entropy
+    w = _eaft_normalized(entropy, p, vocab).pow(p["eaft_alpha"])
     return -w * s.logp, w
 
 
 def _eaft_definition(logp_y, logp, p: dict, old) -> torch.Tensor:
     with torch.no_grad():
-        # the clamp keeps 0 * log 0 = 0 where a logit is -inf (a masked vocabulary entry)
-        entropy = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
-        w = _normalized_entropy(entropy, logp.shape[-1]) ** p["eaft_alpha"]
+        if p["eaft_topk"] > 0:  # the k largest logits renormalized among themselves
+            entropy = topk_entropy(logp.topk(p["eaft_topk"], dim=-1).values)
+        else:  # the clamp keeps 0 * log 0 = 0 where a logit is -inf (a masked vocabulary entry)
+            entropy = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
+        w = _eaft_normalized(entropy, p, logp.shape[-1]) ** p["eaft_alpha"]
     return -w * logp_y
 
 
@@ -170,12 +226,34 @@ EAFT = Member(
     name="eaft",
     coefficients=_eaft_coefficients,
     definition=_eaft_definition,
-    loss_text="`-sg((H / log V)^alpha) log p`",
-    weight_text="`(H / log V)^alpha`",
-    params=(Param("eaft_alpha", 1.0, 0.0, True),),
-    needs_entropy=True,
+    loss_text="`-sg((H / c)^alpha) log p`, `H` the full entropy or that of the top-k logits "
+    "renormalized (`H_k`)",
+    weight_text="`(H / c)^alpha`",
+    params=(
+        Param("eaft_alpha", 1.0, 0.0, True),
+        Param(
+            "eaft_topk",
+            0,
+            0,
+            True,
+            "0: the full vocabulary; k: `H_k`",
+            integer=True,
+            at_most_vocab=True,
+        ),  # fmt: skip
+        Param(
+            "eaft_normalizer",
+            lambda r: 3.0 if r["eaft_topk"] > 0 else None,
+            0.0,
+            False,
+            "`c`",
+            default_text="log V; 3 with top-k",
+        ),
+    ),
+    needs_entropy=lambda p: p["eaft_topk"] == 0,
+    topk=lambda p: p["eaft_topk"],
     source="EAFT, arXiv 2601.02151",
-    replaces="LLaMA-Factory `use_eaft_loss` (declined in TRL, TRL #4795)",
+    replaces="LLaMA-Factory `use_eaft_loss` (`eaft_topk=20`, exact), axolotl `use_eaft` "
+    "(`eaft_topk=20, eaft_normalizer=1`); declined in TRL (TRL #4795)",
 )
 
 
@@ -198,7 +276,31 @@ PSFT = Member(
     replaces="no trainer flag",
 )
 
-REGISTRY: dict[str, Member] = {m.name: m for m in (DFT, CE, POWER, EAFT, PSFT)}
+
+def _asft_coefficients(s: TokenStats, p: dict, vocab: int, old) -> tuple:
+    prob, alpha = s.logp.exp(), p["asft_alpha"]
+    return -prob * s.logp + alpha * s.kl, prob, torch.full_like(prob, alpha)
+
+
+def _asft_definition(logp_y, logp, p: dict, old, ref_logp=None) -> torch.Tensor:
+    q = ref_logp.exp()
+    kl = (torch.xlogy(q, q) - q * logp).sum(-1)  # sum_j q_j (log q_j - log p_j), 0 log 0 = 0
+    return -logp_y.detach().exp() * logp_y + p["asft_alpha"] * kl
+
+
+ASFT = Member(
+    name="asft",
+    coefficients=_asft_coefficients,
+    definition=_asft_definition,
+    loss_text="`-sg(p) log p + alpha sum_v q_v log(q_v / p_v)`, `q` the reference model's softmax",
+    weight_text="`p`, plus `alpha (softmax - q)` in the gradient",
+    params=(Param("asft_alpha", 0.1, 0.0, True),),
+    needs_reference=True,
+    source="Anchored SFT (ASFT), as LLaMA-Factory 0.9.5 defines it",
+    replaces='LLaMA-Factory `use_asft_loss` (`asft_alpha`; exact with `reduction="mean"`)',
+)
+
+REGISTRY: dict[str, Member] = {m.name: m for m in (DFT, CE, POWER, EAFT, PSFT, ASFT)}
 
 
 def register(new: Member) -> None:
@@ -241,7 +343,7 @@ def text_table(indent: int) -> str:
     stands indented): name, loss, parameters with defaults, source."""
     lines = []
     for m in REGISTRY.values():
-        params = ", ".join(f"{p.name} {p.bound} (default {p.default:g})" for p in m.params)
+        params = ", ".join(f"{p.name} {p.bound} (default {p.default_doc})" for p in m.params)
         if m.needs_old_logprobs:
             params = ", ".join(filter(None, ["old_logprobs required", params]))
         tail = "; ".join(filter(None, [params, m.source]))
@@ -255,7 +357,7 @@ def _params_cell(m: Member) -> str:
     cells = ["`old_logprobs` (required, shaped like labels)"] if m.needs_old_logprobs else []
     for p in m.params:
         note = f"; {p.doc}" if p.doc else ""
-        cells.append(f"`{p.name} {p.bound}` ({p.default:g}{note})")
+        cells.append(f"`{p.name} {p.bound}` ({p.default_doc}{note})")
     return ", ".join(cells)
 
 

@@ -18,8 +18,10 @@ from torch import nn
 from .arguments import (
     check_impl,
     check_loss_options,
+    check_reference_inputs,
     check_tensors,
     check_token_inputs,
+    check_vocab_params,
     int64_labels,
     make_options,
     resolve_impl,
@@ -50,6 +52,9 @@ def fused_linear_dft_loss(
     return_logprobs: bool = False,
     chunk_size: int | None = None,
     validate: str | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
     **family_params: float | None,
 ):
     """The LM head's DFT loss (or another member of the family), without the full logits.
@@ -68,6 +73,9 @@ def fused_linear_dft_loss(
     and gradient (0-weight tokens still count in the "mean" denominator). token_weights and
     old_logprobs are constants: no gradient flows to them.
     Tokens whose label is ignore_index contribute nothing (and cost no matmul work).
+    ref_hidden (..., D_ref), ref_weight (V, D_ref), ref_bias (V,) or None: the reference model's
+    last hidden states and LM head, required by loss_type="asft" (KL(q || p) per token, q the
+    reference's softmax; no gradient flows to them; impl "chunked"/"auto" or "reference").
 
     reduction: "mean" (over non-ignored tokens; 0 when there are none), "sum", or "none"
     (per-token losses shaped like labels, 0 at ignored positions; any upstream gradient).
@@ -111,17 +119,25 @@ def fused_linear_dft_loss(
     )
     check_impl(impl, chunk_size)
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
+    ref_hidden, ref_weight, ref_bias = autocast_inputs(ref_hidden, ref_weight, ref_bias)
     check_tensors(hidden, weight, labels, bias)
     layout = vocab_parallel_layout(hidden, weight, bias, labels)  # None unless DTensors are given
     labels = int64_labels(labels)  # uint8 / int8 / int16 / int32 compare exactly from here on
     check_token_inputs(opts, labels, token_weights, old_logprobs)
+    check_vocab_params(opts, weight.shape[0], vocab_parallel=layout is not None)
+    check_reference_inputs(opts, impl, hidden, weight, ref_hidden, ref_weight, ref_bias,
+                           vocab_parallel=layout is not None)  # fmt: skip
     opts = dataclasses.replace(opts, validate=resolve_validate(validate, hidden.device))
     impl = resolve_impl(impl, hidden)
 
     flat = [None if t is None else t.reshape(-1) for t in (labels, token_weights, old_logprobs)]
+    ref = None
+    if ref_hidden is not None:
+        ref = (ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias)
     loss, stat_sums, num_valid, logprobs = _run(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, *flat, opts, impl, chunk_size, layout
-    )
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, *flat, opts, impl, chunk_size, layout,
+        ref,
+    )  # fmt: skip
     if reduction == "none":
         loss = loss.reshape(labels.shape)
     out = [loss]
@@ -133,7 +149,7 @@ def fused_linear_dft_loss(
 
 
 def _run(hidden, weight, bias, labels, token_weights, old_logprobs, opts, impl, chunk_size,
-         layout):  # fmt: skip
+         layout, ref=None):  # fmt: skip
     """The checked call on (N, D) / (N,) inputs -> (loss, stat sums (4,), num_valid, log p_y):
     vocab-parallel (parallel.py), the reference, or the custom ops over the driver (ops.py)."""
     if layout is not None:
@@ -146,18 +162,22 @@ def _run(hidden, weight, bias, labels, token_weights, old_logprobs, opts, impl, 
     if impl == "reference":
         from .reference import reference_loss
 
-        return reference_loss(hidden, weight, labels, bias, opts, token_weights, old_logprobs)
+        return reference_loss(hidden, weight, labels, bias, opts, token_weights, old_logprobs,
+                              ref)  # fmt: skip
+    from .backends.base import Reference
     from .ops import linear_loss  # chunked (Triton row kernels), chunked_torch, fused
 
     return linear_loss(
-        hidden, weight, bias, labels, token_weights, old_logprobs, opts, impl, chunk_size
-    )
+        hidden, weight, bias, labels, token_weights, old_logprobs, opts, impl, chunk_size,
+        None if ref is None else Reference(*ref),
+    )  # fmt: skip
 
 
 class FusedLinearDFTLoss(nn.Module):
     """Module form of fused_linear_dft_loss; takes the same keyword options.
 
-    forward(hidden, weight, labels, bias=None, token_weights=None, old_logprobs=None)
+    forward(hidden, weight, labels, bias=None, token_weights=None, old_logprobs=None,
+            ref_hidden=None, ref_weight=None, ref_bias=None)
     """
 
     def __init__(self, **options) -> None:
@@ -165,10 +185,12 @@ class FusedLinearDFTLoss(nn.Module):
         check_loss_options(caller="FusedLinearDFTLoss", **options)
         self.options = dict(options)
 
-    def forward(self, hidden, weight, labels, bias=None, token_weights=None, old_logprobs=None):
+    def forward(self, hidden, weight, labels, bias=None, token_weights=None, old_logprobs=None,
+                ref_hidden=None, ref_weight=None, ref_bias=None):  # fmt: skip
         return fused_linear_dft_loss(
             hidden, weight, labels, bias,
-            token_weights=token_weights, old_logprobs=old_logprobs, **self.options,
+            token_weights=token_weights, old_logprobs=old_logprobs, ref_hidden=ref_hidden,
+            ref_weight=ref_weight, ref_bias=ref_bias, **self.options,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -49,7 +49,7 @@ class LossOptions:
     @property
     def needs_entropy(self) -> bool:
         """Whether the per-token entropy must be computed (for the weight or for the stats)."""
-        return self.return_stats or member(self.loss_type).needs_entropy
+        return self.return_stats or member(self.loss_type).reads_entropy(self.params)
 
     @property
     def needs_logit_sum(self) -> bool:

@@ -14,6 +14,11 @@ Keeping t relative to the running max avoids the cancellation of sum e z - m sum
 From the whole vocabulary:
     lse = m + log s,  log p_y = z_y - lse,  entropy H = lse - E[z] = log s - t / s,
     correct = (z_y >= m) (the label logit is the maximum; ties count as correct).
+One figure is not a merge of partials: the entropy of the k largest logits renormalized among
+themselves (eaft's top-k form), which the backends compute from the k values of a row (topk_entropy)
+and add to TokenStats; it is gradient-stopped, so only the forward pass needs it. Nor is
+asft's KL(q || p) = sum_j q_j (log q_j - log p_j), q the reference model's softmax: the chunked
+backend computes sum_j q_j (log q_j - z_j) from both logit chunks, and KL = that + lse.
 """
 
 from __future__ import annotations
@@ -35,6 +40,15 @@ class TokenStats(NamedTuple):
     entropy: torch.Tensor
     correct: torch.Tensor
     sum_z: torch.Tensor
+    topk_entropy: torch.Tensor | None = None  # entropy of the top-k logits, when a member asks
+    kl: torch.Tensor | None = None  # KL(reference || policy), when a member has a reference
+
+
+def topk_entropy(values: torch.Tensor) -> torch.Tensor:
+    """values (n, k): the k largest logits of each row -> (n,) the entropy of their softmax,
+    H_k = -sum_i q_i log q_i with log q_i = v_i - logsumexp(v), computed in values' dtype."""
+    log_q = values - values.logsumexp(-1, keepdim=True)
+    return -(log_q.exp() * log_q).sum(-1)
 
 
 def merge(part: torch.Tensor, dim: int = 1) -> torch.Tensor:

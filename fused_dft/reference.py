@@ -33,9 +33,11 @@ def reference_loss(
     opts: LossOptions,
     token_weights: torch.Tensor | None = None,
     old_logprobs: torch.Tensor | None = None,
+    ref=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (N, D), weight (V, D), labels (N,), bias (V,) or None; token_weights and
-    old_logprobs (N,) or None.
+    old_logprobs (N,) or None; ref: (hidden (N, D_r), weight (V, D_r), bias) of asft's reference
+    model, whose log-softmax (no gradient) the member's definition reads.
 
     Returns (loss reduced per opts.reduction, stat sums fp32 (4,), number of valid tokens,
     per-token log p_y (N,), 0 at ignored tokens). Differentiable through torch autograd.
@@ -63,7 +65,14 @@ def reference_loss(
         old_logprobs = torch.where(valid, old_logprobs.to(logp.dtype), zero)
     if token_weights is not None:
         token_weights = torch.where(valid, token_weights.to(logp.dtype), zero)
-    token_loss = member(opts.loss_type).definition(logp_y, logp, opts.params, old_logprobs)
+    extra = {}
+    if ref is not None:
+        with torch.no_grad():
+            ref_logits = F.linear(*ref)
+            ref_logits = ref_logits if ref_logits.dtype == torch.float64 else ref_logits.float()
+            extra["ref_logp"] = torch.log_softmax(transform_logits(ref_logits, opts), dim=-1)
+    token_loss = member(opts.loss_type).definition(logp_y, logp, opts.params, old_logprobs,
+                                                   **extra)  # fmt: skip
     lse = torch.logsumexp(z, dim=-1)
     if opts.label_smoothing > 0:
         uniform_nll = -logp.mean(-1)  # -(1/V) sum_j log p_j
@@ -102,3 +111,33 @@ def _stat_sums(z, logp, logp_y, lse, safe_labels, valid):
     correct = (z_y >= z.max(-1).values).to(logp.dtype)
     per_token = torch.stack([-logp_y.detach(), entropy, correct, lse], dim=-1)
     return torch.where(valid[:, None], per_token, zero).sum(0).float()
+
+
+def reference_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: LossOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_linear_logprobs on materialized logits: (log p_y (N,), entropy (N,) or empty), 0 at
+    ignored tokens, differentiable through both by autograd (opts.return_stats: the entropy)."""
+    vocab = weight.shape[0]
+    if opts.validate == "sync":
+        labels = checked_labels(labels, None, None, vocab, opts.ignore_index)
+    logits = F.linear(hidden, weight, bias)
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    logp = torch.log_softmax(transform_logits(logits, opts), dim=-1)
+    valid = labels != opts.ignore_index
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    safe = torch.where(valid & ~bad, labels, torch.zeros_like(labels))
+    logp_y = logp.gather(-1, safe[:, None]).squeeze(-1)
+    if opts.validate == "device":
+        logp_y = torch.where(bad, float("nan"), logp_y)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp_y = torch.where(valid, logp_y, zero)
+    if not opts.return_stats:
+        return logp_y, logp.new_empty((0,))
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp_y, torch.where(valid, entropy, zero)

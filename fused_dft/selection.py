@@ -133,9 +133,11 @@ def chunk_of(rows: Rows, start: int, stop: int) -> Rows:
 def mask_terms(terms: TokenTerms, rows: Rows) -> TokenTerms:
     """Zero every term of the rows that are not tokens; NaN for bad labels (validate="device")."""
     if rows.valid is not None:
-        terms = TokenTerms(*(torch.where(rows.valid, t, torch.zeros_like(t)) for t in terms))
+        terms = TokenTerms(*(None if t is None else torch.where(rows.valid, t, torch.zeros_like(t))
+                             for t in terms))  # fmt: skip
     if rows.bad is not None:
-        terms = TokenTerms(*(torch.where(rows.bad, torch.full_like(t, float("nan")), t)
+        terms = TokenTerms(*(None if t is None else
+                             torch.where(rows.bad, torch.full_like(t, float("nan")), t)
                              for t in terms))  # fmt: skip
     return terms
 
@@ -153,6 +155,13 @@ def token_logprobs(stats: TokenStats, rows: Rows) -> torch.Tensor:
     if rows.valid is None:
         return stats.logp
     return torch.where(rows.valid, stats.logp, torch.zeros_like(stats.logp))
+
+
+def token_entropy(stats: TokenStats, rows: Rows) -> torch.Tensor:
+    """The entropy of the selected rows, 0 where a row is not a token."""
+    if rows.valid is None:
+        return stats.entropy
+    return torch.where(rows.valid, stats.entropy, torch.zeros_like(stats.entropy))
 
 
 def mean_scale(opts: LossOptions, rows: Rows, dtype: torch.dtype) -> torch.Tensor:

@@ -92,6 +92,64 @@ def call(impl="auto", **over):
         (dict(loss_type="power", power_q=-1), ValueError, "power_q must be > 0"),
         (dict(loss_type="power", power_q=float("inf")), ValueError, "power_q must be a finite"),
         (dict(loss_type="eaft", eaft_alpha=-0.5), ValueError, "eaft_alpha must be >= 0"),
+        # eaft's top-k: k in [1, V] (0: the full entropy), an int; the normalizer positive
+        (dict(loss_type="eaft", eaft_topk=V + 1), ValueError, "eaft_topk must be .*<= V = 10"),
+        (dict(loss_type="eaft", eaft_topk=-1), ValueError, "eaft_topk must be >= 0"),
+        (dict(loss_type="eaft", eaft_topk=2.0), ValueError, "eaft_topk must be an int"),
+        (dict(loss_type="eaft", eaft_normalizer=0.0), ValueError, "eaft_normalizer must be > 0"),
+        (dict(eaft_topk=5), ValueError, "eaft_topk is a parameter of loss_type 'eaft'"),
+        # asft's reference model
+        (dict(loss_type="asft", asft_alpha=-0.1), ValueError, "asft_alpha must be >= 0"),
+        (dict(loss_type="asft"), ValueError, "loss_type='asft' requires ref_hidden and ref_w"),
+        (dict(ref_hidden=torch.randn(N, D)), ValueError, "ref_hidden is only used by loss_ty"),
+        (
+            dict(loss_type="asft", ref_hidden=torch.randn(N + 1, D), ref_weight=torch.randn(V, D)),
+            ValueError,
+            r"ref_hidden must have hidden's leading shape \(6,\)",
+        ),
+        (
+            dict(loss_type="asft", ref_hidden=torch.randn(N, 4), ref_weight=torch.randn(V + 1, 4)),
+            ValueError,
+            r"ref_weight must have shape \(V, D_ref\) = \(10, 4\)",
+        ),
+        (
+            dict(
+                loss_type="asft",
+                ref_hidden=torch.randn(N, D),
+                ref_weight=torch.randn(V, D),
+                ref_bias=torch.randn(V + 2),
+            ),  # fmt: skip
+            ValueError,
+            r"ref_bias must have shape \(V,\) = \(10,\)",
+        ),
+        (
+            dict(
+                loss_type="asft",
+                ref_hidden=torch.randn(N, D).double(),
+                ref_weight=torch.randn(V, D),
+            ),  # fmt: skip
+            TypeError,
+            "ref_hidden dtype torch.float64 must match hidden dtype",
+        ),
+        (
+            dict(
+                loss_type="asft",
+                ref_hidden=torch.randn(N, D),
+                ref_weight=torch.randn(V, D).requires_grad_(),
+            ),  # fmt: skip
+            ValueError,
+            "ref_weight requires grad",
+        ),
+        (
+            dict(
+                loss_type="asft",
+                impl="fused",
+                ref_hidden=torch.randn(N, D),
+                ref_weight=torch.randn(V, D),
+            ),  # fmt: skip
+            ValueError,
+            "loss_type='asft' is not implemented with impl='fused'",
+        ),
         (
             dict(loss_type="psft", clip_eps=0.0, old_logprobs=-torch.rand(N)),
             ValueError,

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("backends", ("backends",)),
     ("driver and reference", ("driver", "reference")),
     ("shells", ("ops", "parallel")),
-    ("public API", ("loss",)),
+    ("public API", ("loss", "logprobs")),
     ("Hugging Face", ("hf", "transformers")),
     ("trainer adapters", ("integrations",)),
     ("tools", ("tools", "__main__")),

@@ -29,22 +29,33 @@ MEMBERS = {
     "power_half": {"loss_type": "power", "power_q": 0.5},
     "power_two": {"loss_type": "power", "power_q": 2.0},
     "eaft": {"loss_type": "eaft", "eaft_alpha": 0.7},
+    # LLaMA-Factory's form (top 20, over 3) and axolotl's (top k, no normalizer), k not a tile size
+    "eaft_topk": {"loss_type": "eaft", "eaft_alpha": 0.7, "eaft_topk": 20},
+    "eaft_topk_axolotl": {"loss_type": "eaft", "eaft_topk": 7, "eaft_normalizer": 1.0},
     "psft": {"loss_type": "psft", "clip_eps": 0.2},
+    # a reference model near the policy (its hidden states and head perturbed)
+    "asft": {"loss_type": "asft", "asft_alpha": 0.3},
 }
+# asft's reference term is applied by the torch row ops and the reference only
+NO_REFERENCE_TERM = {"fused", "fused_small_tiles"}
 
 
 def oracle(hidden, weight, labels, bias, upstream, *, loss_type="dft", reduction="mean",
            logit_scale=1.0, softcap=None, token_weights=None, old_logprobs=None, power_q=1.0,
-           eaft_alpha=1.0, clip_eps=0.2, z_loss=0.0, label_smoothing=0.0,
+           eaft_alpha=1.0, eaft_topk=0, eaft_normalizer=None, clip_eps=0.2, asft_alpha=0.1,
+           ref_hidden=None, ref_weight=None, ref_bias=None, z_loss=0.0, label_smoothing=0.0,
            ignore_index=IGNORE):  # fmt: skip
     """float64 loss, (dh, dW, db), per-token log p and stats from the formulas of the issue."""
+
+    def transformed(h, w, b):
+        z = (h.double() @ w.double().t() + (b.double() if b is not None else 0.0)) * logit_scale
+        th = torch.tanh(z / softcap) if softcap is not None else None
+        return (z, th) if softcap is None else (softcap * th, th)
+
     h, w = hidden.double(), weight.double()
-    x = h @ w.t() + (bias.double() if bias is not None else 0.0)
-    z = x * logit_scale
+    z, th = transformed(hidden, weight, bias)
     dz_dx = torch.full_like(z, logit_scale)
     if softcap is not None:
-        th = torch.tanh(z / softcap)
-        z = softcap * th
         dz_dx = dz_dx * (1 - th**2)
     valid = labels != ignore_index
     y = torch.where(valid, labels, 0)
@@ -60,9 +71,21 @@ def oracle(hidden, weight, labels, bias, upstream, *, loss_type="dft", reduction
         loss, wt = -p * logp, p
     elif loss_type == "power":
         loss, wt = (1 - p**power_q) / power_q, p**power_q
-    elif loss_type == "eaft":
-        wt = (entropy / math.log(vocab)) ** eaft_alpha
+    elif loss_type == "eaft" and eaft_topk:  # the top k of z renormalized, over c (3 by default)
+        top = z.topk(eaft_topk, dim=1).values
+        q = torch.softmax(top, 1)
+        wt = (-(q * q.log()).sum(1) / (eaft_normalizer or 3.0)) ** eaft_alpha
         loss = -wt * logp
+    elif loss_type == "eaft":
+        wt = (entropy / (eaft_normalizer or math.log(vocab))) ** eaft_alpha
+        loss = -wt * logp
+    elif (
+        loss_type == "asft"
+    ):  # DFT plus alpha KL(q || p): gradient p (soft - onehot) + alpha (soft - q)
+        log_q = torch.log_softmax(transformed(ref_hidden, ref_weight, ref_bias)[0], 1)
+        kl = (log_q.exp() * (log_q - (z - lse[:, None]))).sum(1)
+        loss, wt = -p * logp + asft_alpha * kl, p
+        ref_grad = asft_alpha * (soft - log_q.exp())
     else:  # psft
         r = p / old_logprobs.double().exp()
         loss = -torch.minimum(r, r.clamp(1 - clip_eps, 1 + clip_eps))
@@ -70,6 +93,8 @@ def oracle(hidden, weight, labels, bias, upstream, *, loss_type="dft", reduction
     onehot = F.one_hot(y, vocab).double()
     # d loss / d z = wt (softmax - onehot) for the family member
     dloss_dz = wt[:, None] * (soft - onehot)
+    if loss_type == "asft":
+        dloss_dz = dloss_dz + ref_grad
     if label_smoothing:
         eps = label_smoothing
         loss = (1 - eps) * loss + eps * (-(z - lse[:, None]).mean(1))
@@ -111,6 +136,11 @@ def member_inputs(member, dtype=torch.float32):
         "ignore_index": IGNORE,
     }
     extra["token_weights"][::5] = 0.0  # zero-weight tokens still count in the mean
+    if opts["loss_type"] == "asft":
+        noise = torch.randn(N, D, dtype=torch.float64)
+        extra["ref_hidden"] = (hidden.double() + 0.5 * noise).to(dtype)
+        extra["ref_weight"] = (weight.double() * 1.2).to(dtype)
+        extra["ref_bias"] = bias
     if opts["loss_type"] == "psft":
         ce_opts = {**extra, "loss_type": "ce"}
         _, _, logp, _ = oracle(hidden, weight, labels, bias, torch.tensor(1.0), **ce_opts)
@@ -133,6 +163,12 @@ def run_impl(impl, hidden, weight, labels, bias, upstream, opts):
 def test_member_matches_oracle(member, reduction, case, monkeypatch):
     impl = use_impl(case, monkeypatch)
     hidden, weight, labels, bias, opts = member_inputs(member)
+    if member == "asft" and case in NO_REFERENCE_TERM:
+        with pytest.raises(
+            ValueError, match="loss_type='asft' is not implemented with impl='fused'"
+        ):
+            run_impl(impl, hidden, weight, labels, bias, torch.tensor(1.0), opts)
+        return
     upstream = torch.randn(N if reduction == "none" else (), dtype=torch.float64)
     opts["reduction"] = reduction
     loss, grads, logprobs, stats = run_impl(impl, hidden, weight, labels, bias, upstream, opts)
@@ -172,6 +208,97 @@ def test_label_smoothing_is_torch_cross_entropy(case, reduction, monkeypatch):
     h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
     loss = fused_dft.fused_linear_dft_loss(h, w, labels, b, impl=impl, **opts)
     grads = torch.autograd.grad(loss, [h, w, b], upstream.float())
+    assert_close(loss, expected, "loss", rtol=1e-5, atol_frac=1e-6)
+    for name, g, g_t in zip(("dh", "dW", "db"), grads, grads_t):
+        assert_close(g, g_t, name)
+
+
+# EAFT as LLaMA-Factory 0.9.5 computes it (_eaft_cross_entropy, written here from its formula):
+# per valid token CE times sg((H_20 / 3)^alpha), H_20 the entropy of the 20 largest logits
+# renormalized among themselves; sum / num_items_in_batch, or the mean. And axolotl's eaft_loss:
+# the top-k entropy with log(q + 1e-10) and no normalizer.
+def llamafactory_eaft(logits, labels, alpha, num_items_in_batch=None):
+    valid = labels != IGNORE
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")[valid]
+    with torch.no_grad():
+        top = logits[valid].topk(20, dim=-1).values
+        log_q = top - top.logsumexp(-1, keepdim=True)
+        weight = (-(log_q.exp() * log_q).sum(-1) / 3.0) ** alpha
+    if num_items_in_batch is not None:
+        return (ce * weight).sum() / num_items_in_batch
+    return (ce * weight).mean()
+
+
+def axolotl_eaft(logits, labels, alpha, k):
+    valid = labels != IGNORE
+    with torch.no_grad():
+        q = torch.softmax(logits[valid].topk(min(k, logits.shape[-1]), dim=-1).values, -1)
+        weight = (-(q * torch.log(q + 1e-10)).sum(-1)) ** alpha
+    return (F.cross_entropy(logits[valid], labels[valid], reduction="none") * weight).mean()
+
+
+@pytest.mark.parametrize("case", ["reference", *IMPL_CASES])
+@pytest.mark.parametrize("form", ["llamafactory_mean", "llamafactory_num_items", "axolotl"])
+def test_eaft_topk_equals_the_trainers(form, case, monkeypatch):
+    impl = use_impl(case, monkeypatch)
+    hidden, weight, labels, bias = make_inputs(N, D, V, bias=True, scale=2.0, ignore_index=IGNORE)
+    h, w, b = (t.double().requires_grad_(True) for t in (hidden, weight, bias))
+    logits = F.linear(h, w, b)
+    if form == "axolotl":
+        expected = axolotl_eaft(logits, labels, 0.5, 11)
+        opts = dict(eaft_alpha=0.5, eaft_topk=11, eaft_normalizer=1.0)
+    else:
+        num_items = 50 if form == "llamafactory_num_items" else None
+        expected = llamafactory_eaft(logits, labels, 1.3, num_items)
+        opts = dict(eaft_alpha=1.3, eaft_topk=20, reduction="sum" if num_items else "mean")
+    grads_t = torch.autograd.grad(expected, [h, w, b])
+    h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+    loss = fused_dft.fused_linear_dft_loss(
+        h, w, labels, b, loss_type="eaft", impl=impl, ignore_index=IGNORE, chunk_size=8, **opts
+    )
+    if form == "llamafactory_num_items":
+        loss = loss / 50
+    grads = torch.autograd.grad(loss, [h, w, b])
+    assert_close(loss, expected, "loss", rtol=1e-5, atol_frac=1e-6)
+    for name, g, g_t in zip(("dh", "dW", "db"), grads, grads_t):
+        assert_close(g, g_t, name)
+
+
+def test_eaft_topk_default_normalizer_is_llamafactorys_constant():
+    params = dict(family.member("eaft").resolve({"eaft_topk": 20}))
+    assert params == {"eaft_alpha": 1.0, "eaft_topk": 20, "eaft_normalizer": 3.0}
+    params = dict(family.member("eaft").resolve({}))
+    assert params == {"eaft_alpha": 1.0, "eaft_topk": 0, "eaft_normalizer": None}  # None: log V
+
+
+# ASFT as LLaMA-Factory 0.9.5 computes it (_asft_cross_entropy, _kl_divergence, written here from
+# their formulas): the DFT mean over the valid tokens plus alpha times the mean over them of
+# KL(q || p) = sum_v q_v (log q_v - log p_v), q the reference's softmax (kl_div's convention).
+def llamafactory_asft(logits, ref_logits, labels, alpha):
+    valid = labels != IGNORE
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")[valid]
+    dft = (ce * torch.exp(-ce).detach()).mean()
+    q = F.softmax(ref_logits, -1)
+    kl = F.kl_div(F.log_softmax(logits, -1), q, reduction="none").sum(-1)
+    mask = valid.to(kl.dtype)
+    return dft + alpha * (kl * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("case", ["reference", "auto", "chunked", "chunked_small_tiles"])
+def test_asft_equals_llamafactory(case, monkeypatch):
+    impl = use_impl(case, monkeypatch)
+    hidden, weight, labels, bias = make_inputs(N, D, V, bias=True, scale=2.0, ignore_index=IGNORE)
+    ref_hidden, ref_weight = hidden + 0.5 * torch.randn(N, D), weight * 1.2
+    h, w, b = (t.double().requires_grad_(True) for t in (hidden, weight, bias))
+    ref_logits = F.linear(ref_hidden.double(), ref_weight.double())
+    expected = llamafactory_asft(F.linear(h, w, b), ref_logits, labels, 0.1)
+    grads_t = torch.autograd.grad(expected, [h, w, b])
+    h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+    loss = fused_dft.fused_linear_dft_loss(
+        h, w, labels, b, loss_type="asft", impl=impl, ignore_index=IGNORE, chunk_size=8,
+        ref_hidden=ref_hidden, ref_weight=ref_weight,
+    )  # fmt: skip
+    grads = torch.autograd.grad(loss, [h, w, b])
     assert_close(loss, expected, "loss", rtol=1e-5, atol_frac=1e-6)
     for name, g, g_t in zip(("dh", "dW", "db"), grads, grads_t):
         assert_close(g, g_t, name)
@@ -254,8 +381,12 @@ def test_patched_psft_round_trip_uses_returned_logprobs():
 
 # bf16: each new member's error no worse than torch's own in bf16 (the reference run in bf16)
 @pytest.mark.parametrize("case", ["chunked", "fused"])
-@pytest.mark.parametrize("member", ["power_half", "eaft", "psft", "ce_smoothed"])
+@pytest.mark.parametrize(
+    "member", ["power_half", "eaft", "eaft_topk", "psft", "ce_smoothed", "asft"]
+)
 def test_member_bf16_within_torch_error(member, case, monkeypatch):
+    if member == "asft" and case in NO_REFERENCE_TERM:
+        pytest.skip("asft has no fused path (test_member_matches_oracle checks the error)")
     impl = use_impl(case, monkeypatch)
     hidden, weight, labels, bias, opts = member_inputs(member, dtype=torch.bfloat16)
     opts["reduction"] = "sum"

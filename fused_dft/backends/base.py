@@ -10,7 +10,8 @@ vocabulary shard (VocabShard), the per-token loss and what backward needs:
                 (only where `grads_in_forward` and reduction is "mean" / "sum");
     backward(hidden, weight, bias, rows, saved, upstream (n,), opts, need, shard, chunk_size)
         -> (dh (N, D) zero at rows not selected, dW, db), each None where need says so; dW / db in
-        the accumulation dtype or the parameter's (the driver casts).
+        the accumulation dtype or the parameter's (the driver casts). coefs may carry a fourth
+        row c, the entropy's gradient (dz -= c softmax log_softmax; fused_linear_logprobs).
 
 need = (dh, dW, db) flags; upstream is each selected row's d(loss)/d(token loss) (the mean scale
 times grad_output, or grad_output per token for reduction="none"). The coefficients (a, b, u)
@@ -44,6 +45,15 @@ class VocabShard(NamedTuple):
     merge: Callable[[torch.Tensor], torch.Tensor]
 
 
+class Reference(NamedTuple):
+    """A reference model's last hidden states (N, D_r) and LM head (V, D_r), bias (V,) or None
+    (asft): its logits are recomputed chunk by chunk beside the policy's, never differentiated."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
 class Saved(NamedTuple):
     """What backward needs when gradients are not computed in the forward pass: per selected row,
     lse and the coefficients (a, b, u) before the upstream gradient."""
@@ -60,6 +70,7 @@ class Forward(NamedTuple):
     sums: torch.Tensor
     saved: Saved | None
     grads: tuple | None
+    entropy: torch.Tensor | None = None  # (n,) per token when opts.needs_entropy (0 at non-tokens)
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,37 @@ import torch
 
 from .. import partials as P
 from ..coefficients import token_terms
+from ..family import member
 from ..options import LossOptions
-from ..selection import Rows, chunk_of, mask_terms, mean_scale, stat_sums, token_logprobs
-from .base import Backend, Forward, Saved, VocabShard, acc_dtype, full_vocab, local_labels
+from ..selection import (
+    Rows,
+    chunk_of,
+    mask_terms,
+    mean_scale,
+    stat_sums,
+    token_entropy,
+    token_logprobs,
+)
+from .base import (
+    Backend,
+    Forward,
+    Reference,
+    Saved,
+    VocabShard,
+    acc_dtype,
+    full_vocab,
+    local_labels,
+)
 from .matmul import addmm_fp32_
-from .rows_torch import rows_grad_, rows_grad_from_logits_, rows_partials_, transform_
+from .rows_torch import (
+    reference_cross,
+    reference_log_softmax_,
+    rows_grad_,
+    rows_grad_from_logits_,
+    rows_partials_,
+    rows_topk_entropy,
+    transform_,
+)
 
 # Elements of one chunk's logits buffer: 32M (128 MB in fp32) on the CPU; on CUDA at most 1G,
 # and at most a share of the free memory. Why 1G on CUDA: every chunk reads and writes the fp32
@@ -102,14 +128,23 @@ def new_grads(hidden, weight, need):
     )
 
 
+def _reference_q(ref: Reference, rows_c: Rows, acc, opts: LossOptions) -> torch.Tensor:
+    """log q (n, V) of a chunk: the reference model's log-softmax (its logits chunk, in place)."""
+    xr = _logits(_gather_hidden(ref.hidden, rows_c), ref.weight, ref.bias).to(acc)
+    return reference_log_softmax_(xr, opts)
+
+
 def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
                     shard: VocabShard | None, chunk_size: int | None,
-                    use_triton: bool) -> Forward:  # fmt: skip
+                    use_triton: bool, ref: Reference | None = None) -> Forward:  # fmt: skip
     """hidden (N, D); rows: the selected tokens (only one chunk of them is gathered at a time).
 
     need = (dh, dW, db). With reduction "mean"/"sum" and a gradient needed, the gradients are
     computed now (for an upstream gradient of 1); with "none", Saved is returned instead.
+    ref (asft): the reference's chunk of logits beside the policy's gives KL(q || p) per token
+    and the gradient term - r q; the torch row ops apply it (the Triton row kernels do not).
     """
+    use_triton = use_triton and ref is None
     n = rows.n
     acc = acc_dtype(hidden)
     dev = hidden.device
@@ -120,13 +155,16 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
     token_loss = torch.empty(n, dtype=acc, device=dev)
     logp = torch.empty(n, dtype=acc, device=dev)
     sums = torch.zeros(4, dtype=torch.float32, device=dev)
+    entropy = torch.empty(n, dtype=acc, device=dev) if opts.needs_entropy else None
     saved = None
     if keep:
         saved = Saved(
-            torch.empty(n, dtype=acc, device=dev), torch.empty(3, n, dtype=acc, device=dev)
+            torch.empty(n, dtype=acc, device=dev),
+            torch.empty(3 if ref is None else 5, n, dtype=acc, device=dev),
         )
     grads = new_grads(hidden, weight, need) if grads_now else None
     grad_scale = mean_scale(opts, rows, acc)
+    topk = member(opts.loss_type).topk_of(opts.params)
     if use_triton:
         from ..kernels import rows as rows_triton
 
@@ -136,22 +174,32 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
         y_c = local_labels(rows_c.labels, shard)
         h_c = _gather_hidden(hidden, rows_c)
         x = _logits(h_c, weight, bias)
+        # 0. a top-k entropy (eaft_topk) from the raw logits, before anything overwrites them
+        topk_h = rows_topk_entropy(x, topk, opts) if topk else None
         # 1. partials of this shard's vocabulary, merged across shards, per-token figures
         if use_triton:
             part = rows_triton.rows_partials(x, y_c, opts)
         else:
             x = x.to(acc)  # no copy for fp32/fp64 inputs
             dtanh = transform_(x, opts, keep_dtanh=grads_now)
+            if ref is not None:  # sum_j q_j (log q_j - z_j) while x holds z; then q
+                q = _reference_q(ref, rows_c, acc, opts)
+                cross = reference_cross(q, x)
+                q.exp_()
             part = rows_partials_(x, y_c, opts)  # x now holds exp(z - m_local)
             m_local = part[P.M].clone()
         if shard is not None:
             part = shard.merge(part)
-        stats = P.finalize(part.to(acc))
+        stats = P.finalize(part.to(acc))._replace(topk_entropy=topk_h)
+        if ref is not None:
+            stats = stats._replace(kl=cross + stats.lse)
         terms = mask_terms(token_terms(stats, opts, vocab, rows_c.token_weights,
                                        rows_c.old_logprobs), rows_c)  # fmt: skip
         token_loss[start:stop] = terms.loss
         logp[start:stop] = token_logprobs(stats, rows_c)
         sums += stat_sums(stats, rows_c)
+        if entropy is not None:
+            entropy[start:stop] = token_entropy(stats, rows_c)
         if keep:
             saved.lse[start:stop] = stats.lse
             saved.coefs[:, start:stop] = terms.scaled(1)
@@ -162,18 +210,20 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
         if use_triton:
             rows_triton.rows_grad_(x, y_c, stats.lse, coefs, opts)
         else:
-            rows_grad_(x, y_c, torch.exp(m_local - stats.lse), coefs, dtanh, opts)
+            softmax_scale = torch.exp(m_local - stats.lse)
+            rows_grad_(x, y_c, softmax_scale, coefs, dtanh, opts, q if ref is not None else None)
         _apply_dx(x.to(hidden.dtype), h_c, rows_c.idx, weight, *grads)
         del x
-    return Forward(token_loss, logp, sums, saved, grads)
+    return Forward(token_loss, logp, sums, saved, grads, entropy)
 
 
 def chunked_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, opts, need,
                      shard: VocabShard | None, chunk_size: int | None,
-                     use_triton: bool):  # fmt: skip
+                     use_triton: bool, ref: Reference | None = None):  # fmt: skip
     """The gradients from Saved: upstream (n,) is each selected row's upstream gradient
-    (already times the mean scale). Recomputes each chunk's logits; returns dh, dW, db (fp32)
-    or None."""
+    (already times the mean scale). Recomputes each chunk's logits (and the reference's, ref);
+    returns dh, dW, db (fp32) or None."""
+    use_triton = use_triton and ref is None
     chunk_rows = chunk_rows_for(chunk_size, weight, hidden)
     grads = new_grads(hidden, weight, need)
     coefs_all = saved.coefs * upstream.to(saved.coefs.dtype)
@@ -189,10 +239,25 @@ def chunked_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, o
         if use_triton:
             rows_triton.rows_grad_(x, y_c, lse, coefs, opts)
         else:
-            x = rows_grad_from_logits_(x.to(acc_dtype(hidden)), y_c, lse, coefs, opts)
+            acc = acc_dtype(hidden)
+            q = _reference_q(ref, rows_c, acc, opts).exp_() if ref is not None else None
+            x = rows_grad_from_logits_(x.to(acc), y_c, lse, coefs, opts, q)
         _apply_dx(x.to(hidden.dtype), h_c, rows_c.idx, weight, *grads)
         del x
     return grads
+
+
+def topk_entropy_pass(hidden, weight, bias, rows: Rows, k: int, opts: LossOptions,
+                      chunk_size: int | None = None) -> torch.Tensor:  # fmt: skip
+    """(n,) the top-k entropy of each selected row (rows_topk_entropy), one chunk of logits at a
+    time: a forward-only pass (one more 2 N D V GEMM) for a backend that keeps no logits."""
+    out = torch.empty(rows.n, dtype=acc_dtype(hidden), device=hidden.device)
+    chunk_rows = chunk_rows_for(chunk_size, weight, hidden)
+    for start in range(0, rows.n, chunk_rows):
+        rows_c = chunk_of(rows, start, min(start + chunk_rows, rows.n))
+        x = _logits(_gather_hidden(hidden, rows_c), weight, bias)
+        out[start : start + rows_c.n] = rows_topk_entropy(x, k, opts)
+    return out
 
 
 def chunk_rows_for(chunk_size: int | None, weight: torch.Tensor, hidden: torch.Tensor) -> int:

@@ -3,7 +3,9 @@
 Forward (2*N*D*V FLOPs): the kernel reduces each non-ignored token's logits to its partials
 (partials.py) without storing any logits, reading the rows of hidden in place through an index;
 then the loss and the gradient coefficients (a, b, u) in torch (weights.py). It keeps, per
-non-ignored token, lse and (a, b, u) (16 bytes).
+non-ignored token, lse and (a, b, u) (16 bytes). A member that reads a top-k entropy (eaft_topk)
+adds a forward-only pass over logits chunks (chunked.topk_entropy_pass: one more 2*N*D*V GEMM and
+one chunk of logits in memory); the weight is gradient-stopped, so backward is unchanged.
 Backward (6*N*D*V FLOPs): for each chunk of at most TOKEN_CHUNK tokens and each chunk of vocab
 columns that fits the dz scratch (dz_scratch_bytes: larger on CUDA where memory allows), the dz
 kernel recomputes the logits and writes their gradient (coefficients times the upstream
@@ -23,9 +25,11 @@ import torch
 
 from .. import partials as P
 from ..coefficients import token_terms
+from ..family import member
 from ..options import LossOptions
-from ..selection import Rows, mask_terms, stat_sums, token_logprobs
+from ..selection import Rows, mask_terms, stat_sums, token_entropy, token_logprobs
 from .base import Backend, Forward, Saved, VocabShard, full_vocab, local_labels
+from .chunked import topk_entropy_pass
 from .matmul import addmm_fp32_
 
 
@@ -33,7 +37,8 @@ def fused_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
                   shard: VocabShard | None = None, chunk_size=None,
                   config=None) -> Forward:  # fmt: skip
     """Saved (lse, coefs (3, n)) when a gradient is needed. shard: weight is this rank's slice
-    of a vocab-parallel head; chunk_size: unused (the kernel reads every token in place)."""
+    of a vocab-parallel head; chunk_size: tokens per logits chunk of the top-k entropy pass
+    (eaft_topk), else unused (the kernel reads every token in place)."""
     from ..kernels.fused_fwd import fused_partials
 
     labels = local_labels(rows.labels, shard)
@@ -41,11 +46,18 @@ def fused_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
     if shard is not None:
         part = shard.merge(part)
     stats = P.finalize(part)
+    topk = member(opts.loss_type).topk_of(opts.params)
+    if topk:  # eaft_topk: a forward-only pass over logits chunks (one more 2 N D V GEMM)
+        stats = stats._replace(
+            topk_entropy=topk_entropy_pass(hidden, weight, bias, rows, topk, opts, chunk_size)
+        )
     terms = token_terms(stats, opts, full_vocab(weight, shard), rows.token_weights,
                         rows.old_logprobs)  # fmt: skip
     terms = mask_terms(terms, rows)
     saved = Saved(stats.lse, terms.scaled(1)) if any(need) else None
-    return Forward(terms.loss, token_logprobs(stats, rows), stat_sums(stats, rows), saved, None)
+    entropy = token_entropy(stats, rows) if opts.needs_entropy else None
+    logp = token_logprobs(stats, rows)
+    return Forward(terms.loss, logp, stat_sums(stats, rows), saved, None, entropy)
 
 
 # bytes of the logit-gradient scratch (token chunk x vocab chunk) and the most tokens per chunk

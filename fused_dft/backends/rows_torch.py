@@ -8,7 +8,9 @@ one (n, V) buffer (two with softcap, which keeps 1 - tanh^2 for the chain rule):
   rows_grad_:     from e (or from raw logits with rows_grad_from_logits_), given the row's global
                   lse and coefficients (a, b, u) of weights.py:
                       dz = a * exp(z - lse) - b * onehot(y) - u
-                      dx = dz * (1 - tanh^2 if softcap) * logit_scale    written into x.
+                      dx = dz * (1 - tanh^2 if softcap) * logit_scale    written into x;
+                  rows_grad_from_logits_ also takes c, the entropy's gradient:
+                      dz -= c * exp(l) * l,  l = z - lse  (dH/dz = -p (l + H), -p H in a).
 Labels outside [0, V) (a vocab shard that does not hold the label) give z_y = 0 and no one-hot.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..options import LossOptions
+from ..partials import topk_entropy
 
 _ENTROPY_ROWS = 16  # rows of the exp buffer when the entropy is needed
 
@@ -32,6 +35,17 @@ def transform_(x: torch.Tensor, opts: LossOptions, keep_dtanh: bool) -> torch.Te
             dtanh = 1.0 - x * x
         x.mul_(opts.softcap)
     return dtanh
+
+
+def rows_topk_entropy(x: torch.Tensor, k: int, opts: LossOptions) -> torch.Tensor:
+    """x (n, V) raw logits (not modified) -> (n,) the entropy of each row's k largest transformed
+    logits renormalized among themselves (fp32, fp64 for fp64 x). The transform is monotone
+    (increasing for logit_scale > 0), so the top k of x are the top k of z: only they are
+    transformed."""
+    values = x.topk(k, dim=1, largest=opts.logit_scale > 0).values
+    values = values.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    transform_(values, opts, keep_dtanh=False)
+    return topk_entropy(values)
 
 
 def _in_range(labels: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,15 +88,19 @@ def rows_grad_(
     coefs: torch.Tensor,
     dtanh: torch.Tensor | None,
     opts: LossOptions,
+    ref_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """e (n, V) = exp(z - c_row) for any per-row shift c_row, with softmax = e * softmax_scale
-    (softmax_scale = exp(c_row - lse)); coefs (3, n) = (a, b, u). Writes dx into e, returns it."""
-    a, b, u = coefs.to(e.dtype).unbind(0)
+    (softmax_scale = exp(c_row - lse)); coefs (3, n) = (a, b, u), or (5, n) = (a, b, u, -, r)
+    with ref_q (n, V) a reference's softmax (dz -= r q). Writes dx into e, returns it."""
+    a, b, u = coefs[:3].to(e.dtype).unbind(0)
     e.mul_((a * softmax_scale.to(e.dtype))[:, None])
     inside, safe = _in_range(labels, e.shape[1])
     e.scatter_add_(1, safe[:, None], torch.where(inside, -b, torch.zeros_like(b))[:, None])
     if opts.label_smoothing > 0:
         e.sub_(u[:, None])
+    if ref_q is not None:
+        e.addcmul_(ref_q, coefs[4].to(e.dtype)[:, None], value=-1)
     if dtanh is not None:
         e.mul_(dtanh)
     if opts.logit_scale != 1.0:
@@ -96,8 +114,35 @@ def rows_grad_from_logits_(
     lse: torch.Tensor,
     coefs: torch.Tensor,
     opts: LossOptions,
+    ref_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x (n, V) raw logits (fp32/fp64), overwritten with dx given each row's lse and coefs."""
+    """x (n, V) raw logits (fp32/fp64), overwritten with dx given each row's lse and coefs:
+    (a, b, u), or (a, b, u, c) with the entropy-gradient term - c * softmax * log_softmax
+    (fused_linear_logprobs), which costs one more (n, V) buffer; (a, b, u, 0, r) with ref_q."""
     dtanh = transform_(x, opts, keep_dtanh=True)
-    x.sub_(lse.to(x.dtype)[:, None]).exp_()
-    return rows_grad_(x, labels, torch.ones_like(lse), coefs, dtanh, opts)
+    x.sub_(lse.to(x.dtype)[:, None])  # log softmax
+    if coefs.shape[0] == 4:
+        a, b, u, c = coefs.to(x.dtype).unbind(0)
+        p = torch.exp(x)
+        x.mul_(-c[:, None]).add_(a[:, None]).mul_(p)  # (a - c l) p
+        coefs = torch.stack([torch.ones_like(a), b, u])
+    else:
+        x.exp_()
+    return rows_grad_(x, labels, torch.ones_like(lse), coefs, dtanh, opts, ref_q)
+
+
+def reference_log_softmax_(xr: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+    """xr (n, V) a reference model's raw logits (fp32/fp64), overwritten with their log-softmax
+    log q (the same logit_scale / softcap as the policy's)."""
+    transform_(xr, opts, keep_dtanh=False)
+    return xr.sub_(torch.logsumexp(xr, 1, keepdim=True))
+
+
+def reference_cross(log_q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """(n,) sum_j q_j (log q_j - z_j) for log q (n, V) and the policy's transformed logits z, in
+    row blocks (one block-sized temporary): KL(q || p) = this + lse(z), since sum_j q_j = 1."""
+    out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
+    for r in range(0, z.shape[0], _ENTROPY_ROWS):
+        lq = log_q[r : r + _ENTROPY_ROWS]
+        out[r : r + _ENTROPY_ROWS] = (lq.exp() * (lq - z[r : r + _ENTROPY_ROWS])).sum(1)
+    return out

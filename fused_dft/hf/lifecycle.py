@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from ..arguments import check_loss_options
+from ..family import member
 from .call import _fused_forward, _hook_head, _hooked_head, _unhook_head
 from .model import (
     _causal_lm,
@@ -125,6 +126,12 @@ def _checked_options(loss_type: str, impl: str, loss_options: dict) -> dict:
         )
     options = {**LOSS_OPTIONS, **loss_options}
     check_loss_options(caller="patch_model", loss_type=loss_type, impl=impl, **options)
+    if member(loss_type).needs_reference:
+        raise ValueError(
+            f"patch_model does not support loss_type={loss_type!r} yet (it would need to run a "
+            "reference model on each batch); call fused_dft.fused_linear_dft_loss with "
+            "ref_hidden / ref_weight instead"
+        )
     return options
 
 

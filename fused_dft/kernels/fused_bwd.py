@@ -6,7 +6,9 @@ The backward of the fused path (function.py) walks the vocabulary in chunks of V
 tokens in chunks when there are many) with a bounded scratch buffer dz (n_c x Vc):
     1. this kernel: x = h W_c^T (+ b_c), z = transform(x),
            dz = (a * exp(z - lse) - b * onehot(y) - u) * (1 - tanh^2 if softcap) * logit_scale
-       with each token's lse from the forward and (a, b, u) of weights.py times the upstream
+       (with the entropy's gradient, fused_linear_logprobs: - c * exp(l) * l, l = z - lse,
+       inside the parenthesis) with each token's lse from the forward and (a, b, u[, c]) of
+       coefficients.py times the upstream
        gradient, stored in the input dtype (the tensor-core operand of the next two steps);
     2. dW_c = dz^T h_c and dh_c += dz W_c, cuBLAS GEMMs with fp32 accumulation;  db_c = sum dz.
 No atomics, so gradients are bitwise reproducible, and every weight row's gradient is written once
@@ -60,6 +62,7 @@ def _fused_dz_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_UNIFORM: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
     UPCAST: tl.constexpr,
     FP32_IEEE: tl.constexpr,
@@ -95,12 +98,17 @@ def _fused_dz_kernel(
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     a = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
     b = tl.load(coef_ptr + stride_coef + rows, mask=row_mask, other=0.0)
-    dz = a[:, None] * tl.exp(z - lse[:, None])
+    log_p = z - lse[:, None]
+    p = tl.exp(log_p)
+    dz = a[:, None] * p
     y_local = (y - v_start).to(tl.int32)  # an int32 compare inside the tile (cheaper than int64)
     dz -= tl.where(local_cols.to(tl.int32)[None, :] == y_local[:, None], b[:, None], 0.0)
     if HAS_UNIFORM:
         u = tl.load(coef_ptr + 2 * stride_coef + rows, mask=row_mask, other=0.0)
         dz -= u[:, None]
+    if HAS_ENTROPY_GRAD:  # dH/dz = -p (l + H): the -p H part is in a
+        c = tl.load(coef_ptr + 3 * stride_coef + rows, mask=row_mask, other=0.0)
+        dz -= c[:, None] * p * tl.where(col_mask[None, :], log_p, 0.0)
     if HAS_SOFTCAP:
         dz = dz * (1.0 - th * th)
     if HAS_SCALE:
@@ -139,8 +147,9 @@ def fused_dz(
 
     hidden (N, D) any strides (rows read in place through row_idx); labels and lse (n,);
     count: device scalar; local row r is a token when count_offset + r < count (else dz = 0);
-    coefs (3, n') fp32 = (a, b, u) x upstream, any view whose rows are n-long slices with
-    stride coefs.stride(0); out (n, Vc) with unit column stride, overwritten.
+    coefs (3, n') fp32 = (a, b, u) x upstream (or (4, n') with c, the entropy's gradient), any
+    view whose rows are n-long slices with stride coefs.stride(0); out (n, Vc) with unit column
+    stride, overwritten.
     db_partial: None, or zeroed fp32 (>= cdiv(n, plan.min_block_n), >= Vc) with unit column
     stride, whose first cdiv(n, BLOCK_N) rows receive the column sums of dz per token block (in
     fp32, before dz is rounded to out's dtype); summing all its rows gives db.
@@ -164,6 +173,7 @@ def fused_dz(
             key=DZ_KEY,
             reset_to_zero=("db_ptr",) if db_partial is not None else (),
             HAS_UNIFORM=opts.label_smoothing > 0,
+            HAS_ENTROPY_GRAD=coefs.shape[0] > 3,
             COMPUTE_DB=db_partial is not None,
             **kernel_flags(hidden, bias, opts),
         )  # fmt: skip

@@ -8,8 +8,10 @@ _rows_partials_kernel: z = transform(x) = softcap * tanh(logit_scale * x / softc
         s <- alpha s + sum e;  t <- alpha (t + (m - m') s) + sum e (z - m')
     (relative to 0 while m' = -inf: a first tile of -inf logits gives no exp(-inf - -inf) = NaN)
     plus z_y (the label's logit, loaded first, before anything could write the row) and sum z.
-_rows_grad_kernel: given the row's lse and coefficients (a, b, u) (weights.py), in place:
-        dz = a * exp(z - lse) - b * [j == y] - u;  dx = dz * (1 - tanh^2) * logit_scale.
+_rows_grad_kernel: given the row's lse and coefficients (a, b, u[, c]) (coefficients.py), in place:
+        l = z - lse;  dz = a * exp(l) - b * [j == y] - u - c * exp(l) * l;
+        dx = dz * (1 - tanh^2) * logit_scale
+    (c: the entropy's gradient, dH/dz = -p (l + H), fused_linear_logprobs; 0 for the losses).
 Between the two, the caller merges partials across vocab shards (vocab parallelism) and computes
 the per-token weights in torch, so both backends share one definition of the family.
 Labels outside [0, V) (not in this shard) give z_y = 0 and no one-hot.
@@ -106,6 +108,7 @@ def _rows_grad_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_UNIFORM: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -115,15 +118,22 @@ def _rows_grad_kernel(
     a = tl.load(coef_ptr + row)
     b = tl.load(coef_ptr + n_rows + row)
     u = tl.load(coef_ptr + 2 * n_rows + row)
+    c = 0.0
+    if HAS_ENTROPY_GRAD:
+        c = tl.load(coef_ptr + 3 * n_rows + row)
     offs = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         mask = cols < V
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         z, th = transform_logits(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-        dz = a * tl.exp(z - lse) - tl.where(cols == y, b, 0.0)
+        log_p = z - lse
+        p = tl.exp(log_p)
+        dz = a * p - tl.where(cols == y, b, 0.0)
         if HAS_UNIFORM:
             dz -= u
+        if HAS_ENTROPY_GRAD:
+            dz -= c * p * tl.where(mask, log_p, 0.0)
         if HAS_SOFTCAP:
             dz = dz * (1.0 - th * th)
         if HAS_SCALE:
@@ -169,7 +179,8 @@ def rows_grad_(
     opts: LossOptions,
     block_v: int | None = None,
 ) -> torch.Tensor:
-    """x (n, V) raw logits, overwritten with dx; lse (n,) fp32; coefs (3, n) fp32 = (a, b, u)."""
+    """x (n, V) raw logits, overwritten with dx; lse (n,) fp32; coefs (3, n) fp32 = (a, b, u), or
+    (4, n) = (a, b, u, c) with the entropy-gradient term."""
     n, v = x.shape
     assert x.stride(1) == 1, "logits chunk must be contiguous along the vocabulary"
     if n == 0:
@@ -182,6 +193,7 @@ def rows_grad_(
             HAS_SCALE=opts.logit_scale != 1.0,
             HAS_SOFTCAP=opts.softcap is not None,
             HAS_UNIFORM=opts.label_smoothing > 0,
+            HAS_ENTROPY_GRAD=coefs.shape[0] > 3,
             BLOCK_V=_block(v, block_v),
             num_warps=NUM_WARPS,
         )  # fmt: skip

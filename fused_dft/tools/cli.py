@@ -58,7 +58,15 @@ def add_bench_parser(sub) -> None:
         "--loss-type",
         default="dft",
         choices=loss_types(),
-        help="any member of the family, at its default parameters (psft: fixed old_logprobs)",
+        help="any member of the family, at its default parameters unless --param says (psft: "
+        "fixed old_logprobs; asft: the reference is the starting model)",
+    )
+    bench.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a parameter of the loss_type (repeatable), e.g. --param eaft_topk=20",
     )
     bench.add_argument("--preset", help=f"D and V of a real model: {', '.join(PRESETS)}")
     size = "; comma-separated values sweep it (one size at a time)"
@@ -349,7 +357,9 @@ def expected_main(args, parser) -> int:
 
 def bench_config(args, parser):
     """The problems and settings of `fused-dft bench`: each bad option is named (parser.error)."""
-    from .bench.problem import PRESETS, Problem
+    from fused_dft.arguments import make_options
+
+    from .bench.problem import PRESETS, Problem, parse_family_params
     from .bench.providers import parse_providers
     from .bench.runner import BenchConfig, with_sizes
 
@@ -383,11 +393,17 @@ def bench_config(args, parser):
     except ValueError as exc:
         parser.error(f"--providers: {exc}")
 
+    family_params = ",".join(args.param)
+    try:
+        make_options(loss_type=args.loss_type, **parse_family_params(family_params))
+    except (TypeError, ValueError) as exc:
+        parser.error(f"--param: {exc}")
     base = Problem(
         **DEFAULT_SHAPE,
         dtype=dtype,
         device=device,
         loss_type=args.loss_type,
+        family_params=family_params,
         ignore_frac=args.ignore_frac,
         seed=args.seed,
         nproc=args.nproc,

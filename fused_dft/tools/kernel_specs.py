@@ -189,7 +189,12 @@ FUSED_BWD = CompileSpec(
         "V_chunk": "i32:16",
         "v_start": "i32:16",
     },
-    flags=lambda dtype: {**_fused_flags(dtype), "HAS_UNIFORM": False, "COMPUTE_DB": True},
+    flags=lambda dtype: {
+        **_fused_flags(dtype),
+        "HAS_UNIFORM": False,
+        "HAS_ENTROPY_GRAD": False,
+        "COMPUTE_DB": True,
+    },
     configs=_fused_configs,
     defaults=_fused_defaults,
     parse_config=_fused_parse,
@@ -258,7 +263,9 @@ ROWS_GRAD = CompileSpec(
     module="fused_dft.kernels.rows",
     function="_rows_grad_kernel",
     arg_types={**_ROWS_COMMON, "lse_ptr": "*fp32", "coef_ptr": "*fp32"},
-    flags=lambda dtype: dict(HAS_SCALE=False, HAS_SOFTCAP=False, HAS_UNIFORM=False),
+    flags=lambda dtype: dict(
+        HAS_SCALE=False, HAS_SOFTCAP=False, HAS_UNIFORM=False, HAS_ENTROPY_GRAD=False
+    ),
     configs=_ROWS_CONFIGS,
     defaults=_ROWS_CONFIGS,
     parse_config=_rows_parse,

@@ -67,6 +67,8 @@ def test_structure_errors():
         fused_dft.patch_model(tiny_model("llama"), softcap=3.0)
     with pytest.raises(ValueError, match="loss_type"):
         fused_dft.patch_model(tiny_model("llama"), loss_type="kl")
+    with pytest.raises(ValueError, match="patch_model does not support loss_type='asft' yet"):
+        fused_dft.patch_model(tiny_model("llama"), loss_type="asft")
 
 
 # TRL's SFTTrainer puts its own forward on the instance; patching after that would be hidden.

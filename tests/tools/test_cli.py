@@ -211,6 +211,9 @@ def test_worker_failure_is_reported_not_raised():
         (["--ignore-frac", "1.5"], "--ignore-frac"),
         (["--providers", "naive,unsloth"], "--providers"),
         (["--nproc", "0"], "--nproc"),
+        (["--loss-type", "eaft", "--param", "eaft_topk=x"], "--param"),
+        (["--loss-type", "eaft", "--param", "eaft_topk=-2"], "--param"),
+        (["--param", "eaft_topk=2"], "--param"),
     ],
 )
 def test_bench_bad_option_is_named(args, option, capsys):
@@ -324,3 +327,21 @@ def test_bench_loss_type_family_member(tmp_path):
     assert by["auto"]["status"] == "ok" and by["auto"]["error_ok"]
     assert by["naive"]["status"] == "ok"
     assert by["torch"]["status"] == "skipped" and "psft" in by["torch"]["reason"]
+
+
+# asft (its reference: the starting model) and eaft's top-k (--param) through the bench, each
+# against the float64 reference; fused is skipped for asft with the reason
+@pytest.mark.parametrize(
+    "args", [["--loss-type", "asft"], ["--loss-type", "eaft", "--param", "eaft_topk=20"]]
+)
+def test_bench_new_members_and_params(args, tmp_path):
+    from fused_dft.tools.cli import main
+
+    code = main(["bench", "--smoke", *args, "--providers", "naive,auto,fused",
+                 "--output", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    by = {r["provider"]: r for r in json.loads((tmp_path / "bench.json").read_text())["results"]}
+    assert by["auto"]["status"] == "ok" and by["auto"]["error_ok"]
+    assert by["naive"]["status"] == "ok"
+    if args[1] == "asft":
+        assert by["fused"]["status"] == "skipped" and "asft" in by["fused"]["reason"]

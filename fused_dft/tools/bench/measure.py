@@ -168,7 +168,7 @@ def errors_on_prefix(loss_fn, hidden, weight, labels, problem: Problem, check_to
     loss = loss_fn(h, w, y)
     loss.backward()
     ref_loss, ref_dh, ref_dw, _ = reference_float64(
-        h, w, y, problem.loss_type, **family_inputs(problem, y)
+        h, w, y, problem.loss_type, **family_inputs(problem, y, h.double(), w.double())
     )
     errors = {
         "loss": rel_error(loss, ref_loss),

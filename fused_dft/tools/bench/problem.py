@@ -52,6 +52,12 @@ class Problem:
     ignore_frac: float = 0.3
     seed: int = 0
     nproc: int = 1  # processes of the vocab-parallel provider (the others run in one)
+    family_params: str = ""  # the loss_type's parameters, "name=value,..." ("eaft_topk=20")
+
+    @property
+    def params(self) -> dict:
+        """family_params by name: an int where the value is one, else a float."""
+        return parse_family_params(self.family_params)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -63,6 +69,21 @@ class Problem:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def parse_family_params(text: str) -> dict:
+    """ "eaft_topk=20,eaft_alpha=0.5" -> {"eaft_topk": 20, "eaft_alpha": 0.5}; ValueError if
+    an item is not name=number."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item!r} is not name=value")
+        try:
+            out[name.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise ValueError(f"{item!r}: {value!r} is not a number") from None
+    return out
 
 
 def make_inputs(problem: Problem, requires_grad: bool = True):
@@ -89,17 +110,22 @@ def make_inputs(problem: Problem, requires_grad: bool = True):
     return hidden, weight, labels.to(device)
 
 
-def family_inputs(problem: Problem, labels: torch.Tensor) -> dict:
+def family_inputs(problem: Problem, labels: torch.Tensor, hidden=None, weight=None) -> dict:
     """The per-token inputs a loss_type needs besides labels, the same for any prefix of the
     tokens: old_logprobs (psft's) cycle through 0, -0.2, ..., -3 (ratios p / exp(old) land below,
-    inside and above the clip range)."""
+    inside and above the clip range); asft's reference model is the starting model (ref_hidden
+    = hidden, ref_weight = weight, detached: the reference's own weights are an input, not
+    memory of the loss, so its peak memory shows what the loss adds)."""
     from fused_dft.family import member
 
+    params = problem.params
+    if member(problem.loss_type).needs_reference:
+        return {"ref_hidden": hidden.detach(), "ref_weight": weight.detach(), **params}
     if not member(problem.loss_type).needs_old_logprobs:
-        return {}
+        return params
     n = labels.shape[0]
     old = -(torch.arange(n, device=labels.device) % 16).float() * 0.2
-    return {"old_logprobs": old}
+    return {"old_logprobs": old, **params}
 
 
 def reference_float64(hidden, weight, labels, loss_type: str, bias=None, **options):
