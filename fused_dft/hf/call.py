@@ -29,6 +29,7 @@ from ..loss import fused_linear_dft_loss
 from .heads import _as_lm_head_forward, _fsdp_head_stand_in, _head_params
 from .model import _lm_head, _positional_names
 from .state import SLOT_ATTR, STAT_NAMES, STATE_ATTR, TOKEN_COLUMNS, PatchState
+from .zero import check_offload, gathered_head_loss, is_partitioned, raw_params
 
 
 class FusedCall:
@@ -88,7 +89,7 @@ class FusedCall:
                 "(logits_to_keep is for generation, without labels)"
             )
         head = self.head
-        weight = head.weight
+        weight, bias = raw_params(head)  # a ZeRO-3 weight is not gathered by this read
         hidden = hidden.to(weight.device)
         shift_labels = shift_labels.to(weight.device)
         columns = {k: v.to(weight.device) for k, v in columns.items()}
@@ -99,8 +100,7 @@ class FusedCall:
         dtype = torch.get_autocast_dtype(device_type) if autocast_on else weight.dtype
         options = {**state.loss_options, "ignore_index": ignore_index}
 
-        def head_loss(hidden_in, labels_in):
-            weight, bias = _head_params(self.model, head)  # read after FSDP's unshard
+        def head_loss(hidden_in, labels_in, weight, bias):
             return fused_linear_dft_loss(
                 hidden_in.to(dtype),
                 weight.to(dtype),
@@ -120,7 +120,19 @@ class FusedCall:
         with (
             torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext()
         ):
-            loss, self.stats, logprobs = _as_lm_head_forward(head, head_loss, hidden, shift_labels)
+            if is_partitioned(weight):  # DeepSpeed ZeRO-3: gathered by the loss itself
+                check_offload(state.base_class.__qualname__, weight)
+                loss, self.stats, logprobs = gathered_head_loss(
+                    head_loss, hidden, shift_labels, weight, bias
+                )
+            else:
+                loss, self.stats, logprobs = _as_lm_head_forward(
+                    head,
+                    # read after FSDP's unshard
+                    lambda h, y: head_loss(h, y, *_head_params(self.model, head)),
+                    hidden,
+                    shift_labels,
+                )
         if self.want_logprobs:
             # back to the labels' positions: position t + 1 holds log p(labels[t + 1] | <= t)
             self.token_logprobs = F.pad(logprobs, (1, 0))[..., :-1] if shifted_here else logprobs
