@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -221,10 +223,38 @@ def _fused_forward(model, stock_forward, args: tuple, kwargs: dict):
         kwargs = _bind_positional(state, stock_forward, args, kwargs)
     if state is None or kwargs.get("labels") is None:
         # no labels (generation, inference), or unpatched while someone still holds this forward
+        if state is not None:
+            _warn_training_without_labels(model, state)
         return stock_forward(model, **kwargs)
     state = _follow_lm_head(model, state)
     out, _ = _run_fused(model, state, stock_forward, kwargs)
     return out
+
+
+# patched models already warned that they were trained without labels (once per model)
+_WARNED_NO_LABELS: weakref.WeakSet = weakref.WeakSet()
+
+NO_LABELS_WARNING = (
+    "fused_dft: the patched {name} was called in training mode, with gradients, without "
+    "labels: the stock forward builds the full logits and the fused loss is not used (no memory "
+    "saved, and the loss is whatever the caller computes from the logits). A trainer that takes "
+    "the labels out to compute its own loss does this: LLaMA-Factory's use_dft_loss / "
+    "use_eaft_loss / use_asft_loss, ms-swift's --enable_dft_loss, axolotl with Liger's "
+    "token scaling, HF Trainer with compute_loss_func or label_smoothing_factor. Turn that flag "
+    "off and give the loss to the patch instead (patch_model(model, loss_type=...), or the "
+    "trainer's adapter in fused_dft.integrations); for inference use model.eval() or "
+    "torch.no_grad(). Warned once per model."
+)
+
+
+def _warn_training_without_labels(model, state: PatchState) -> None:
+    """A patched model trained without labels silently trains on the stock logits: say so once."""
+    if not (model.training and torch.is_grad_enabled()) or model in _WARNED_NO_LABELS:
+        return
+    _WARNED_NO_LABELS.add(model)
+    warnings.warn(
+        NO_LABELS_WARNING.format(name=state.base_class.__qualname__), UserWarning, stacklevel=4
+    )
 
 
 def _run_fused(model, state: PatchState, stock_forward, kwargs: dict):
