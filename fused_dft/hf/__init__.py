@@ -3,6 +3,8 @@
 `patch_model(model, ...)` patches one model instance (or a PEFT model's base model),
 `unpatch_model` undoes it, `is_patched` tells; recipes and limits in docs/transformers.md.
 The modules, each building only on those listed before it:
+  zero.py       DeepSpeed ZeRO-3: a partitioned lm_head read by its full shape, gathered by the
+                loss itself for its forward and backward, and for verify
   model.py      what is read from the model: the causal LM, its lm_head, its config's logit
                 transform, its forward's parameter names
   state.py      what a patch stores (PatchState, the lm_head's slot) and the option tables

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ from ..loss import fused_linear_dft_loss
 from .heads import _as_lm_head_forward, _fsdp_head_stand_in, _head_params
 from .model import _lm_head, _positional_names
 from .state import SLOT_ATTR, STAT_NAMES, STATE_ATTR, TOKEN_COLUMNS, PatchState
+from .zero import check_offload, gathered_head_loss, is_partitioned, raw_params
 
 
 class FusedCall:
@@ -88,7 +91,7 @@ class FusedCall:
                 "(logits_to_keep is for generation, without labels)"
             )
         head = self.head
-        weight = head.weight
+        weight, bias = raw_params(head)  # a ZeRO-3 weight is not gathered by this read
         hidden = hidden.to(weight.device)
         shift_labels = shift_labels.to(weight.device)
         columns = {k: v.to(weight.device) for k, v in columns.items()}
@@ -99,8 +102,7 @@ class FusedCall:
         dtype = torch.get_autocast_dtype(device_type) if autocast_on else weight.dtype
         options = {**state.loss_options, "ignore_index": ignore_index}
 
-        def head_loss(hidden_in, labels_in):
-            weight, bias = _head_params(self.model, head)  # read after FSDP's unshard
+        def head_loss(hidden_in, labels_in, weight, bias):
             return fused_linear_dft_loss(
                 hidden_in.to(dtype),
                 weight.to(dtype),
@@ -120,7 +122,19 @@ class FusedCall:
         with (
             torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext()
         ):
-            loss, self.stats, logprobs = _as_lm_head_forward(head, head_loss, hidden, shift_labels)
+            if is_partitioned(weight):  # DeepSpeed ZeRO-3: gathered by the loss itself
+                check_offload(state.base_class.__qualname__, weight)
+                loss, self.stats, logprobs = gathered_head_loss(
+                    head_loss, hidden, shift_labels, weight, bias
+                )
+            else:
+                loss, self.stats, logprobs = _as_lm_head_forward(
+                    head,
+                    # read after FSDP's unshard
+                    lambda h, y: head_loss(h, y, *_head_params(self.model, head)),
+                    hidden,
+                    shift_labels,
+                )
         if self.want_logprobs:
             # back to the labels' positions: position t + 1 holds log p(labels[t + 1] | <= t)
             self.token_logprobs = F.pad(logprobs, (1, 0))[..., :-1] if shifted_here else logprobs
@@ -209,10 +223,38 @@ def _fused_forward(model, stock_forward, args: tuple, kwargs: dict):
         kwargs = _bind_positional(state, stock_forward, args, kwargs)
     if state is None or kwargs.get("labels") is None:
         # no labels (generation, inference), or unpatched while someone still holds this forward
+        if state is not None:
+            _warn_training_without_labels(model, state)
         return stock_forward(model, **kwargs)
     state = _follow_lm_head(model, state)
     out, _ = _run_fused(model, state, stock_forward, kwargs)
     return out
+
+
+# patched models already warned that they were trained without labels (once per model)
+_WARNED_NO_LABELS: weakref.WeakSet = weakref.WeakSet()
+
+NO_LABELS_WARNING = (
+    "fused_dft: the patched {name} was called in training mode, with gradients, without "
+    "labels: the stock forward builds the full logits and the fused loss is not used (no memory "
+    "saved, and the loss is whatever the caller computes from the logits). A trainer that takes "
+    "the labels out to compute its own loss does this: LLaMA-Factory's use_dft_loss / "
+    "use_eaft_loss / use_asft_loss, ms-swift's --enable_dft_loss, axolotl with Liger's "
+    "token scaling, HF Trainer with compute_loss_func or label_smoothing_factor. Turn that flag "
+    "off and give the loss to the patch instead (patch_model(model, loss_type=...), or the "
+    "trainer's adapter in fused_dft.integrations); for inference use model.eval() or "
+    "torch.no_grad(). Warned once per model."
+)
+
+
+def _warn_training_without_labels(model, state: PatchState) -> None:
+    """A patched model trained without labels silently trains on the stock logits: say so once."""
+    if not (model.training and torch.is_grad_enabled()) or model in _WARNED_NO_LABELS:
+        return
+    _WARNED_NO_LABELS.add(model)
+    warnings.warn(
+        NO_LABELS_WARNING.format(name=state.base_class.__qualname__), UserWarning, stacklevel=4
+    )
 
 
 def _run_fused(model, state: PatchState, stock_forward, kwargs: dict):

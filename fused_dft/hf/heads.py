@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..parallel import is_dtensor, vocab_parallel_layout
+from .zero import is_partitioned, raw_params
 
 _FSDP_HEAD_METHOD = "_fused_dft_head_forward"
 
@@ -56,13 +57,17 @@ class _HeadStandIn(nn.Module):
 
 @contextlib.contextmanager
 def _fsdp_head_stand_in(model: nn.Module, call):
-    """With a distributed lm_head (an FSDP2 unit, or a tensor-parallel DTensor weight) in
-    training (empty logits), swap in _HeadStandIn for the call: the stock call of such a head on
-    an empty slice would be a second FSDP unit forward, or a zero-size DTensor op."""
+    """With a distributed lm_head (an FSDP2 unit, a tensor-parallel DTensor weight, a ZeRO-3
+    partitioned weight) in training (empty logits), swap in _HeadStandIn for the call: the stock
+    call of such a head on an empty slice would be a second FSDP unit forward, a zero-size
+    DTensor op, or DeepSpeed's gather of the whole weight for nothing."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
     head = call.head
-    distributed = is_dtensor(head.weight) or (
-        fsdp is not None and isinstance(head, fsdp.FSDPModule)
+    weight = raw_params(head)[0]
+    distributed = (
+        is_dtensor(weight)
+        or is_partitioned(weight)  # ZeRO-3: DeepSpeed's hooks would gather it for nothing
+        or (fsdp is not None and isinstance(head, fsdp.FSDPModule))
     )
     name = next((n for n, m in model.named_children() if m is head), None)
     if call.keep_logits or not distributed or name is None:

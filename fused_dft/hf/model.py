@@ -14,6 +14,8 @@ import sys
 import torch
 from torch import nn
 
+from .zero import full_shape, raw_params
+
 
 @dataclasses.dataclass(frozen=True)
 class LogitTransform:
@@ -77,7 +79,9 @@ def _lm_head(model) -> nn.Linear:
             "(LoRA) or modules_to_save on lm_head, or a quantized head, are not supported: keep "
             "lm_head out of target_modules."
         )
-    if not isinstance(head.weight, torch.Tensor) or head.weight.dim() != 2:
+    # a DeepSpeed ZeRO-3 weight is read by its full shape (ds_shape): its data may be (0,)
+    weight = raw_params(head)[0]  # not head.weight: see zero.raw_params
+    if not isinstance(weight, torch.Tensor) or len(full_shape(weight)) != 2:
         raise TypeError(f"patch_model: the lm_head weight of {name} is not a 2-D tensor")
     return head
 

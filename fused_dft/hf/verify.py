@@ -28,6 +28,7 @@ from .heads import (
 )
 from .model import LogitTransform, _candidate_transforms, _lm_head, _text_config
 from .state import STATE_ATTR, PatchState, plain_ce_options
+from .zero import gathered_model
 
 
 def _verify(model, state: PatchState) -> None:
@@ -38,6 +39,11 @@ def _verify(model, state: PatchState) -> None:
     parallelize_module) is checked as it is, on every rank: see _comparable_logits.
     """
     _refuse_meta_for_verify(model, state)
+    with gathered_model(model):  # DeepSpeed ZeRO-3: every parameter whole for the check
+        _verify_gathered(model, state)
+
+
+def _verify_gathered(model, state: PatchState) -> None:
     head = _lm_head(model)
     inputs = _random_batch(model, state, head.weight)
     name = f"{state.base_class.__qualname__} ({state.base_class.__module__})"
