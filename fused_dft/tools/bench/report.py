@@ -26,12 +26,11 @@ def machine_info(device: str) -> dict:
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
         info["cuda"] = torch.version.cuda
-    for dist in ("torch", "triton", "fused_dft", "liger-kernel", "cut-cross-entropy"):
+    for dist in ("torch", "triton", "liger-kernel", "cut-cross-entropy"):
         info[dist] = _version(dist)
-    if info["fused_dft"] is None:  # running from a checkout that is not installed
-        import fused_dft
+    import fused_dft  # the code that ran, not the installed distribution's metadata
 
-        info["fused_dft"] = fused_dft.__version__
+    info["fused_dft"] = fused_dft.__version__
     info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "")
     if hasattr(os, "getloadavg"):
         info["load_average_1min"] = round(os.getloadavg()[0], 2)
