@@ -35,6 +35,7 @@ TRAINERS = {
             ("ce", {}),
         ],
     ),
+    "ms-swift": ("ms-swift==4.6.0", [("dft", {"enable_dft_loss": True}), ("ce", {})]),
 }
 # the CUDA-only wheels a trainer pulls from PyPI that cannot load beside torch's CPU build
 # (torchaudio / torchvision 0.28: "libc10_cuda.so: cannot open shared object file"): removed from
@@ -70,27 +71,40 @@ def build_venv(trainer: str, venvs: Path) -> tuple[Path, dict]:
 # --- inside a trainer's venv ---------------------------------------------------------------------
 
 
-def tiny_model_dir(folder: Path) -> Path:
-    """A 2-layer Qwen2 from its config, and a word-level tokenizer over 't3'..'t63'."""
+def tiny_model_dir(folder: Path, byte_level: bool = False) -> Path:
+    """A 2-layer Qwen2 from its config and a tokenizer: word-level over 't3'..'t63', or
+    (byte_level) a byte-level BPE trained on the sentences, which transformers >= 5.19 keeps when
+    it rebuilds a Qwen2Tokenizer from the saved vocabulary (a word-level one then encodes to [])."""
     import tokenizers
     import torch
     import transformers
 
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    model = transformers.Qwen2ForCausalLM(config)
-    path = folder / "tiny-qwen2"
-    model.save_pretrained(path)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, V)}}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    specials = ["<pad>", "<s>", "</s>"]
+    if byte_level:
+        backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+        backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = tokenizers.decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(
+            vocab_size=320, special_tokens=specials,
+            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        )  # fmt: skip
+        backend.train_from_iterator([" ".join(w) for w in sentences(200, seed=1)], trainer)
+    else:
+        vocab = {**{t: i for i, t in enumerate(specials)}, **{f"t{i}": i for i in range(3, V)}}
+        backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+        backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
+    )  # fmt: skip
+    path = folder / "tiny-qwen2"
+    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -162,6 +176,52 @@ class PatchSeen:
         self.patched = fused_dft.is_patched(model)
 
 
+def run_ms_swift(folder: Path) -> list[dict]:
+    import importlib.metadata
+
+    from swift.arguments import SftArguments
+    from swift.pipelines.train.sft import SwiftSft
+
+    import fused_dft
+    from fused_dft.integrations import ms_swift
+
+    model = tiny_model_dir(folder, byte_level=True)
+    data = folder / "tiny.jsonl"
+    chats = [
+        {"messages": [
+            {"role": "user", "content": " ".join(w[: len(w) // 2])},
+            {"role": "assistant", "content": " ".join(w[len(w) // 2 :])},
+        ]}
+        for w in sentences()
+    ]  # fmt: skip
+    data.write_text("\n".join(json.dumps(c) for c in chats))
+    results = []
+    for case, flags in TRAINERS["ms-swift"][1]:
+        logs = {}
+        for who in ("ms-swift", "fused_dft"):
+            plugin = {"external_plugins": [ms_swift.__file__], "tuner_type": "fused_dft"}
+            args = SftArguments(
+                model=str(model), model_type="qwen2", template="qwen", dataset=[str(data)],
+                max_length=256, output_dir=str(folder / f"{case}-{who}"), add_version=False,
+                per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
+                learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", warmup_ratio=0.0,
+                logging_steps=1, report_to=["none"], save_strategy="no", seed=0, data_seed=0,
+                torch_dtype="float32", bf16=False, fp16=False, use_cpu=True,
+                dataloader_num_workers=0, split_dataset_ratio=0, dataset_num_proc=1,
+                **(plugin if who == "fused_dft" else {"tuner_type": "full"}), **flags,
+            )  # fmt: skip
+            sft = SwiftSft(args)
+            state = sft.main()
+            patched = fused_dft.is_patched(sft.model)
+            if patched != (who == "fused_dft"):
+                raise AssertionError(f"{case} {who}: model patched = {patched}")
+            logs[who] = [h for h in state["log_history"] if "loss" in h]
+        results.append(compare("ms-swift", case, logs["ms-swift"], logs["fused_dft"]))
+    for r in results:
+        r["version"] = importlib.metadata.version("ms-swift")
+    return results
+
+
 def compare(trainer: str, case: str, theirs: list[dict], ours: list[dict]) -> dict:
     rows, ok = [], len(theirs) == len(ours) == 3
     for step, (a, b) in enumerate(zip(theirs, ours), 1):
@@ -174,7 +234,7 @@ def compare(trainer: str, case: str, theirs: list[dict], ours: list[dict]) -> di
     return {"trainer": trainer, "case": case, "equal": bool(ok), "steps": rows}
 
 
-INSIDE = {"llamafactory": run_llamafactory}
+INSIDE = {"llamafactory": run_llamafactory, "ms-swift": run_ms_swift}
 
 
 def main() -> int:
