@@ -5,7 +5,8 @@ PYTHON3 ?= python3
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 TORCH ?= torch==2.13.0
 
-.PHONY: install-test install-bench test lint wheel-check bench check format gpu-check kernels
+.PHONY: install-test install-bench test lint wheel-check bench check format gpu-check kernels \
+	test-integrations
 
 install-test:
 	$(PYTHON) -m pip install -q $(PIP_FLAGS) "$(TORCH)"
@@ -26,6 +27,13 @@ test: install-test lint wheel-check
 # run there (import, loss vs reference, a patched training step, the fused-dft commands)
 wheel-check:
 	$(PYTHON) bench/wheel_check.py
+
+# each trainer's own 3-step SFT with its DFT flag against its adapter, one venv per trainer
+# (torch 2.13.0 kept, the trainers pinned in tests/integrations/run_trainers.py; FUSED_DFT_VENVS
+# says where, .venvs/ by default). Not in `make test` / .ci/run: installs ~GBs; results in
+# docs/integrations.md
+test-integrations:
+	$(PYTHON) tests/integrations/run_trainers.py
 
 bench: install-bench
 	fused-dft bench

@@ -1,0 +1,276 @@
+"""`make test-integrations`: each trainer's own 3-step SFT with its DFT flag against its adapter.
+
+Not collected by pytest (the trainers pin different transformers; they cannot share the test
+venv). For each trainer: one venv (torch 2.13.0 kept, the trainer pinned in TRAINERS, fused_dft
+installed editable without deps), then, inside it, this script with `--inside TRAINER`: a tiny
+config-built Qwen2 and a word-level tokenizer written to a temporary folder (nothing from a hub),
+the trainer's own SFT for 3 optimizer steps with its flag (its own loss), the same run through the
+adapter, and the logged losses and grad norms compared (rtol LOSS_RTOL). Prints one line per step
+and a summary; exits 1 if any trainer differs or fails. The results of a full run are recorded in
+docs/integrations.md.
+
+    python tests/integrations/run_trainers.py [--trainers llamafactory ...] [--venvs DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TORCH = "torch==2.13.0"
+# trainer -> (pip requirement, the cases run: (name, the trainer's own flags))
+TRAINERS = {
+    "llamafactory": (
+        "llamafactory==0.9.5",
+        [
+            ("dft", {"use_dft_loss": True}),
+            ("eaft", {"use_eaft_loss": True, "eaft_alpha": 0.7}),
+            ("ce", {}),
+        ],
+    ),
+    "ms-swift": ("ms-swift==4.6.0", [("dft", {"enable_dft_loss": True}), ("ce", {})]),
+}
+# the CUDA-only wheels a trainer pulls from PyPI that cannot load beside torch's CPU build
+# (torchaudio / torchvision 0.28: "libc10_cuda.so: cannot open shared object file"): removed from
+# the venv; a trainer that imports one unconditionally gets an empty stand-in module (SHIMS)
+CUDA_ONLY = {"llamafactory": ["torchvision", "torchaudio"]}
+SHIMS = {"llamafactory": ["torchaudio"]}  # llamafactory.data.mm_plugin: `import torchaudio`
+LOSS_RTOL = 1e-5
+V = 64  # >= 20: LLaMA-Factory's EAFT takes the top 20 logits
+
+
+def build_venv(trainer: str, venvs: Path) -> tuple[Path, dict]:
+    venv = venvs / trainer
+    python = venv / "bin" / "python"
+    facts: dict = {"venv": str(venv)}
+    if not python.exists():
+        start = time.time()
+        wheels = ["--find-links", "/opt/wheels"] if Path("/opt/wheels").is_dir() else []
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q", *wheels]
+        subprocess.run([*pip, TORCH], check=True)
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:
+            constraints.write(TORCH + "\n")
+        subprocess.run([*pip, "-c", constraints.name, TRAINERS[trainer][0]], check=True)
+        facts["install_s"] = round(time.time() - start)
+        for name in CUDA_ONLY.get(trainer, []):
+            subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", name], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)])
+    size = subprocess.run(["du", "-sm", str(venv)], capture_output=True, text=True).stdout
+    facts["size_mb"] = int(size.split()[0])
+    return python, facts
+
+
+# --- inside a trainer's venv ---------------------------------------------------------------------
+
+
+def tiny_model_dir(folder: Path, byte_level: bool = False) -> Path:
+    """A 2-layer Qwen2 from its config and a tokenizer: word-level over 't3'..'t63', or
+    (byte_level) a byte-level BPE trained on the sentences, which transformers >= 5.19 keeps when
+    it rebuilds a Qwen2Tokenizer from the saved vocabulary (a word-level one then encodes to [])."""
+    import tokenizers
+    import torch
+    import transformers
+
+    specials = ["<pad>", "<s>", "</s>"]
+    if byte_level:
+        backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+        backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = tokenizers.decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(
+            vocab_size=320, special_tokens=specials,
+            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        )  # fmt: skip
+        backend.train_from_iterator([" ".join(w) for w in sentences(200, seed=1)], trainer)
+    else:
+        vocab = {**{t: i for i, t in enumerate(specials)}, **{f"t{i}": i for i in range(3, V)}}
+        backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+        backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
+    )  # fmt: skip
+    path = folder / "tiny-qwen2"
+    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def sentences(n: int = 32, seed: int = 20) -> list[list[str]]:
+    """Word sequences with a learnable rule (each token the previous one + 3), ragged lengths."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        start, length = rng.randrange(3, V - 3), rng.randrange(6, 14)
+        rows.append([f"t{3 + (start + 3 * i) % (V - 3)}" for i in range(length)])
+    return rows
+
+
+def run_llamafactory(folder: Path) -> list[dict]:
+    import importlib.metadata
+
+    from llamafactory.train.tuner import run_exp as stock_run_exp
+
+    from fused_dft.integrations.llamafactory import run_exp
+
+    model = tiny_model_dir(folder)
+    data = folder / "data"
+    data.mkdir()
+    halves = [(w[: len(w) // 2], w[len(w) // 2 :]) for w in sentences()]
+    rows = [{"instruction": " ".join(a), "input": "", "output": " ".join(b)} for a, b in halves]
+    (data / "tiny.json").write_text(json.dumps(rows))
+    (data / "dataset_info.json").write_text(json.dumps({"tiny": {"file_name": "tiny.json"}}))
+    results = []
+    for case, flags in TRAINERS["llamafactory"][1]:
+        logs = {}
+        for who, run in (("llamafactory", stock_run_exp), ("fused_dft", run_exp)):
+            out = folder / f"{case}-{who}"
+            args = {
+                "model_name_or_path": str(model), "stage": "sft", "do_train": True,
+                "finetuning_type": "full", "dataset": "tiny", "dataset_dir": str(data),
+                "template": "empty", "cutoff_len": 32, "output_dir": str(out),
+                "overwrite_cache": True, "per_device_train_batch_size": 4,
+                "gradient_accumulation_steps": 2, "max_steps": 3, "learning_rate": 0.5,
+                "optim": "sgd", "lr_scheduler_type": "constant", "logging_steps": 1,
+                "report_to": "none", "save_strategy": "no", "seed": 0, "bf16": False,
+                "use_cpu": True, "dataloader_num_workers": 0, **flags,
+            }  # fmt: skip
+            seen = PatchSeen()
+            run(args, callbacks=[seen])
+            if seen.patched != (who == "fused_dft"):
+                raise AssertionError(f"{case} {who}: model patched = {seen.patched}")
+            state = json.loads((out / "trainer_state.json").read_text())
+            logs[who] = [h for h in state["log_history"] if "loss" in h]
+        results.append(compare("llamafactory", case, logs["llamafactory"], logs["fused_dft"]))
+    for r in results:
+        r["version"] = importlib.metadata.version("llamafactory")
+    return results
+
+
+class PatchSeen:
+    """A TrainerCallback (duck-typed) that records whether the trained model is patched."""
+
+    patched = None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        import fused_dft
+
+        self.patched = fused_dft.is_patched(model)
+
+
+def run_ms_swift(folder: Path) -> list[dict]:
+    import importlib.metadata
+
+    from swift.arguments import SftArguments
+    from swift.pipelines.train.sft import SwiftSft
+
+    import fused_dft
+    from fused_dft.integrations import ms_swift
+
+    model = tiny_model_dir(folder, byte_level=True)
+    data = folder / "tiny.jsonl"
+    chats = [
+        {"messages": [
+            {"role": "user", "content": " ".join(w[: len(w) // 2])},
+            {"role": "assistant", "content": " ".join(w[len(w) // 2 :])},
+        ]}
+        for w in sentences()
+    ]  # fmt: skip
+    data.write_text("\n".join(json.dumps(c) for c in chats))
+    results = []
+    for case, flags in TRAINERS["ms-swift"][1]:
+        logs = {}
+        for who in ("ms-swift", "fused_dft"):
+            plugin = {"external_plugins": [ms_swift.__file__], "tuner_type": "fused_dft"}
+            args = SftArguments(
+                model=str(model), model_type="qwen2", template="qwen", dataset=[str(data)],
+                max_length=256, output_dir=str(folder / f"{case}-{who}"), add_version=False,
+                per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
+                learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", warmup_ratio=0.0,
+                logging_steps=1, report_to=["none"], save_strategy="no", seed=0, data_seed=0,
+                torch_dtype="float32", bf16=False, fp16=False, use_cpu=True,
+                dataloader_num_workers=0, split_dataset_ratio=0, dataset_num_proc=1,
+                **(plugin if who == "fused_dft" else {"tuner_type": "full"}), **flags,
+            )  # fmt: skip
+            sft = SwiftSft(args)
+            state = sft.main()
+            patched = fused_dft.is_patched(sft.model)
+            if patched != (who == "fused_dft"):
+                raise AssertionError(f"{case} {who}: model patched = {patched}")
+            logs[who] = [h for h in state["log_history"] if "loss" in h]
+        results.append(compare("ms-swift", case, logs["ms-swift"], logs["fused_dft"]))
+    for r in results:
+        r["version"] = importlib.metadata.version("ms-swift")
+    return results
+
+
+def compare(trainer: str, case: str, theirs: list[dict], ours: list[dict]) -> dict:
+    rows, ok = [], len(theirs) == len(ours) == 3
+    for step, (a, b) in enumerate(zip(theirs, ours), 1):
+        row = {"step": step}
+        for key in ("loss", "grad_norm"):
+            x, y = float(a[key]), float(b[key])
+            row[key] = (x, y)
+            ok &= abs(x - y) <= LOSS_RTOL * abs(x) + 1e-7
+        rows.append(row)
+    return {"trainer": trainer, "case": case, "equal": bool(ok), "steps": rows}
+
+
+INSIDE = {"llamafactory": run_llamafactory, "ms-swift": run_ms_swift}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trainers", nargs="*", default=list(TRAINERS))
+    parser.add_argument("--venvs", default=os.environ.get("FUSED_DFT_VENVS", ROOT / ".venvs"))
+    parser.add_argument("--inside", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inside:
+        with tempfile.TemporaryDirectory() as folder:
+            results = INSIDE[args.inside](Path(folder))
+        Path(args.out).write_text(json.dumps(results))
+        return 0
+    failed = False
+    for trainer in args.trainers:
+        python, facts = build_venv(trainer, Path(args.venvs))
+        print(f"== {trainer} ({TRAINERS[trainer][0]}): {facts}", flush=True)
+        out = Path(tempfile.mkdtemp()) / "results.json"
+        with tempfile.TemporaryDirectory() as shims:
+            for name in SHIMS.get(trainer, []):
+                (Path(shims) / f"{name}.py").write_text('"""stand-in: not loadable on CPU"""\n')
+            path = os.pathsep.join([shims, str(ROOT)])
+            env = {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "1"}
+            cmd = [str(python), __file__, "--inside", trainer, "--out", str(out)]
+            if subprocess.run(cmd, env=env).returncode != 0:
+                print(f"!! {trainer}: the run failed", flush=True)
+                failed = True
+                continue
+            for result in json.loads(out.read_text()):
+                print(f"{trainer} {result['case']}: equal={result['equal']}")
+                for row in result["steps"]:
+                    print(f"  step {row['step']}: loss {row['loss']}, grad_norm {row['grad_norm']}")
+                failed |= not result["equal"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
