@@ -132,11 +132,6 @@ class Member:
         return self.topk(params) if self.topk is not None else 0
 
 
-def _normalized_entropy(entropy: torch.Tensor, vocab: int) -> torch.Tensor:
-    """H / log V in [0, 1]; round-off can make H a hair negative."""
-    return entropy.clamp(min=0) / (math.log(vocab) if vocab > 1 else 1.0)
-
-
 def _psft_ratio(logp: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(logp - old_logprobs)
 
@@ -154,9 +149,15 @@ CE = Member(
     replaces='plain SFT (TRL `loss_type="nll"`)',
 )
 
+
+def _dft_coefficients(s: TokenStats, p: dict, vocab: int, old) -> tuple:
+    prob = s.logp.exp()
+    return -prob * s.logp, prob
+
+
 DFT = Member(
     name="dft",
-    coefficients=lambda s, p, v, old: (-s.logp.exp() * s.logp, s.logp.exp()),
+    coefficients=_dft_coefficients,
     definition=lambda logp_y, logp, p, old: -logp_y.detach().exp() * logp_y,
     loss_text="`-sg(p) log p`",
     weight_text="`p`",
@@ -181,13 +182,15 @@ def _power_definition(logp_y, logp, p: dict, old) -> torch.Tensor:
     return ((1 - power) + correction) / q
 
 
+def _power_coefficients(s: TokenStats, p: dict, vocab: int, old) -> tuple:
+    """(1 - p^q) / q = -expm1(q log p) / q; w = p^q."""
+    x = p["power_q"] * s.logp
+    return -torch.expm1(x) / p["power_q"], torch.exp(x)
+
+
 POWER = Member(
     name="power",
-    # (1 - p^q) / q = -expm1(q log p) / q; w = p^q
-    coefficients=lambda s, p, v, old: (
-        -torch.expm1(p["power_q"] * s.logp) / p["power_q"],
-        torch.exp(p["power_q"] * s.logp),
-    ),
+    coefficients=_power_coefficients,
     definition=_power_definition,
     loss_text="`(1 - p^q) / q`",
     weight_text="`p^q`",
