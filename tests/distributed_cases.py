@@ -81,6 +81,8 @@ MODELS = [
     "fsdp-shard-then-patch",
     "fsdp-tied-root-shard-then-patch",
     "fsdp-shard-then-patch-verify-refuses",
+    "fsdp-accelerate-tail-group",
+    "fsdp-accelerate-tail-group-tied",
     "tp-parallelize-then-patch",
     "tp-parallelize-then-patch-verify-false",
     "tp-patch-then-parallelize",
@@ -524,13 +526,24 @@ def run_fsdp(case: str, world: int, rank: int, batches) -> None:
         fully_shard(model.lm_head, mesh=mesh)
     elif case == "fsdp-tied-embedding-and-lm-head-unit":
         fully_shard([model.model.embed_tokens, model.lm_head], mesh=mesh)
+    elif case.startswith("fsdp-accelerate-tail-group"):
+        # accelerate 1.16's fsdp2_prepare_model: each decoder layer, the embedding (untied), then
+        # one group of the final norm + lm_head (+ the tied embedding) with
+        # reshard_after_forward=False, then the root
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        if not tied:
+            fully_shard(model.model.embed_tokens, mesh=mesh)
+        tail = [model.model.norm] + ([model.model.embed_tokens] if tied else []) + [model.lm_head]
+        fully_shard(tail, mesh=mesh, reshard_after_forward=False)
     if case == "fsdp-sharded-weight-refused":
         # outside FSDP's forward the weight is the sharded DTensor: never taken for vocab-parallel
         with pytest.raises(RuntimeError, match="still sharded by the FSDP unit"):
             _head_params(model, model.lm_head)
         return
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
+    if not case.startswith("fsdp-accelerate-tail-group"):
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     if shard_first:
         # verify=True runs the stock forward and the patched one on the sharded model (through
