@@ -30,6 +30,7 @@ from torch import nn
 from ..loss import fused_linear_dft_loss
 from .heads import _as_lm_head_forward, _fsdp_head_stand_in, _head_params
 from .model import _lm_head, _positional_names
+from .ref_model import reference_inputs
 from .state import SLOT_ATTR, STAT_NAMES, STATE_ATTR, TOKEN_COLUMNS, PatchState
 from .zero import check_offload, gathered_head_loss, is_partitioned, raw_params
 
@@ -38,12 +39,14 @@ class FusedCall:
     """One patched forward call: records lm_head's input and computes the fused loss from it."""
 
     def __init__(self, model: nn.Module, state: PatchState, keep_logits: bool,
-                 columns: dict, want_logprobs: bool) -> None:  # fmt: skip
+                 columns: dict, want_logprobs: bool, reference=None) -> None:  # fmt: skip
         self.model = model
         self.state = state
         self.keep_logits = keep_logits
         self.columns = columns  # TOKEN_COLUMNS given to this call, aligned with labels
         self.want_logprobs = want_logprobs
+        # asft: the reference model's (hidden (..., D_ref), lm_head weight, bias) on this batch
+        self.reference = reference
         self.head_calls = 0
         self.loss_called = False
         self.hidden: torch.Tensor | None = None
@@ -101,6 +104,13 @@ class FusedCall:
         autocast_on = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast_on else weight.dtype
         options = {**state.loss_options, "ignore_index": ignore_index}
+        reference = {}
+        if self.reference is not None:
+            # the reference's rows sit at the policy's positions: the labels' shift covers both
+            ref_hidden, ref_weight, ref_bias = (
+                None if t is None else t.to(weight.device) for t in self.reference
+            )
+            reference = {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias}
 
         def head_loss(hidden_in, labels_in, weight, bias):
             return fused_linear_dft_loss(
@@ -115,6 +125,7 @@ class FusedCall:
                 impl=state.impl,
                 return_stats=True,
                 return_logprobs=True,
+                **{k: None if t is None else t.to(dtype) for k, t in reference.items()},
                 **columns,
                 **options,
             )
@@ -273,9 +284,12 @@ def _run_fused(model, state: PatchState, stock_forward, kwargs: dict):
         kwargs.pop(k, None)
     want_logprobs = bool(kwargs.pop("return_token_logprobs", state.loss_type == "psft"))
 
-    call = FusedCall(model, state, not skip_logits, columns, want_logprobs)
     if state.slot:
         raise RuntimeError("fused_dft: a patched forward is already running on this model")
+    reference = None
+    if state.ref_model is not None:  # asft: the reference model on the same inputs, no_grad
+        reference = reference_inputs(state.ref_model, kwargs, state.base_class.__qualname__)
+    call = FusedCall(model, state, not skip_logits, columns, want_logprobs, reference)
     state.slot.append(call)  # the lm_head's pre-hook and loss_function find it there
     try:
         with _fsdp_head_stand_in(model, call):
