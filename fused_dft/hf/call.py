@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import warnings
 import weakref
 
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..family import member
 from ..loss import fused_linear_dft_loss
 from .heads import _as_lm_head_forward, _fsdp_head_stand_in, _head_params
 from .model import _lm_head, _positional_names
@@ -238,6 +240,7 @@ def _fused_forward(model, stock_forward, args: tuple, kwargs: dict):
             _warn_training_without_labels(model, state)
         return stock_forward(model, **kwargs)
     state = _follow_lm_head(model, state)
+    _warn_llamafactory_asft(model, state)
     out, _ = _run_fused(model, state, stock_forward, kwargs)
     return out
 
@@ -250,7 +253,7 @@ NO_LABELS_WARNING = (
     "labels: the stock forward builds the full logits and the fused loss is not used (no memory "
     "saved, and the loss is whatever the caller computes from the logits). A trainer that takes "
     "the labels out to compute its own loss does this: LLaMA-Factory's use_dft_loss / "
-    "use_eaft_loss / use_asft_loss, ms-swift's --enable_dft_loss, axolotl with Liger's "
+    "use_eaft_loss, ms-swift's --enable_dft_loss, axolotl with Liger's "
     "token scaling, HF Trainer with compute_loss_func or label_smoothing_factor. Turn that flag "
     "off and give the loss to the patch instead (patch_model(model, loss_type=...), or the "
     "trainer's adapter in fused_dft.integrations); for inference use model.eval() or "
@@ -266,6 +269,52 @@ def _warn_training_without_labels(model, state: PatchState) -> None:
     warnings.warn(
         NO_LABELS_WARNING.format(name=state.base_class.__qualname__), UserWarning, stacklevel=4
     )
+
+
+# LLaMA-Factory's trainer: with use_asft_loss its compute_loss calls the model with the labels and
+# hands the output to asft_loss_func, which without logits returns the output's loss: the KL term
+# is dropped (the half-applied case of "no silent bypass")
+_LLAMAFACTORY_TRAINER = "llamafactory.train.sft.trainer"
+_WARNED_HALF_APPLIED: weakref.WeakSet = weakref.WeakSet()
+
+LLAMAFACTORY_ASFT_WARNING = (
+    "fused_dft: the patched {name} is trained by LLaMA-Factory with use_asft_loss: its ASFT "
+    "reads the logits, which the patch does not build in training, and falls back to the "
+    "model's loss, so the KL term to the reference model is dropped (the loss is the patch's "
+    "loss_type={loss_type!r} alone). Run `python -m fused_dft.integrations.llamafactory train "
+    "config.yaml` instead (the same YAML: ASFT fused, with LLaMA-Factory's reference model), or "
+    "patch_model(model, loss_type='asft', ref_model=...). Warned once per model."
+)
+
+
+def _warn_llamafactory_asft(model, state: PatchState) -> None:
+    """Warn once when LLaMA-Factory's own ASFT (use_asft_loss) calls this patched model: the
+    caller's frames are read only while its trainer module is imported."""
+    trainer_module = sys.modules.get(_LLAMAFACTORY_TRAINER)
+    if trainer_module is None or model in _WARNED_HALF_APPLIED or not model.training:
+        return
+    if member(state.loss_type).needs_reference:  # the patch's own ASFT: its loss has the KL
+        return
+    trainer_cls = getattr(trainer_module, "CustomSeq2SeqTrainer", None)
+    code = getattr(getattr(trainer_cls, "compute_loss", None), "__code__", None)
+    frame = sys._getframe(1)
+    for _ in range(12):  # model.__call__ and its hooks lie between compute_loss and here
+        frame = frame.f_back
+        if frame is None:
+            return
+        if frame.f_code is code:
+            trainer = frame.f_locals.get("self")
+            finetuning = getattr(trainer, "finetuning_args", None)
+            if getattr(finetuning, "use_asft_loss", False):
+                _WARNED_HALF_APPLIED.add(model)
+                warnings.warn(
+                    LLAMAFACTORY_ASFT_WARNING.format(
+                        name=state.base_class.__qualname__, loss_type=state.loss_type
+                    ),
+                    UserWarning,
+                    stacklevel=4,
+                )
+            return
 
 
 def _run_fused(model, state: PatchState, stock_forward, kwargs: dict):
