@@ -221,3 +221,15 @@ def test_bad_reference_arguments_are_refused_before_patching():
         fused_dft.patch_model(policy, loss_type="asft", ref_model=build("llama", 7),
                               asft_alpha=-0.1)  # fmt: skip
     assert not fused_dft.is_patched(policy)
+
+
+# A tensor-parallel (vocab-parallel) lm_head: the asft loss has no vocab-parallel path, so the
+# patch refuses it up front (a stand-in for parallelize_module: the check that detects it).
+def test_tensor_parallel_head_is_refused(monkeypatch):
+    import fused_dft.hf.lifecycle as lifecycle
+
+    monkeypatch.setattr(lifecycle, "_is_tensor_parallel", lambda model, head: True)
+    policy = build("llama", 0)
+    with pytest.raises(ValueError, match="tensor-parallel"):
+        fused_dft.patch_model(policy, loss_type="asft", ref_model=build("llama", 7))
+    assert not fused_dft.is_patched(policy)
