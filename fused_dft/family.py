@@ -300,7 +300,10 @@ ASFT = Member(
     params=(Param("asft_alpha", 0.1, 0.0, True),),
     needs_reference=True,
     source="Anchored SFT (ASFT), as LLaMA-Factory 0.9.5 defines it",
-    replaces='LLaMA-Factory `use_asft_loss` (`asft_alpha`; exact with `reduction="mean"`)',
+    replaces=(
+        'LLaMA-Factory `use_asft_loss` (`asft_alpha`, `ref_model`; exact with `reduction="mean"`,'
+        " and through `fused_dft.integrations.llamafactory`); `patch_model(..., ref_model=)`"
+    ),
 )
 
 REGISTRY: dict[str, Member] = {m.name: m for m in (DFT, CE, POWER, EAFT, PSFT, ASFT)}

@@ -9,6 +9,8 @@ The modules, each building only on those listed before it:
                 transform, its forward's parameter names
   state.py      what a patch stores (PatchState, the lm_head's slot) and the option tables
   heads.py      a distributed lm_head: FSDP2 unit, tensor (vocab) parallel
+  ref_model.py  asft's reference model: checked, held beside the model (not a submodule), run
+                under no_grad on each batch, its lm_head input recorded
   call.py       the patched call: the family's own forward, lm_head input recorded, loss fused
   verify.py     verify=True: the patched path checked against the stock forward at patch time
   lifecycle.py  patch_model / unpatch_model / is_patched and the per-class patched subclass

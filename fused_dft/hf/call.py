@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import warnings
 import weakref
 
@@ -27,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..family import member
 from ..loss import fused_linear_dft_loss
 from .heads import _as_lm_head_forward, _fsdp_head_stand_in, _head_params
 from .model import _lm_head, _positional_names
+from .ref_model import reference_inputs
 from .state import SLOT_ATTR, STAT_NAMES, STATE_ATTR, TOKEN_COLUMNS, PatchState
 from .zero import check_offload, gathered_head_loss, is_partitioned, raw_params
 
@@ -38,12 +41,14 @@ class FusedCall:
     """One patched forward call: records lm_head's input and computes the fused loss from it."""
 
     def __init__(self, model: nn.Module, state: PatchState, keep_logits: bool,
-                 columns: dict, want_logprobs: bool) -> None:  # fmt: skip
+                 columns: dict, want_logprobs: bool, reference=None) -> None:  # fmt: skip
         self.model = model
         self.state = state
         self.keep_logits = keep_logits
         self.columns = columns  # TOKEN_COLUMNS given to this call, aligned with labels
         self.want_logprobs = want_logprobs
+        # asft: the reference model's (hidden (..., D_ref), lm_head weight, bias) on this batch
+        self.reference = reference
         self.head_calls = 0
         self.loss_called = False
         self.hidden: torch.Tensor | None = None
@@ -101,6 +106,13 @@ class FusedCall:
         autocast_on = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast_on else weight.dtype
         options = {**state.loss_options, "ignore_index": ignore_index}
+        reference = {}
+        if self.reference is not None:
+            # the reference's rows sit at the policy's positions: the labels' shift covers both
+            ref_hidden, ref_weight, ref_bias = (
+                None if t is None else t.to(weight.device) for t in self.reference
+            )
+            reference = {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias}
 
         def head_loss(hidden_in, labels_in, weight, bias):
             return fused_linear_dft_loss(
@@ -115,6 +127,7 @@ class FusedCall:
                 impl=state.impl,
                 return_stats=True,
                 return_logprobs=True,
+                **{k: None if t is None else t.to(dtype) for k, t in reference.items()},
                 **columns,
                 **options,
             )
@@ -227,6 +240,7 @@ def _fused_forward(model, stock_forward, args: tuple, kwargs: dict):
             _warn_training_without_labels(model, state)
         return stock_forward(model, **kwargs)
     state = _follow_lm_head(model, state)
+    _warn_llamafactory_asft(model, state)
     out, _ = _run_fused(model, state, stock_forward, kwargs)
     return out
 
@@ -239,7 +253,7 @@ NO_LABELS_WARNING = (
     "labels: the stock forward builds the full logits and the fused loss is not used (no memory "
     "saved, and the loss is whatever the caller computes from the logits). A trainer that takes "
     "the labels out to compute its own loss does this: LLaMA-Factory's use_dft_loss / "
-    "use_eaft_loss / use_asft_loss, ms-swift's --enable_dft_loss, axolotl with Liger's "
+    "use_eaft_loss, ms-swift's --enable_dft_loss, axolotl with Liger's "
     "token scaling, HF Trainer with compute_loss_func or label_smoothing_factor. Turn that flag "
     "off and give the loss to the patch instead (patch_model(model, loss_type=...), or the "
     "trainer's adapter in fused_dft.integrations); for inference use model.eval() or "
@@ -255,6 +269,52 @@ def _warn_training_without_labels(model, state: PatchState) -> None:
     warnings.warn(
         NO_LABELS_WARNING.format(name=state.base_class.__qualname__), UserWarning, stacklevel=4
     )
+
+
+# LLaMA-Factory's trainer: with use_asft_loss its compute_loss calls the model with the labels and
+# hands the output to asft_loss_func, which without logits returns the output's loss: the KL term
+# is dropped (the half-applied case of "no silent bypass")
+_LLAMAFACTORY_TRAINER = "llamafactory.train.sft.trainer"
+_WARNED_HALF_APPLIED: weakref.WeakSet = weakref.WeakSet()
+
+LLAMAFACTORY_ASFT_WARNING = (
+    "fused_dft: the patched {name} is trained by LLaMA-Factory with use_asft_loss: its ASFT "
+    "reads the logits, which the patch does not build in training, and falls back to the "
+    "model's loss, so the KL term to the reference model is dropped (the loss is the patch's "
+    "loss_type={loss_type!r} alone). Run `python -m fused_dft.integrations.llamafactory train "
+    "config.yaml` instead (the same YAML: ASFT fused, with LLaMA-Factory's reference model), or "
+    "patch_model(model, loss_type='asft', ref_model=...). Warned once per model."
+)
+
+
+def _warn_llamafactory_asft(model, state: PatchState) -> None:
+    """Warn once when LLaMA-Factory's own ASFT (use_asft_loss) calls this patched model: the
+    caller's frames are read only while its trainer module is imported."""
+    trainer_module = sys.modules.get(_LLAMAFACTORY_TRAINER)
+    if trainer_module is None or model in _WARNED_HALF_APPLIED or not model.training:
+        return
+    if member(state.loss_type).needs_reference:  # the patch's own ASFT: its loss has the KL
+        return
+    trainer_cls = getattr(trainer_module, "CustomSeq2SeqTrainer", None)
+    code = getattr(getattr(trainer_cls, "compute_loss", None), "__code__", None)
+    frame = sys._getframe(1)
+    for _ in range(12):  # model.__call__ and its hooks lie between compute_loss and here
+        frame = frame.f_back
+        if frame is None:
+            return
+        if frame.f_code is code:
+            trainer = frame.f_locals.get("self")
+            finetuning = getattr(trainer, "finetuning_args", None)
+            if getattr(finetuning, "use_asft_loss", False):
+                _WARNED_HALF_APPLIED.add(model)
+                warnings.warn(
+                    LLAMAFACTORY_ASFT_WARNING.format(
+                        name=state.base_class.__qualname__, loss_type=state.loss_type
+                    ),
+                    UserWarning,
+                    stacklevel=4,
+                )
+            return
 
 
 def _run_fused(model, state: PatchState, stock_forward, kwargs: dict):
@@ -273,9 +333,12 @@ def _run_fused(model, state: PatchState, stock_forward, kwargs: dict):
         kwargs.pop(k, None)
     want_logprobs = bool(kwargs.pop("return_token_logprobs", state.loss_type == "psft"))
 
-    call = FusedCall(model, state, not skip_logits, columns, want_logprobs)
     if state.slot:
         raise RuntimeError("fused_dft: a patched forward is already running on this model")
+    reference = None
+    if state.ref_model is not None:  # asft: the reference model on the same inputs, no_grad
+        reference = reference_inputs(state.ref_model, kwargs, state.base_class.__qualname__)
+    call = FusedCall(model, state, not skip_logits, columns, want_logprobs, reference)
     state.slot.append(call)  # the lm_head's pre-hook and loss_function find it there
     try:
         with _fsdp_head_stand_in(model, call):

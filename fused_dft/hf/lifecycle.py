@@ -26,8 +26,9 @@ from typing import Any
 from torch import nn
 
 from ..arguments import check_loss_options
-from ..family import member
+from ..family import loss_types, member
 from .call import _fused_forward, _hook_head, _hooked_head, _unhook_head
+from .heads import _is_tensor_parallel
 from .model import (
     _causal_lm,
     _keyword_names,
@@ -36,6 +37,7 @@ from .model import (
     _read_transform,
     _text_config,
 )
+from .ref_model import check_ref_model
 from .state import LOSS_OPTIONS, STATE_ATTR, TOKEN_COLUMNS, PatchState, loss_option_names
 from .verify import _verify
 
@@ -49,6 +51,7 @@ def patch_model(
     impl: str = "auto",
     verify: bool = True,
     eval_logits: bool = True,
+    ref_model: nn.Module | None = None,
     **loss_options: Any,
 ) -> nn.Module:
     """Make `model` (a causal LM, or a PEFT model around one) train with the fused loss.
@@ -68,6 +71,13 @@ def patch_model(
     the loss; with loss_type="psft" (or `return_token_logprobs=True`) the output also carries
     `token_logprobs`, the detached log-probability of each label, aligned with `labels` (0 where
     nothing is predicted): next step's `old_logprobs`.
+    ref_model: loss_type="asft"'s reference model (required there, refused with any other
+    loss_type): a causal LM over the same vocabulary, frozen and put in eval mode here, held
+    beside the model (not a submodule: not in its state_dict, parameters or .to()); each call with
+    labels runs its forward under no_grad on the same inputs and feeds its lm_head input and head
+    to the loss (ref_model.py). There is no default: a frozen copy of the starting model, as
+    LLaMA-Factory builds, is `copy.deepcopy(model)` before training (one more copy of the
+    weights).
     verify: check on a short random input that the logits and the loss the patched path computes
     match the stock forward's, and refuse the model otherwise.
 
@@ -86,10 +96,18 @@ def patch_model(
     """
     options = _checked_options(loss_type, impl, loss_options)
     target = _causal_lm(model)
+    _check_reference_wanted(loss_type, ref_model)
     if is_patched(target):
         unpatch_model(target)
     _refuse_shadowed_forward(target)
-    _lm_head(target)
+    head = _lm_head(target)
+    if ref_model is not None:
+        if _is_tensor_parallel(target, head):
+            raise ValueError(
+                "patch_model: loss_type='asft' is not supported with a tensor-parallel (vocab-"
+                "parallel) lm_head; use a whole or FSDP-sharded lm_head"
+            )
+        ref_model = check_ref_model(target, ref_model)
 
     base = type(target)
     config = _text_config(target)
@@ -103,6 +121,7 @@ def patch_model(
         is_moe=hasattr(config, "output_router_logits"),
         positional=_positional_names(base.forward),
         accepts_kwargs=_keyword_names(base.forward),
+        ref_model=ref_model,
     )
     state = _install(target, state)
     if verify:
@@ -126,13 +145,23 @@ def _checked_options(loss_type: str, impl: str, loss_options: dict) -> dict:
         )
     options = {**LOSS_OPTIONS, **loss_options}
     check_loss_options(caller="patch_model", loss_type=loss_type, impl=impl, **options)
-    if member(loss_type).needs_reference:
-        raise ValueError(
-            f"patch_model does not support loss_type={loss_type!r} yet (it would need to run a "
-            "reference model on each batch); call fused_dft.fused_linear_dft_loss with "
-            "ref_hidden / ref_weight instead"
-        )
     return options
+
+
+def _check_reference_wanted(loss_type: str, ref_model) -> None:
+    """ref_model exactly when the loss_type needs a reference model (asft)."""
+    needs = member(loss_type).needs_reference
+    if needs and ref_model is None:
+        raise ValueError(
+            f"patch_model: loss_type={loss_type!r} needs ref_model= (the frozen reference model "
+            "whose KL anchors the loss); for a frozen copy of the starting model pass "
+            "ref_model=copy.deepcopy(model) before training (one more copy of the weights)"
+        )
+    if not needs and ref_model is not None:
+        users = [name for name in loss_types() if member(name).needs_reference]
+        raise ValueError(
+            f"patch_model: ref_model is only used by loss_type={users[0]!r}, not {loss_type!r}"
+        )
 
 
 def _refuse_shadowed_forward(target: nn.Module) -> None:

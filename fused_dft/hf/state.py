@@ -75,3 +75,5 @@ class PatchState:
     # None in a state pickled by fused_dft 0.1.0 (the class default): the head that carries the
     # slot.
     head: nn.Module | None = dataclasses.field(default=None, compare=False, repr=False)
+    # asft's reference model (ref_model.RefModel: held, not a submodule); None for other members
+    ref_model: Any = dataclasses.field(default=None, compare=False, repr=False)

@@ -127,7 +127,7 @@ def _patched_ce(model, state: PatchState, transform: LogitTransform, inputs: dic
     options): (output, the FusedCall)."""
     ce_options = plain_ce_options(state.loss_options)
     ce_state = dataclasses.replace(
-        state, loss_type="ce", transform=transform, loss_options=ce_options
+        state, loss_type="ce", transform=transform, loss_options=ce_options, ref_model=None
     )
     calls = []
 

@@ -10,15 +10,21 @@ mapped to a fused loss (`LOSS_FLAGS`),
 
     use_dft_loss: true                 -> loss_type="dft"
     use_eaft_loss: true (eaft_alpha)   -> loss_type="eaft", eaft_topk=20, eaft_alpha (exact)
-    neither                            -> loss_type="ce" (the model's own cross-entropy)
-    use_asft_loss: true                -> refused: the fused ASFT needs the reference model's
-                                          hidden states, which patch_model does not feed yet
+    use_asft_loss: true (asft_alpha,   -> loss_type="asft", asft_alpha, ref_model= the reference
+      ref_model)                          LLaMA-Factory builds (create_ref_model) (exact)
+    none of them                       -> loss_type="ce" (the model's own cross-entropy)
 
 LLaMA-Factory computes those losses itself from the logits, taking the labels out of the batch
 (Trainer's `compute_loss_func`); here the flag is turned off before its trainer is built and the
 model is patched (fused_dft.patch_model) when `run_sft` loads it, so Trainer calls the patched
 model with the labels and `num_items_in_batch`: the loss is LLaMA-Factory's (sum over the valid
 tokens divided by `num_items_in_batch`), and no logits are built in training.
+ASFT: the reference model is built as LLaMA-Factory builds it (`create_ref_model`: `ref_model`
+or a second copy of the starting model) and handed to patch_model, which runs it under no_grad
+on each batch (no reference logits either); LLaMA-Factory's ASFT is a per-micro-batch mean (DFT
+mean + asft_alpha * the KL mean over the micro-batch's valid tokens, not divided by the
+accumulation steps), so its trainer's compute_loss is kept to that: the patched model is called
+with the labels and without `num_items_in_batch`, and its loss returned (_FusedASFTTrainer).
 
 What it cannot honour is refused before anything is loaded, naming the setting: a LLaMA-Factory
 version it was not tested with (`TESTED_VERSIONS`), a stage other than "sft", and the settings
@@ -43,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ..hf import patch_model
-from .llamafactory_flags import check_version, loss_options
+from .llamafactory_flags import LOSS_FLAGS, check_version, loss_options
 
 __all__ = ["run_exp", "main"]
 
@@ -65,26 +71,61 @@ def run_exp(args: dict[str, Any] | list[str] | None = None, callbacks: list | No
 
 @contextlib.contextmanager
 def _patch_at_load() -> Iterator[None]:
-    """Within the run, `run_sft`'s load_model patches the model and turns the loss flag off."""
+    """Within the run, `run_sft`'s load_model patches the model and turns the loss flag off;
+    with ASFT its trainer is _FusedASFTTrainer."""
     from llamafactory.train.sft import workflow
+    from llamafactory.train.trainer_utils import create_ref_model
 
-    stock = workflow.load_model
+    stock, stock_trainer = workflow.load_model, workflow.CustomSeq2SeqTrainer
 
     def load_model(tokenizer, model_args, finetuning_args, is_trainable=False, *args, **kwargs):
         options = loss_options(vars(finetuning_args), vars(model_args))
         model = stock(tokenizer, model_args, finetuning_args, is_trainable, *args, **kwargs)
         if not is_trainable:
             return model
+        if options["loss_type"] == "asft":
+            # LLaMA-Factory's own reference: ref_model, or the starting model loaded again
+            options["ref_model"] = create_ref_model(model_args, finetuning_args)
+            workflow.CustomSeq2SeqTrainer = _asft_trainer(stock_trainer)
         # LLaMA-Factory's trainer would install its own compute_loss_func and pop the labels
-        finetuning_args.use_dft_loss = False
-        finetuning_args.use_eaft_loss = False
+        # (ASFT: run its reference model for full logits and read the output's logits)
+        for flag in LOSS_FLAGS:
+            setattr(finetuning_args, flag, False)
         return patch_model(model, **options)
 
     workflow.load_model = load_model
     try:
         yield
     finally:
-        workflow.load_model = stock
+        workflow.load_model, workflow.CustomSeq2SeqTrainer = stock, stock_trainer
+
+
+def _asft_trainer(stock_trainer: type) -> type:
+    """LLaMA-Factory's CustomSeq2SeqTrainer whose loss is the patched model's ASFT loss, reduced
+    as LLaMA-Factory's compute_loss with use_asft_loss reduces it: the model called on the batch
+    with its labels and without num_items_in_batch (a mean over this micro-batch's valid tokens),
+    its loss returned as it is (not divided by the accumulation steps, not multiplied by the
+    number of processes). The reference model runs inside the patched forward."""
+
+    class _FusedASFTTrainer(stock_trainer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            # set, as LLaMA-Factory sets its asft_loss_func: Trainer.training_step then does not
+            # divide the loss by the accumulation steps
+            self.compute_loss_func = _patched_loss
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs)
+            loss = self.compute_loss_func(outputs, inputs["labels"])
+            return (loss, outputs) if return_outputs else loss
+
+    _FusedASFTTrainer.__name__ = _FusedASFTTrainer.__qualname__ = stock_trainer.__name__
+    return _FusedASFTTrainer
+
+
+def _patched_loss(outputs, labels, num_items_in_batch=None):
+    """The patched model's fused ASFT loss (its reference model ran inside its forward)."""
+    return outputs["loss"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,14 +16,12 @@ TESTED_VERSIONS = ("0.9.5",)
 # eaft_topk=20 gives fused_dft's normalizer 3 by default
 EAFT_TOPK = 20
 
+# LLaMA-Factory's loss flags, in the order its trainer reads them
+LOSS_FLAGS = ("use_dft_loss", "use_eaft_loss", "use_asft_loss")
+
 # settings that replace the model's forward, its loss or its trainer: the patch would be bypassed
 # or would bypass them. name -> why
 REFUSED_SETTINGS = {
-    "use_asft_loss": (
-        "the fused ASFT needs the reference model's hidden states, which patch_model does not "
-        "feed yet (use llamafactory-cli for ASFT, or fused_linear_dft_loss(loss_type='asft', "
-        "ref_hidden=..., ref_weight=...) in your own loop)"
-    ),
     "enable_liger_kernel": "Liger replaces the model's forward and loss; use one or the other",
     "use_unsloth": "unsloth replaces the model's forward",
     "use_kt": "KTransformers replaces the model and its trainer",
@@ -54,16 +52,24 @@ def loss_options(finetuning: dict[str, Any], model: dict[str, Any]) -> dict[str,
             f"fused_dft.integrations.llamafactory: stage={stage!r} is refused: only stage 'sft' "
             "trains through the fused loss (use llamafactory-cli for the other stages)"
         )
-    dft, eaft = bool(finetuning.get("use_dft_loss")), bool(finetuning.get("use_eaft_loss"))
-    if dft and eaft:
-        # LLaMA-Factory would silently take use_dft_loss
+    flags = [f for f in LOSS_FLAGS if finetuning.get(f)]
+    if len(flags) > 1:
+        # LLaMA-Factory would silently take the first for its loss function (and with
+        # use_asft_loss hand that function the reference logits as num_items_in_batch)
         raise ValueError(
-            "fused_dft.integrations.llamafactory: use_dft_loss and use_eaft_loss are both true; "
-            "set one"
+            f"fused_dft.integrations.llamafactory: {' and '.join(flags)} are all true; set one"
         )
-    if dft:
+    if "use_dft_loss" in flags:
         return {"loss_type": "dft"}
-    if eaft:
+    if "use_eaft_loss" in flags:
         alpha = finetuning.get("eaft_alpha", 1.0)
         return {"loss_type": "eaft", "eaft_topk": EAFT_TOPK, "eaft_alpha": float(alpha)}
+    if "use_asft_loss" in flags:
+        if finetuning.get("finetuning_type") == "lora" and not finetuning.get("ref_model"):
+            raise ValueError(
+                "fused_dft.integrations.llamafactory: use_asft_loss=true with "
+                "finetuning_type=lora needs ref_model: LLaMA-Factory 0.9.5 builds no reference "
+                "model for LoRA (create_ref_model returns None), so there is nothing to anchor to"
+            )
+        return {"loss_type": "asft", "asft_alpha": float(finetuning.get("asft_alpha", 0.1))}
     return {"loss_type": "ce"}

@@ -15,6 +15,12 @@ chunked LM head TRL installs, and `compute_loss` keeps TRL's semantics:
     batches arrive as labels with -100 and position_ids, as TRL makes them);
   - TRL's metrics, `mean_token_accuracy`, `entropy`, `num_tokens` (and `aux_loss`), come from the
     same fused pass; with DFT the mean cross-entropy is logged too, as `ce_loss`.
+ASFT (DFT anchored to a frozen reference model by asft_alpha * KL(reference || policy) per token):
+`SFTTrainer(..., ref_model=ref)` with `SFTConfig(loss_type="dft")` trains loss_type="asft"
+(`fused_dft_options={"asft_alpha": ...}`, default 0.1); the patched model runs the reference under
+no_grad on each batch (see fused_dft.hf.ref_model: held beside the model, not prepared by
+accelerate, moved to the batch's device at its first call). Both terms are reduced as TRL reduces
+DFT (summed over the valid tokens, divided by `num_items_in_batch`). TRL has no ASFT of its own.
 Other loss types, a `compute_loss_func`, or label smoothing with "nll" need the full logits: the
 trainer then warns and is TRL's own. An SFTConfig loss type TRL does not know fails in TRL's own
 check, before training starts.
@@ -55,9 +61,12 @@ class SFTTrainer(trl.SFTTrainer):
 
     fused_dft_options: {"impl": ..., "chunk_size": ...} for the fused loss (see
     fused_linear_dft_loss); checked before anything is built.
+    ref_model: a frozen reference model: with SFTConfig(loss_type="dft") the loss is ASFT
+    (module doc); refused with any other loss.
     """
 
-    def __init__(self, *args: Any, fused_dft_options: dict | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fused_dft_options: dict | None = None,
+                 ref_model: torch.nn.Module | None = None, **kwargs: Any) -> None:  # fmt: skip
         bound = inspect.signature(trl.SFTTrainer.__init__).bind(None, *args, **kwargs)
         config = bound.arguments.get("args")
         loss_type = getattr(config, "loss_type", "nll") if config is not None else "nll"
@@ -67,6 +76,9 @@ class SFTTrainer(trl.SFTTrainer):
             compute_loss_func=bound.arguments.get("compute_loss_func"),
             label_smoothing=getattr(config, "label_smoothing_factor", 0.0) or 0.0,
         )
+        if ref_model is not None:
+            self._fused_loss_type = _anchored(loss_type, self._fused_loss_type)
+            options["ref_model"] = ref_model
         super().__init__(*args, **kwargs)
         if self._fused_loss_type is None:
             return
@@ -171,6 +183,17 @@ def _fused_loss_type(loss_type: str, compute_loss_func, label_smoothing: float) 
         stacklevel=3,
     )
     return None
+
+
+def _anchored(trl_loss_type: str, fused: str | None) -> str:
+    """The fused loss type with a reference model: "asft" (DFT + alpha KL) for TRL's "dft"."""
+    if fused != "dft":
+        raise ValueError(
+            f"fused_dft SFTTrainer: ref_model is used by ASFT, which anchors DFT: it needs "
+            f"SFTConfig(loss_type='dft') and the fused loss, got loss_type={trl_loss_type!r}"
+            + ("" if fused is not None else " with TRL's own loss (see the warning above)")
+        )
+    return "asft"
 
 
 def _drop_trl_lm_head(model) -> None:

@@ -32,6 +32,15 @@ TRAINERS = {
         [
             ("dft", {"use_dft_loss": True}),
             ("eaft", {"use_eaft_loss": True, "eaft_alpha": 0.7}),
+            # the reference: the starting model loaded again (LLaMA-Factory's default); the KL
+            # and its gradient are 0 at step 1 and grow as the policy moves
+            ("asft", {"use_asft_loss": True, "asft_alpha": 0.5}),
+            # ref_model: another tiny Qwen2 (REF_MODEL: written beside the model), so the KL is
+            # large from step 1
+            (
+                "asft_ref_model",
+                {"use_asft_loss": True, "asft_alpha": 0.5, "ref_model": "REF_MODEL"},
+            ),
             ("ce", {}),
         ],
     ),
@@ -71,10 +80,11 @@ def build_venv(trainer: str, venvs: Path) -> tuple[Path, dict]:
 # --- inside a trainer's venv ---------------------------------------------------------------------
 
 
-def tiny_model_dir(folder: Path, byte_level: bool = False) -> Path:
+def tiny_model_dir(folder: Path, byte_level: bool = False, seed: int = 0) -> Path:
     """A 2-layer Qwen2 from its config and a tokenizer: word-level over 't3'..'t63', or
     (byte_level) a byte-level BPE trained on the sentences, which transformers >= 5.19 keeps when
-    it rebuilds a Qwen2Tokenizer from the saved vocabulary (a word-level one then encodes to [])."""
+    it rebuilds a Qwen2Tokenizer from the saved vocabulary (a word-level one then encodes to []).
+    seed: the weights' (another seed: another model over the same tokenizer, in its own folder)."""
     import tokenizers
     import torch
     import transformers
@@ -96,14 +106,14 @@ def tiny_model_dir(folder: Path, byte_level: bool = False) -> Path:
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = transformers.Qwen2Config(
         vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
         pad_token_id=0,
     )  # fmt: skip
-    path = folder / "tiny-qwen2"
+    path = folder / ("tiny-qwen2" if seed == 0 else f"tiny-qwen2-seed{seed}")
     transformers.Qwen2ForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -129,6 +139,7 @@ def run_llamafactory(folder: Path) -> list[dict]:
     from fused_dft.integrations.llamafactory import run_exp
 
     model = tiny_model_dir(folder)
+    ref_model = str(tiny_model_dir(folder, seed=1))
     data = folder / "data"
     data.mkdir()
     halves = [(w[: len(w) // 2], w[len(w) // 2 :]) for w in sentences()]
@@ -137,6 +148,7 @@ def run_llamafactory(folder: Path) -> list[dict]:
     (data / "dataset_info.json").write_text(json.dumps({"tiny": {"file_name": "tiny.json"}}))
     results = []
     for case, flags in TRAINERS["llamafactory"][1]:
+        flags = {k: ref_model if v == "REF_MODEL" else v for k, v in flags.items()}
         logs = {}
         for who, run in (("llamafactory", stock_run_exp), ("fused_dft", run_exp)):
             out = folder / f"{case}-{who}"

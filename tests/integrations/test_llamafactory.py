@@ -21,7 +21,8 @@ def finetuning(**overrides):
     """LLaMA-Factory 0.9.5's defaults for the fields the adapter reads."""
     return {
         "stage": "sft", "use_dft_loss": False, "use_eaft_loss": False, "eaft_alpha": 1.0,
-        "use_asft_loss": False, "asft_alpha": 0.1, "use_mca": False,
+        "use_asft_loss": False, "asft_alpha": 0.1, "ref_model": None, "finetuning_type": "full",
+        "use_mca": False,
         "use_hyper_parallel": False, **overrides,
     }  # fmt: skip
 
@@ -40,8 +41,16 @@ MODEL = {"enable_liger_kernel": False, "use_unsloth": False, "use_kt": False}
             {"use_eaft_loss": True, "eaft_alpha": 0.5},
             {"loss_type": "eaft", "eaft_topk": 20, "eaft_alpha": 0.5},
         ),
-        # asft_alpha is read only with use_asft_loss (refused below)
+        # asft_alpha is read only with use_asft_loss
         ({"use_dft_loss": True, "asft_alpha": 0.3}, {"loss_type": "dft"}),
+        # exactly _asft_cross_entropy: DFT + asft_alpha * KL(ref || policy); the adapter adds
+        # the reference model LLaMA-Factory builds (create_ref_model) at load time
+        ({"use_asft_loss": True}, {"loss_type": "asft", "asft_alpha": 0.1}),
+        ({"use_asft_loss": True, "asft_alpha": 0.3}, {"loss_type": "asft", "asft_alpha": 0.3}),
+        (
+            {"use_asft_loss": True, "finetuning_type": "lora", "ref_model": "/models/base"},
+            {"loss_type": "asft", "asft_alpha": 0.1},
+        ),
     ],
 )
 def test_flags_map_to_the_fused_loss(overrides, options):
@@ -58,7 +67,6 @@ def test_eaft_normalizer_is_llamafactorys_three():
 @pytest.mark.parametrize(
     "setting, where",
     [
-        ("use_asft_loss", "finetuning"),
         ("use_mca", "finetuning"),
         ("use_hyper_parallel", "finetuning"),
         ("enable_liger_kernel", "model"),
@@ -73,15 +81,25 @@ def test_settings_it_cannot_honour_are_refused_by_name(setting, where):
         flags.loss_options(ft, model)
 
 
-def test_asft_refusal_says_the_kl_term_is_not_fed():
-    with pytest.raises(ValueError, match="reference model's hidden states"):
-        flags.loss_options(finetuning(use_asft_loss=True, asft_alpha=0.2), MODEL)
+def test_asft_with_lora_and_no_reference_is_refused():
+    # LLaMA-Factory's create_ref_model returns None for LoRA without ref_model
+    with pytest.raises(ValueError, match="finetuning_type=lora needs ref_model"):
+        flags.loss_options(finetuning(use_asft_loss=True, finetuning_type="lora"), MODEL)
 
 
-def test_both_loss_flags_are_refused():
-    # LLaMA-Factory itself would take use_dft_loss and ignore use_eaft_loss
-    with pytest.raises(ValueError, match="use_dft_loss and use_eaft_loss"):
-        flags.loss_options(finetuning(use_dft_loss=True, use_eaft_loss=True), MODEL)
+@pytest.mark.parametrize(
+    "both",
+    [
+        ("use_dft_loss", "use_eaft_loss"),
+        ("use_dft_loss", "use_asft_loss"),
+        ("use_eaft_loss", "use_asft_loss"),
+    ],
+)
+def test_two_loss_flags_are_refused(both):
+    # LLaMA-Factory itself would take the first for its loss function (with use_asft_loss also
+    # handing it the reference logits in place of num_items_in_batch)
+    with pytest.raises(ValueError, match=" and ".join(both)):
+        flags.loss_options(finetuning(**dict.fromkeys(both, True)), MODEL)
 
 
 @pytest.mark.parametrize("stage", ["pt", "rm", "dpo", "kto", "ppo"])

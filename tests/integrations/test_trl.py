@@ -234,3 +234,67 @@ def test_falls_back_to_trl_with_a_warning(tmp_path):
         )  # fmt: skip
     assert any("label_smoothing_factor=0.1 needs the full logits" in str(w.message) for w in caught)
     assert not fused_dft.is_patched(trainer.model)
+
+
+class ASFTFromLogits(trl.SFTTrainer):
+    """The oracle for the drop-in's ASFT (TRL has none): TRL's trainer with a compute_loss written
+    here from full logits of the policy and the reference on the same batch, reduced as TRL reduces
+    DFT: per valid token -sg(p_y) log p_y + alpha * sum_v q_v (log q_v - log p_v), summed, divided
+    by num_items_in_batch (clamped to 1)."""
+
+    ref_model = None
+    alpha = 0.1
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = {k: v for k, v in inputs.items() if k != "labels"}
+        logits = model(**batch, use_cache=False).logits.float()
+        with torch.no_grad():
+            ref_logits = self.ref_model(**batch, use_cache=False).logits.float()
+        labels = torch.nn.functional.pad(inputs["labels"], (0, 1), value=-100)[..., 1:]
+        valid = labels != -100
+        logp, log_q = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+        logp_y = logp[valid].gather(-1, labels[valid][:, None]).squeeze(-1)
+        kl = (log_q.exp() * (log_q - logp)).sum(-1)[valid]
+        total = (-logp_y.detach().exp() * logp_y + self.alpha * kl).sum()
+        return total / torch.as_tensor(num_items_in_batch).clamp(min=1)
+
+
+# ASFT through the drop-in: ref_model= with SFTConfig(loss_type="dft"), asft_alpha in
+# fused_dft_options; losses and parameters after 3 accumulated steps equal the oracle's; the
+# reference (another seed, so the KL is large from step 1) ends unchanged and without gradients.
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_asft_with_ref_model_matches_full_logits(family, tmp_path):
+    model, ref = tiny_model(family), tiny_model(family, seed=5)
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    data = text_rows(seed=24)
+    ASFTFromLogits.ref_model, ASFTFromLogits.alpha = copy.deepcopy(ref).eval(), 0.4
+    theirs = train(ASFTFromLogits, copy.deepcopy(model), data, tmp_path, "oracle", loss_type="dft")
+
+    def ours_cls(**kwargs):
+        return SFTTrainer(ref_model=ref, fused_dft_options={"asft_alpha": 0.4}, **kwargs)
+
+    ours = train(ours_cls, model, data, tmp_path, "ours", loss_type="dft")
+    assert fused_dft.is_patched(ours.model)
+    assert ours.model._fused_dft_patch.loss_type == "asft"
+    assert_same_training(ours, theirs, keys=("loss",))
+    logs = [h for h in ours.state.log_history if "loss" in h]
+    assert all("ce_loss" in h for h in logs)  # CE logged beside it, from the same pass
+    assert all(torch.equal(v, before[k]) for k, v in ref.state_dict().items())
+    assert all(p.grad is None and not p.requires_grad for p in ref.parameters())
+
+
+def test_ref_model_needs_the_dft_loss(tmp_path):
+    data = text_rows(n=4)
+    common = dict(train_dataset=data, processing_class=tiny_tokenizer())
+    nll = trl.SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, loss_type="nll")
+    with pytest.raises(ValueError, match="ref_model is used by ASFT.*loss_type='nll'"):
+        SFTTrainer(model=tiny_model("qwen2"), args=nll, ref_model=tiny_model("qwen2", 5), **common)
+    dft = trl.SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, loss_type="dft")
+    with pytest.raises(ValueError, match="ref_model's lm_head has a vocabulary"):
+        other = tiny_model("qwen2", 5)
+        other.resize_token_embeddings(V + 3)
+        SFTTrainer(model=tiny_model("qwen2"), args=dft, ref_model=other, **common)
+    # asft_alpha without a reference model: the option belongs to asft, not dft
+    with pytest.raises(ValueError, match="asft_alpha"):
+        SFTTrainer(model=tiny_model("qwen2"), args=dft, fused_dft_options={"asft_alpha": 0.2},
+                   **common)  # fmt: skip
