@@ -182,10 +182,11 @@ def v_bucket(v: int) -> str:
 # 128 x 128 halves that share each h load (two accumulators, 128 fp32 registers per thread with
 # 8 warps) and runs the epilogue on one half at a time (temporaries of a 128 x 128 tile): 85 FLOP
 # per byte in 16-bit (tf32: 43, against 32). It compiles for sm_90 with no spills in both
-# kernels at block_d 64 (16-bit) / 32 (tf32), 8 warps, 2 or 3 stages (96 / 144 KB, 255
-# registers, wgmma); 4 stages, block_d 32 in 16-bit and 16 warps spill in the forward (8-40 B),
-# IEEE fp32 spills 888 B. Offered after the 128 x 128 ones, which stay the default without
-# autotuning: the autotuner on a GPU picks a two-halves tile only where it measures faster.
+# kernels, with triton 3.6 and 3.9, at block_d 64 (16-bit) / 32 (tf32), 8 warps, 2 or 3 stages
+# (96 / 144 KB, 255 registers, wgmma); with 3.9, 4 stages, block_d 32 in 16-bit and 16 warps
+# spill (8-48 B/thread), IEEE fp32 spills 888 B; on sm_80 the dz kernel spills (120-176 B).
+# Offered after the 128 x 128 ones, which stay the default without autotuning: the autotuner on
+# a GPU picks a two-halves tile only where it measures faster.
 _C = FusedConfig
 _HOPPER_16BIT = (
     _C(128, 128, 64, num_warps=8, num_stages=3, v_halves=2),

@@ -15,7 +15,9 @@ No atomics, so gradients are bitwise reproducible, and every weight row's gradie
 (per token chunk). In all 6*N*D*V FLOPs for the backward, 8*N*D*V with the forward.
 
 Grid: one program per (token block, vocab tile) of the block, in the grouped order of
-kernels.common.grouped_program (hidden rows and weight tiles reused in L2).
+kernels.common.grouped_program (hidden rows and weight tiles reused in L2). With V_HALVES = 2 a
+vocab tile is 2*BLOCK_V columns, recomputed as two halves that share each h load; dz is formed
+and stored one half after the other.
 """
 
 from __future__ import annotations

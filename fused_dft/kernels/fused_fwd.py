@@ -15,6 +15,10 @@ BLOCK_N tokens and a contiguous range of vocab tiles; for each tile it
      with the exponents taken relative to 0 while m' = -inf (a tile of -inf logits: a masked
      vocabulary), so no exp(-inf - -inf) = NaN, and e (z - m') = 0 where e = 0;
   3. adds the label logit z_y (in the tile that holds y) and sum z (label smoothing).
+With V_HALVES = 2 (FusedConfig.v_halves) a program step covers 2*BLOCK_V vocab columns as two
+BLOCK_V-wide halves: step 1 loads the h block once per BLOCK_D step for both halves' dots
+(common.logits_tile_halves; the FLOP per byte of the wide tile), steps 2-3 run on one half after
+the other (the epilogue's temporaries stay BLOCK_N x BLOCK_V: no spills at 128 x (2x128) on sm_90).
 The number of splits is chosen from the SM count and the number of token blocks so that about one
 wave of programs is one group (small batches still fill the GPU). Partials (5, splits, n) are
 merged in O(n * splits) by partials.merge: lse = m + log s, entropy = log s - t / s.
