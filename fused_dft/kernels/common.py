@@ -120,6 +120,71 @@ def logits_tile(
     return acc
 
 
+@triton.jit
+def logits_tile_halves(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    src_rows,
+    cols,
+    row_mask,
+    col_mask,
+    col_mask_hi,
+    D,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FP32_IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The two (BLOCK_N, BLOCK_V) fp32 halves of a BLOCK_N x 2*BLOCK_V logits tile:
+        x_lo = h[src_rows] W[cols]^T,  x_hi = h[src_rows] W[cols + BLOCK_V]^T  (+ b)
+    over D in BLOCK_D steps, the h block loaded once per step for both dots (FLOP per byte of a
+    BLOCK_N x 2*BLOCK_V tile). Two accumulators instead of one 2*BLOCK_V wide: the caller's
+    epilogue then works on one half at a time, so its temporaries are half-tile sized."""
+    acc_lo = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    cols_hi = cols + BLOCK_V
+    offs_d = tl.arange(0, BLOCK_D)
+    for d_start in range(0, D, BLOCK_D):
+        ds = d_start + offs_d
+        d_mask = ds < D
+        h = tl.load(
+            h_ptr + src_rows[:, None] * stride_hn + ds[None, :] * stride_hd,
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        w_lo = tl.load(
+            w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
+            mask=col_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        w_hi = tl.load(
+            w_ptr + cols_hi[:, None] * stride_wv + ds[None, :] * stride_wd,
+            mask=col_mask_hi[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            h = h.to(tl.float32)
+            w_lo = w_lo.to(tl.float32)
+            w_hi = w_hi.to(tl.float32)
+        if FP32_IEEE:
+            acc_lo = tl.dot(h, tl.trans(w_lo), acc_lo, input_precision="ieee")
+            acc_hi = tl.dot(h, tl.trans(w_hi), acc_hi, input_precision="ieee")
+        else:
+            acc_lo = tl.dot(h, tl.trans(w_lo), acc_lo)
+            acc_hi = tl.dot(h, tl.trans(w_hi), acc_hi)
+    if HAS_BIAS:
+        acc_lo += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc_hi += tl.load(b_ptr + cols_hi, mask=col_mask_hi, other=0.0).to(tl.float32)[None, :]
+    return acc_lo, acc_hi
+
+
 def tf32_allowed() -> bool:
     """Whether torch lets CUDA fp32 matmuls use TF32; never raises.
 

@@ -18,7 +18,8 @@ grid and partial buffer on the host, so every candidate of a bucket shares it.
 The candidates were chosen from CPU-side compiles (`fused-dft kernels`: registers, spills, shared
 memory for sm_90 with triton 3.6 and 3.9), not from GPU timings: `make gpu-check` sweeps them.
 They depend on the GPU's arch (device_arch, from its compute capability): sm_90 and sm_80 get
-CONFIG_SETS, every other arch SMALL_SETS (tiles that compile without spills within 99 KB).
+CONFIG_SETS (sm_80 without the two-halves tiles, v_halves=2, which only sm_90 is offered), every
+other arch SMALL_SETS (tiles that compile without spills within 99 KB).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ WARPS = (1, 2, 4, 8, 16, 32)
 MAX_STAGES = 8
 MAX_VOCAB_SPLITS = 1024
 MAX_GROUP_N = 64
+V_HALVES = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,11 @@ class FusedConfig:
     (powers of two in [16, 256]); num_warps a power of two in [1, 32]; num_stages in [1, 8];
     group_n: token blocks per group of the L2-aware program order, in [1, 64];
     vocab_splits: forward programs per token block along the vocabulary, in [1, 1024], or None
-    (written "auto"): chosen from the SM count and the number of token blocks.
+    (written "auto"): chosen from the SM count and the number of token blocks;
+    v_halves: 1, or 2 for a block_n x (2 * block_v) logits tile per program step computed as two
+    block_v-wide halves that share each h load (two accumulators; the epilogue runs on one half
+    at a time, so its temporaries stay block_n x block_v sized): the FLOP per byte loaded of the
+    wide tile (85 at 128 x 2*128 in 16-bit, against 64 at 128 x 128).
     """
 
     block_n: int = 64
@@ -60,6 +66,7 @@ class FusedConfig:
     num_stages: int = 2
     group_n: int = 8
     vocab_splits: int | None = None
+    v_halves: int = 1
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -83,6 +90,8 @@ class FusedConfig:
             )
         if not 1 <= self.group_n <= MAX_GROUP_N:
             raise ValueError(f"FusedConfig.group_n={self.group_n}: must be in [1, {MAX_GROUP_N}]")
+        if self.v_halves not in V_HALVES:
+            raise ValueError(f"FusedConfig.v_halves={self.v_halves}: choose from {V_HALVES}")
         if self.vocab_splits is not None and not 1 <= self.vocab_splits <= MAX_VOCAB_SPLITS:
             raise ValueError(
                 f"FusedConfig.vocab_splits={self.vocab_splits}: must be in [1, {MAX_VOCAB_SPLITS}]"
@@ -96,7 +105,13 @@ class FusedConfig:
             "BLOCK_V": self.block_v,
             "BLOCK_D": self.block_d,
             "GROUP_N": self.group_n,
+            "V_HALVES": self.v_halves,
         }
+
+    @property
+    def tile_v(self) -> int:
+        """Vocabulary columns of one program step: block_v x v_halves."""
+        return self.block_v * self.v_halves
 
     @property
     def spec(self) -> str:
@@ -160,28 +175,41 @@ def v_bucket(v: int) -> str:
 # Candidates, the default first, for the forward and the dz kernel alike. Registers and spills
 # from `fused-dft kernels` (sm_90 and sm_80, triton 3.6 and 3.9; bench/README.md has the table):
 # no candidate spills on sm_90. 128 x 128 tiles give 64 FLOP per byte of operand traffic (twice
-# 64 x 128's); the forward's online log-sum-exp epilogue keeps it at ~250 registers, so 128 x 256
-# (which spills) is not offered. Hopper-sized tiles checked for sm_90 (issue 17, triton 3.9,
-# `fused-dft kernels --arch sm_90 --dtype bf16 --kernel fused_fwd,fused_bwd --config <each>`):
-# 128x256 and 256x128, block_d 32 / 64, 8 warps (255 registers) or 16 (capped at 128), 2-4
-# stages, 12 configs: every one spills in both kernels (forward 48-216 B/thread, dz 32-160 B),
-# in 72-144 KB. None is offered; a bigger tile needs the kernels restructured (two 128 x 128
-# halves per program, or a persistent kernel), not a config.
+# 64 x 128's); the forward's online log-sum-exp epilogue keeps it at ~250 registers, so a plain
+# 128 x 256 or 256 x 128 tile spills in both kernels (issue 17, triton 3.9, 12 configs: block_d
+# 32 / 64, 8 warps at 255 registers or 16 capped at 128, 2-4 stages; 32-216 B/thread).
+# Hopper-sized tiles, issue 17: v_halves=2 computes a 128 x 256 tile per program step as two
+# 128 x 128 halves that share each h load (two accumulators, 128 fp32 registers per thread with
+# 8 warps) and runs the epilogue on one half at a time (temporaries of a 128 x 128 tile): 85 FLOP
+# per byte in 16-bit (tf32: 43, against 32). It compiles for sm_90 with no spills in both
+# kernels, with triton 3.6 and 3.9, at block_d 64 (16-bit) / 32 (tf32), 8 warps, 2 or 3 stages
+# (96 / 144 KB, 255 registers, wgmma); with 3.9, 4 stages, block_d 32 in 16-bit and 16 warps
+# spill (8-48 B/thread), IEEE fp32 spills 888 B; on sm_80 the dz kernel spills (120-176 B).
+# Offered after the 128 x 128 ones, which stay the default without autotuning: the autotuner on
+# a GPU picks a two-halves tile only where it measures faster.
 _C = FusedConfig
+_HOPPER_16BIT = (
+    _C(128, 128, 64, num_warps=8, num_stages=3, v_halves=2),
+    _C(128, 128, 64, num_warps=8, num_stages=2, v_halves=2),
+)
 _16BIT_SHORT_D = (
     _C(128, 128, 64, num_warps=8, num_stages=3),
     _C(64, 128, 64, num_warps=8, num_stages=3),
     _C(128, 128, 64, num_warps=8, num_stages=2),
+    *_HOPPER_16BIT,
 )
 _16BIT_LONG_D = (
     _C(128, 128, 64, num_warps=8, num_stages=3),
     _C(128, 128, 64, num_warps=8, num_stages=2),
     _C(64, 128, 64, num_warps=8, num_stages=4),
+    *_HOPPER_16BIT,
 )
 # fp32 operands take twice the shared memory and registers of 16-bit ones
 _TF32 = (
     _C(128, 128, 32, num_warps=8, num_stages=3),
     _C(64, 128, 32, num_warps=8, num_stages=3),
+    _C(128, 128, 32, num_warps=8, num_stages=3, v_halves=2),
+    _C(128, 128, 32, num_warps=8, num_stages=2, v_halves=2),
 )
 # IEEE fp32 runs on FMA units: smaller tiles keep the accumulator in registers
 _FP32 = (
@@ -232,8 +260,19 @@ SMALL_SETS: dict[str, tuple[FusedConfig, ...]] = {
 LARGE_TILE_ARCHS = ("sm_80", "sm_90")
 
 
+# the archs offered the two-halves tiles (v_halves=2) of CONFIG_SETS: they were compiled without
+# spills for sm_90 only; every other arch of CONFIG_SETS gets the sets without them
+HALVES_ARCHS = ("sm_90",)
+
+
 def _small(cls: str, arch: str) -> bool:
     return arch not in LARGE_TILE_ARCHS or (cls == "fp32" and arch != "sm_90")
+
+
+def _for_arch(candidates: tuple[FusedConfig, ...], arch: str) -> tuple[FusedConfig, ...]:
+    if arch in HALVES_ARCHS:
+        return candidates
+    return tuple(c for c in candidates if c.v_halves == 1)
 
 
 def arch_name(capability: tuple[int, int]) -> str:
@@ -245,7 +284,7 @@ def config_set(dtype: torch.dtype, d: int, v: int, arch: str = "sm_90") -> tuple
     """The shipped candidates for this dtype, D/V bucket and arch; the first is the default."""
     if _small(dtype_class(dtype), arch):
         return SMALL_SETS[dtype_class(dtype)]
-    return CONFIG_SETS[(dtype_class(dtype), d_bucket(d), v_bucket(v))]
+    return _for_arch(CONFIG_SETS[(dtype_class(dtype), d_bucket(d), v_bucket(v))], arch)
 
 
 def shipped_configs(cls: str, arch: str = "sm_90") -> tuple[FusedConfig, ...]:
@@ -255,7 +294,7 @@ def shipped_configs(cls: str, arch: str = "sm_90") -> tuple[FusedConfig, ...]:
         return SMALL_SETS[cls]
     keys = [k for k in CONFIG_SETS if k[0] == cls]
     seen = [CONFIG_SETS[k][0] for k in keys] + [c for k in keys for c in CONFIG_SETS[k]]
-    return tuple(dict.fromkeys(seen))
+    return _for_arch(tuple(dict.fromkeys(seen)), arch)
 
 
 def default_configs(cls: str, arch: str = "sm_90") -> tuple[FusedConfig, ...]:
@@ -329,7 +368,7 @@ class LaunchPlan:
 
     @property
     def max_block_v(self) -> int:
-        return max(c.block_v for c in self.candidates)
+        return max(c.tile_v for c in self.candidates)
 
     @property
     def max_block_n(self) -> int:

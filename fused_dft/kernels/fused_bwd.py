@@ -15,7 +15,9 @@ No atomics, so gradients are bitwise reproducible, and every weight row's gradie
 (per token chunk). In all 6*N*D*V FLOPs for the backward, 8*N*D*V with the forward.
 
 Grid: one program per (token block, vocab tile) of the block, in the grouped order of
-kernels.common.grouped_program (hidden rows and weight tiles reused in L2).
+kernels.common.grouped_program (hidden rows and weight tiles reused in L2). With V_HALVES = 2 a
+vocab tile is 2*BLOCK_V columns, recomputed as two halves that share each h load; dz is formed
+and stored one half after the other.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import triton.language as tl
 
 from ..options import LossOptions
 from . import common
-from .common import grouped_program, logits_tile, transform_logits
+from .common import grouped_program, logits_tile, logits_tile_halves, transform_logits
 from .configs import DZ_KEY, LaunchPlan, n_bucket
 from .fused_fwd import kernel_flags
 
@@ -70,12 +72,13 @@ def _fused_dz_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     GROUP_N: tl.constexpr,
+    V_HALVES: tl.constexpr,
 ):
     pid_n, pid_v = grouped_program(
-        tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V_chunk, BLOCK_V), GROUP_N
+        tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V_chunk, BLOCK_V * V_HALVES), GROUP_N
     )
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    local_cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    local_cols = pid_v.to(tl.int64) * (BLOCK_V * V_HALVES) + tl.arange(0, BLOCK_V)
     cols = local_cols + v_start
     # rows past the token count (a static selection puts the tokens first) get dz = 0 and a
     # block without a token skips its matmul
@@ -85,46 +88,64 @@ def _fused_dz_kernel(
     src_rows = tl.load(idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     d_active = tl.where(pid_n * BLOCK_N < count, D, 0)
 
-    # 1. recompute the logits tile
-    x = logits_tile(
-        h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, d_active,
-        stride_hn, stride_hd, stride_wv, stride_wd,
-        HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
-    )  # fmt: skip
-    z, th = transform_logits(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-
-    # 2. its gradient: a softmax - b onehot - u, then the softcap / scale chain rule
+    # 1. recompute the logits tile; with V_HALVES = 2 a BLOCK_N x 2*BLOCK_V tile as two halves,
+    #    whose gradients (steps 2, 3) are formed and stored one after the other
+    if V_HALVES == 1:
+        x = logits_tile(
+            h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, d_active,
+            stride_hn, stride_hd, stride_wv, stride_wd,
+            HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
+    else:
+        x, x_hi = logits_tile_halves(
+            h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask,
+            local_cols + BLOCK_V < V_chunk, d_active, stride_hn, stride_hd, stride_wv, stride_wd,
+            HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
     y = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     a = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
     b = tl.load(coef_ptr + stride_coef + rows, mask=row_mask, other=0.0)
-    log_p = z - lse[:, None]
-    p = tl.exp(log_p)
-    dz = a[:, None] * p
-    y_local = (y - v_start).to(tl.int32)  # an int32 compare inside the tile (cheaper than int64)
-    dz -= tl.where(local_cols.to(tl.int32)[None, :] == y_local[:, None], b[:, None], 0.0)
-    if HAS_UNIFORM:
-        u = tl.load(coef_ptr + 2 * stride_coef + rows, mask=row_mask, other=0.0)
-        dz -= u[:, None]
-    if HAS_ENTROPY_GRAD:  # dH/dz = -p (l + H): the -p H part is in a
-        c = tl.load(coef_ptr + 3 * stride_coef + rows, mask=row_mask, other=0.0)
-        dz -= c[:, None] * p * tl.where(col_mask[None, :], log_p, 0.0)
-    if HAS_SOFTCAP:
-        dz = dz * (1.0 - th * th)
-    if HAS_SCALE:
-        dz = dz * logit_scale
-    dz = tl.where(row_mask[:, None], dz, 0.0)
+    for half in tl.static_range(V_HALVES):
+        if half == 1:
+            x = x_hi
+            local_cols = local_cols + BLOCK_V
+            col_mask = local_cols < V_chunk
+        z, th = transform_logits(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
 
-    # 3. one store of the block, in the scratch's dtype; the bias gradient's column sums of this
-    #    token block in fp32 (summed over token blocks by the caller: no atomics)
-    if COMPUTE_DB:
+        # 2. its gradient: a softmax - b onehot - u, then the softcap / scale chain rule
+        log_p = z - lse[:, None]
+        p = tl.exp(log_p)
+        dz = a[:, None] * p
+        y_local = (y - v_start).to(tl.int32)  # an int32 compare in the tile (cheaper than int64)
+        dz -= tl.where(local_cols.to(tl.int32)[None, :] == y_local[:, None], b[:, None], 0.0)
+        if HAS_UNIFORM:
+            u = tl.load(coef_ptr + 2 * stride_coef + rows, mask=row_mask, other=0.0)
+            dz -= u[:, None]
+        if HAS_ENTROPY_GRAD:  # dH/dz = -p (l + H): the -p H part is in a
+            c = tl.load(coef_ptr + 3 * stride_coef + rows, mask=row_mask, other=0.0)
+            dz -= c[:, None] * p * tl.where(col_mask[None, :], log_p, 0.0)
+        if HAS_SOFTCAP:
+            dz = dz * (1.0 - th * th)
+        if HAS_SCALE:
+            dz = dz * logit_scale
+        dz = tl.where(row_mask[:, None], dz, 0.0)
+
+        # 3. one store of the block, in the scratch's dtype, and the bias gradient's column sums
+        #    of this token block in fp32 (summed over token blocks by the caller: no atomics).
+        #    Their order is the one each tile compiles best in for sm_90: the sums first for one
+        #    half (the store first: tf32 128x128x32 156 -> 168 registers, triton 3.9), the store
+        #    first for two halves (the sums first: 16 B/thread of spills with triton 3.6)
         db_row = db_ptr + pid_n.to(tl.int64) * stride_dbn  # int64: program id x a runtime int
-        tl.store(db_row + local_cols, tl.sum(dz, 0), mask=col_mask)
-    tl.store(
-        dz_ptr + rows[:, None] * stride_dzn + local_cols[None, :],
-        dz.to(dz_ptr.dtype.element_ty),
-        mask=(rows < N)[:, None] & col_mask[None, :],
-    )
+        if COMPUTE_DB and V_HALVES == 1:
+            tl.store(db_row + local_cols, tl.sum(dz, 0), mask=col_mask)
+        tl.store(
+            dz_ptr + rows[:, None] * stride_dzn + local_cols[None, :],
+            dz.to(dz_ptr.dtype.element_ty),
+            mask=(rows < N)[:, None] & col_mask[None, :],
+        )
+        if COMPUTE_DB and V_HALVES == 2:
+            tl.store(db_row + local_cols, tl.sum(dz, 0), mask=col_mask)
 
 
 def fused_dz(
@@ -162,7 +183,10 @@ def fused_dz(
     with common.launch_device(hidden.device):
         plan.launch(
             _fused_dz_kernel,
-            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(vc, meta["BLOCK_V"]),),
+            lambda meta: (
+                triton.cdiv(n, meta["BLOCK_N"])
+                * triton.cdiv(vc, meta["BLOCK_V"] * meta["V_HALVES"]),  # program step: 1-2 halves
+            ),
             hidden, weight, bias if bias is not None else weight, row_idx, labels, count,
             count_offset, lse, coefs, coefs.stride(0), out, out.stride(0),
             db_partial if db_partial is not None else out,

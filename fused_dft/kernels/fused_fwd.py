@@ -15,6 +15,10 @@ BLOCK_N tokens and a contiguous range of vocab tiles; for each tile it
      with the exponents taken relative to 0 while m' = -inf (a tile of -inf logits: a masked
      vocabulary), so no exp(-inf - -inf) = NaN, and e (z - m') = 0 where e = 0;
   3. adds the label logit z_y (in the tile that holds y) and sum z (label smoothing).
+With V_HALVES = 2 (FusedConfig.v_halves) a program step covers 2*BLOCK_V vocab columns as two
+BLOCK_V-wide halves: step 1 loads the h block once per BLOCK_D step for both halves' dots
+(common.logits_tile_halves; the FLOP per byte of the wide tile), steps 2-3 run on one half after
+the other (the epilogue's temporaries stay BLOCK_N x BLOCK_V: no spills at 128 x (2x128) on sm_90).
 The number of splits is chosen from the SM count and the number of token blocks so that about one
 wave of programs is one group (small batches still fill the GPU). Partials (5, splits, n) are
 merged in O(n * splits) by partials.merge: lse = m + log s, entropy = log s - t / s.
@@ -32,6 +36,7 @@ from . import common, configs
 from .common import (
     grouped_program,
     logits_tile,
+    logits_tile_halves,
     new_output,
     tf32_allowed,
     transform_logits,
@@ -72,6 +77,7 @@ def _fused_partials_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     GROUP_N: tl.constexpr,
+    V_HALVES: tl.constexpr,
 ):
     pid_n, split = grouped_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -91,39 +97,53 @@ def _fused_partials_kernel(
     v_end = tl.minimum(v_begin + split_cols, V)
     v_end = tl.where(pid_n * BLOCK_N < count, v_end, v_begin)
     offs_v = tl.arange(0, BLOCK_V)
-    for v_start in range(v_begin, v_end, BLOCK_V):
+    for v_start in range(v_begin, v_end, BLOCK_V * V_HALVES):
         # int64: cols * stride_wv passes 2^31 once V * D does (e.g. 256k x 8k)
         cols = offs_v.to(tl.int64) + v_start
         col_mask = cols < V
-        # 1. logits tile, kept in registers (steps numbered as in the module docstring)
-        x = logits_tile(
-            h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, D,
-            stride_hn, stride_hd, stride_wv, stride_wd,
-            HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
-        )  # fmt: skip
-        z, _ = transform_logits(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-        # 3. label logit (only the tile holding y contributes; int32 tile-local compare) and the
-        #    sum of z for label smoothing, before padding columns are masked
-        y_local = (y - v_start).to(tl.int32)
-        z_y += tl.sum(tl.where(offs_v[None, :] == y_local[:, None], z, 0.0), 1)
-        if NEED_SUM:
-            sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
-        # 2. online log-sum-exp. Columns past V are -inf, like masked vocabulary entries (a
-        #    bias of -inf): every tile so far may be all -inf (m' = -inf), so the exponents are
-        #    taken relative to m_ref = m', or 0 while m' = -inf (never exp(-inf - -inf) = nan);
-        #    then alpha = 0, e = 0 and s = t = 0 until a finite logit arrives. e (z - m_ref) is
-        #    0 where e is 0 (not 0 * -inf = nan). nan / +inf from the data still propagate (s).
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_ref)
-        e = tl.exp(z - m_ref[:, None])
-        if NEED_ENTROPY:
-            # relative to the running max: no cancellation at |z| >> 1 (s > 0: m, m' finite)
-            t = alpha * (t + tl.where(s > 0, m - m_new, 0.0) * s)
-            t += tl.sum(tl.where(e > 0, e * (z - m_ref[:, None]), 0.0), 1)
-        s = s * alpha + tl.sum(e, 1)
-        m = m_new
+        # 1. logits tile, kept in registers (steps numbered as in the module docstring); with
+        #    V_HALVES = 2 a BLOCK_N x 2*BLOCK_V tile as two halves, reduced one after the other
+        if V_HALVES == 1:
+            x = logits_tile(
+                h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, D,
+                stride_hn, stride_hd, stride_wv, stride_wd,
+                HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
+            )  # fmt: skip
+        else:
+            x, x_hi = logits_tile_halves(
+                h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, cols + BLOCK_V < V,
+                D, stride_hn, stride_hd, stride_wv, stride_wd,
+                HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
+            )  # fmt: skip
+        for half in tl.static_range(V_HALVES):
+            v_tile = v_start + half * BLOCK_V
+            if half == 1:
+                x = x_hi
+                cols = cols + BLOCK_V
+                col_mask = cols < V
+            z, _ = transform_logits(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+            # 3. label logit (only the tile holding y contributes; int32 tile-local compare) and the
+            #    sum of z for label smoothing, before padding columns are masked
+            y_local = (y - v_tile).to(tl.int32)
+            z_y += tl.sum(tl.where(offs_v[None, :] == y_local[:, None], z, 0.0), 1)
+            if NEED_SUM:
+                sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+            # 2. online log-sum-exp. Columns past V are -inf, like masked vocabulary entries (a
+            #    bias of -inf): every tile so far may be all -inf (m' = -inf), so the exponents are
+            #    taken relative to m_ref = m', or 0 while m' = -inf (never exp(-inf - -inf) = nan);
+            #    then alpha = 0, e = 0 and s = t = 0 until a finite logit arrives. e (z - m_ref) is
+            #    0 where e is 0 (not 0 * -inf = nan). nan / +inf from the data still propagate (s).
+            z = tl.where(col_mask[None, :], z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_ref)
+            e = tl.exp(z - m_ref[:, None])
+            if NEED_ENTROPY:
+                # relative to the running max: no cancellation at |z| >> 1 (s > 0: m, m' finite)
+                t = alpha * (t + tl.where(s > 0, m - m_new, 0.0) * s)
+                t += tl.sum(tl.where(e > 0, e * (z - m_ref[:, None]), 0.0), 1)
+            s = s * alpha + tl.sum(e, 1)
+            m = m_new
 
     # 4. partials (5, splits, N); rows past the count get m = -inf, s = 0 (merged, then masked).
     #    int64: the last plane's offset 4 * splits * N passes 2^31 from splits * N >= 2^29

@@ -8,7 +8,8 @@ compiled). Per compile:
     registers     registers per thread (cuobjdump --dump-resource-usage: REG)
     spill_bytes   stack frame + local memory per thread (STACK + LOCAL), where ptxas puts spilled
                   registers: the kernels make no calls and hold no local arrays
-    tile          block_n x block_v x block_d of the fused kernels' logits tile; num_warps,
+    tile          block_n x block_v x block_d of the fused kernels' logits tile ("128x(2x128)x64":
+                  v_halves=2, two 128-wide halves per program step); num_warps,
                   num_stages: the launch's warps and pipeline depth
     ctas_per_sm   programs one SM holds at once, from registers and shared memory alone: registers
                   allocated per warp in units of 256, against the arch's 65536 per SM; shared
@@ -16,7 +17,8 @@ compiled). Per compile:
                   per SM (228 KB on sm_90 / sm_100, 164 KB on sm_80, 100 KB on sm_86 / 89 / 120)
     flop_per_byte FLOPs of a logits tile per operand byte loaded from L2:
                   2*BN*BV*BD / ((BN + BV) * BD * elem_bytes) = 2*BN*BV / ((BN + BV) * elem_bytes)
-                  (128 x 128 in bf16: 64; 128 x 256: 85); at 600+ TFLOP/s, 64 needs ~9 TB/s of L2
+                  (128 x 128 in bf16: 64; 128 x 256 or 128 x (2x128): 85); at 600+ TFLOP/s, 64
+                  needs ~9 TB/s of L2
     tensor_cores  whether the dots became the arch's tensor-core instruction (PTX wgmma.mma_async on
                   sm_90, tcgen05.mma on sm_100, mma.sync on sm_80 / sm_86 / sm_89 / sm_120; a dot
                   that fell back to mma.sync on sm_90 counts as False); None without tl.dot
@@ -286,13 +288,16 @@ def compile_one(job: dict) -> dict:
     shared = int(compiled.metadata.shared)
     warps = int(compiled.metadata.num_warps)
     tile = [meta.get(k) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")]
+    halves = meta.get("V_HALVES", 1)
     elem_bytes = 2 if pointee in ("bf16", "fp16") else 4
     return {
-        "tile": "x".join(map(str, tile)) if all(tile) else None,
+        "tile": tile_label(*tile, halves) if all(tile) else None,
         "num_warps": warps,
         "num_stages": options.get("num_stages"),
         "ctas_per_sm": ctas_per_sm(usage["REG"], warps, shared, arch),
-        "flop_per_byte": flop_per_byte(*tile[:2], elem_bytes) if all(tile) else None,
+        "flop_per_byte": (
+            flop_per_byte(tile[0], tile[1] * halves, elem_bytes) if all(tile) else None
+        ),
         "shared_bytes": shared,
         "registers": usage["REG"],
         "spill_bytes": usage["STACK"] + usage["LOCAL"],
@@ -311,6 +316,12 @@ def ctas_per_sm(registers: int, num_warps: int, shared_bytes: int, arch: Arch) -
     by_registers = arch.regs_per_sm // (regs_per_warp * num_warps)
     by_shared = arch.shared_per_sm // (shared_bytes + 1024)
     return min(by_registers, by_shared)
+
+
+def tile_label(block_n: int, block_v: int, block_d: int, v_halves: int = 1) -> str:
+    """'128x128x64'; a tile computed as two vocabulary halves: '128x(2x128)x64'."""
+    cols = str(block_v) if v_halves == 1 else f"({v_halves}x{block_v})"
+    return f"{block_n}x{cols}x{block_d}"
 
 
 def flop_per_byte(block_n: int, block_v: int, elem_bytes: int) -> float:

@@ -123,11 +123,11 @@ def _fused_flags(dtype: str) -> dict[str, object]:
 
 
 def _fused_label(config) -> str:
-    """A FusedConfig as config text, without vocab_splits (a host-side choice, not compiled)."""
-    return ",".join(
-        f"{k}={getattr(config, k)}"
-        for k in ("block_n", "block_v", "block_d", "num_warps", "num_stages", "group_n")
-    )
+    """A FusedConfig as config text, without vocab_splits (a host-side choice, not compiled);
+    v_halves only when it is 2."""
+    names = ("block_n", "block_v", "block_d", "num_warps", "num_stages", "group_n")
+    names += ("v_halves",) if config.v_halves != 1 else ()
+    return ",".join(f"{k}={getattr(config, k)}" for k in names)
 
 
 def _fused_configs(dtype: str, arch: str) -> list[str]:

@@ -134,7 +134,8 @@ def test_fixed_launch_passes_the_tiles_and_options():
     plan.launch(kernel, lambda meta: (meta["BLOCK_N"], 7), 1, 2, key=("D",), FLAG=True)
     ((grid, args, kwargs),) = kernel.calls
     assert grid == (32, 7) and args == (1, 2)
-    expected = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, GROUP_N=8, num_warps=4, num_stages=3)
+    expected = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, GROUP_N=8, V_HALVES=1)
+    expected.update(num_warps=4, num_stages=3)
     assert kwargs == dict(FLAG=True, **expected)
 
 

@@ -207,6 +207,38 @@ def test_ctas_per_sm_from_registers_and_shared_memory():
     assert report.ctas_per_sm(64, 4, 72 * 1024, report.ARCHS["sm_89"]) == 1  # 100 KB per SM
 
 
+# sm_90's two-halves candidates (v_halves=2: a 128 x 256 tile per program step as two 128 x 128
+# halves), 16-bit and tf32, forward and dz kernel: compiled for sm_90 with no spills, wgmma, 1 CTA
+# per SM, 85 FLOP/B in bf16 (43 in tf32), the tile labelled as two halves. 8 compiles, ~1 min cold
+def test_sm90_two_halves_candidates_compile_without_spills():
+    if NO_TOOLS:
+        pytest.skip(f"cannot compile for NVIDIA GPUs here: {NO_TOOLS}")
+    from fused_dft.kernels import configs
+
+    jobs = []
+    for dtype in ("bf16", "tf32"):
+        wide = [c for c in configs.shipped_configs(specs.DTYPES[dtype][1]) if c.v_halves == 2]
+        assert len(wide) == 2, wide
+        for kernel in ("fused_fwd", "fused_bwd"):
+            jobs += [
+                {"kernel": kernel, "dtype": dtype, "arch": "sm_90", "config": specs._fused_label(c)}
+                for c in wide
+            ]
+    rows = report.compile_jobs(jobs)
+    for row in rows:
+        assert not report.problems(row), (where(row), report.problems(row))
+        assert row["tensor_cores"] and row["dot_instruction"] == "wgmma", where(row)
+        assert row["tile"] in ("128x(2x128)x64", "128x(2x128)x32"), where(row)
+        flop_per_byte = 85.33 if row["dtype"] == "bf16" else 42.67
+        assert row["flop_per_byte"] == pytest.approx(flop_per_byte, abs=0.01), where(row)
+        assert row["ctas_per_sm"] == 1 and row["shared_bytes"] <= 144 * 1024, where(row)
+
+
+def test_tile_label_of_two_halves():
+    assert report.tile_label(128, 128, 64) == "128x128x64"
+    assert report.tile_label(128, 128, 64, 2) == "128x(2x128)x64"
+
+
 def test_flop_per_byte_of_a_logits_tile():
     assert report.flop_per_byte(128, 128, 2) == 64  # the issue's figure for 128 x 128 in bf16
     assert report.flop_per_byte(128, 256, 2) == report.flop_per_byte(256, 128, 2) == 2 * 32768 / 768
