@@ -92,12 +92,16 @@ class SFTTrainer(_VerlSFTTrainer):
 
 
 def run_sft(config, loss_type: str = "dft", impl: str = "auto") -> None:
-    """verl.trainer.sft_trainer.run_sft through the adapter's trainer."""
+    """verl.trainer.sft_trainer.run_sft through the adapter's trainer; a process group the caller
+    created is used (and left alone), else verl's own is created and destroyed."""
     from verl.utils.distributed import destroy_global_process_group, initialize_global_process_group
 
-    initialize_global_process_group()
+    owned = not torch.distributed.is_initialized()
+    if owned:
+        initialize_global_process_group()
     SFTTrainer(config, loss_type=loss_type, impl=impl).fit()
-    destroy_global_process_group()
+    if owned:
+        destroy_global_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
