@@ -5,7 +5,9 @@ venv). For each trainer: one venv (torch 2.13.0 kept, the trainer pinned in TRAI
 installed editable without deps), then, inside it, this script with `--inside TRAINER`: a tiny
 config-built Qwen2 and a word-level tokenizer written to a temporary folder (nothing from a hub),
 the trainer's own SFT for 3 optimizer steps with its flag (its own loss), the same run through the
-adapter, and the logged losses and grad norms compared (rtol LOSS_RTOL). Prints one line per step
+adapter, and the logged losses and grad norms compared (rtol LOSS_RTOL). verl has no DFT flag:
+its SFT trainer with its loss function's DFT form written here, on RANKS["verl"] torchrun
+ranks, against the adapter (the CPU shim it needs: verl_cpu.py). Prints one line per step
 and a summary; exits 1 if any trainer differs or fails. The results of a full run are recorded in
 docs/integrations.md.
 
