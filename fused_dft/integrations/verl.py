@@ -41,6 +41,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import torch
 
+from fused_dft.arguments import check_impl
 from fused_dft.integrations import verl_logprobs as vl
 
 __all__ = ["SFTTrainer", "family_sft_loss", "main", "run_sft"]
@@ -68,6 +69,7 @@ class SFTTrainer(_VerlSFTTrainer):
     def __init__(self, config, loss_type: str = "dft", impl: str = "auto") -> None:
         vl.check_version(metadata.version("verl"))
         self.fused_dft_loss_type = vl.check_loss_type(loss_type)
+        check_impl(impl, None)
         self.fused_dft_impl = impl
         vl.check_settings({key: OmegaConf.select(config, key) for key in _SETTINGS})
         super().__init__(config)

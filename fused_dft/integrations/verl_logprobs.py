@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from fused_dft.arguments import check_impl
 from fused_dft.hf.heads import _as_lm_head_forward
 from fused_dft.logprobs import fused_linear_logprobs
 
@@ -188,6 +189,7 @@ def fused_logprob_forward(
 
 def patch_logprob_forward(model: torch.nn.Module, impl: str = "auto") -> torch.nn.Module:
     """Bind fused_logprob_forward to this model instance (not its class); returns the model."""
+    check_impl(impl, None)
     if getattr(model, "get_decoder", None) is None or model.get_output_embeddings() is None:
         raise TypeError(
             f"fused_dft.integrations.verl: {type(model).__name__} is not a causal LM with a "

@@ -46,6 +46,8 @@ TRAINERS = {
             ("dft", {"loss_type": "dft"}),  # impl auto: chunked_torch on the CPU
             ("dft-fused", {"loss_type": "dft", "impl": "fused"}),  # Triton's interpreter
             ("ce", {"loss_type": "ce"}),
+            # a tied head: FSDP2 leaves it to the root unit (not its own unit)
+            ("dft-tied", {"loss_type": "dft", "tie": True}),
         ],
     ),
 }
@@ -307,6 +309,12 @@ def run_verl(folder: Path) -> list[dict]:
     # special tokens around each turn: per-turn and whole-chat tokenization agree (verl checks)
     tok.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
     tok.save_pretrained(model)
+    tied = folder / "tiny-qwen2-tied"
+    config = transformers.AutoConfig.from_pretrained(model)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(tied)
+    tok.save_pretrained(tied)
     halves = [(w[: len(w) // 2], w[len(w) // 2 :]) for w in sentences()]
     chats = [
         [{"role": "user", "content": " ".join(a)}, {"role": "assistant", "content": " ".join(b)}]
@@ -320,13 +328,15 @@ def run_verl(folder: Path) -> list[dict]:
     results = []
     for case, flags in TRAINERS["verl"][1]:
         logs = {}
+        ours = {k: v for k, v in flags.items() if k in ("loss_type", "impl")}
         for who in ("verl", "fused_dft"):
             overrides = [
-                f"model.path={model}", "model.use_remove_padding=false",
+                f"model.path={tied if flags.get('tie') else model}",
+                "model.use_remove_padding=false",
                 "model.enable_gradient_checkpointing=false",
                 "+model.override_config.attn_implementation=sdpa",
                 f"data.train_files={folder / 'tiny.parquet'}", "data.train_batch_size=8",
-                "data.micro_batch_size_per_gpu=4", "data.use_dynamic_bsz=false",
+                "data.micro_batch_size_per_gpu=2", "data.use_dynamic_bsz=false",
                 "data.max_length=64", "data.num_workers=0", "engine.strategy=fsdp2",
                 "engine.model_dtype=fp32", "engine.dtype=float32",
                 "+engine.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
@@ -343,7 +353,7 @@ def run_verl(folder: Path) -> list[dict]:
                 OwnLoss.loss_type = flags["loss_type"]
                 trainer = OwnLoss(config)
             else:
-                trainer = adapter.SFTTrainer(config, **flags)
+                trainer = adapter.SFTTrainer(config, **ours)
             forward = trainer.engine.module.__dict__.get("forward")
             patched = getattr(forward, "__func__", None) is verl_logprobs.fused_logprob_forward
             if patched != (who == "fused_dft"):

@@ -139,6 +139,13 @@ def test_forward_refuses_a_model_without_decoder_or_head():
         vl.patch_logprob_forward(torch.nn.Linear(3, 4))
 
 
+def test_an_unknown_impl_is_refused_when_patching():
+    model = tiny_qwen2(tie=False)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        vl.patch_logprob_forward(model, impl="naive")
+    assert "forward" not in model.__dict__
+
+
 def test_bad_temperature_is_refused_before_compute():
     model = tiny_qwen2(tie=False)
     with pytest.raises(ValueError, match="temperature must be a positive number"):
