@@ -44,23 +44,13 @@ import torch
 from fused_dft.arguments import check_impl
 from fused_dft.integrations import verl_logprobs as vl
 
-__all__ = ["SFTTrainer", "family_sft_loss", "main", "run_sft"]
+__all__ = ["SFTTrainer", "main", "run_sft"]
 
 # verl config keys check_settings reads
 _SETTINGS = (
     "engine.strategy", "engine.ulysses_sequence_parallel_size", "model.lora_rank",
     "model.lora_adapter_path", "model.use_liger", "model.tiled_mlp.enabled", "data.pad_mode",
 )  # fmt: skip
-
-
-def family_sft_loss(config, model_output, data, dp_group=None, *, loss_type: str):
-    """verl's loss-function signature (workers/utils/losses.py sft_loss) with the family's
-    per-token term. model_output["log_probs"] and data["loss_mask"] are nested (jagged) per
-    sequence; the mask is rolled left by one token to align with the labels (token t + 1)."""
-    log_prob = model_output["log_probs"].values()
-    loss_mask = torch.roll(data["loss_mask"].values(), shifts=-1, dims=0)
-    loss = vl.sft_loss(log_prob, loss_mask, data["batch_num_tokens"], data["dp_size"], loss_type)
-    return loss, {}
 
 
 class SFTTrainer(_VerlSFTTrainer):
@@ -82,7 +72,7 @@ class SFTTrainer(_VerlSFTTrainer):
 
     def _build_engine(self) -> None:
         super()._build_engine()
-        self.loss_fn = partial(family_sft_loss, config=None, loss_type=self.fused_dft_loss_type)
+        self.loss_fn = partial(vl.family_sft_loss, loss_type=self.fused_dft_loss_type)
         self.training_client.set_loss_fn(loss_fn=self.loss_fn)
         build_module, impl = self.engine._build_module, self.fused_dft_impl
 

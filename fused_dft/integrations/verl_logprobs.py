@@ -105,6 +105,18 @@ def sft_loss(
     return per_token.sum() / batch_num_tokens * dp_size
 
 
+def family_sft_loss(model_output, data, dp_group=None, config=None, *, loss_type: str):
+    """verl's loss-function signature (workers/utils/losses.py sft_loss; its engine passes
+    model_output, data, dp_group) with the family's per-token term, for verl's no_padding
+    batches: model_output["log_probs"] and data["loss_mask"] are nested (jagged) per sequence,
+    packed back to back; the mask is rolled left by one token over the packed row, so the
+    log-prob of token t (label: token t + 1) counts when token t + 1 is in the loss mask."""
+    log_prob = model_output["log_probs"].values()
+    loss_mask = torch.roll(data["loss_mask"].values(), shifts=-1, dims=0)
+    loss = sft_loss(log_prob, loss_mask, data["batch_num_tokens"], data["dp_size"], loss_type)
+    return loss, {}
+
+
 @dataclass
 class LogprobOutput:
     """What verl's engine reads from a fused-kernel forward (its CausalLMOutputForPPO fields)."""

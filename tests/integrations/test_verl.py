@@ -78,6 +78,42 @@ def test_sft_loss_on_fused_logprobs_equals_float64_oracle(
     assert bool((got_dh[~mask] == 0).all())
 
 
+def test_verl_loss_function_aligns_the_mask_with_each_sequences_labels():
+    # verl's no_padding batch: ragged sequences as jagged nested tensors, packed back to back;
+    # each starts with a prompt token (out of the loss mask), as verl's SFT data does
+    g = torch.Generator().manual_seed(5)
+    lengths = [7, 3, 12, 5]
+    logps = [-torch.rand(n, generator=g, dtype=torch.float64) * 4 for n in lengths]
+    masks = [(torch.rand(n, generator=g) > 0.3).long() for n in lengths]
+    for m in masks:
+        m[0] = 0
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    nested = lambda flat: torch.nested.nested_tensor_from_jagged(flat, offsets)  # noqa: E731
+    data = {"loss_mask": nested(torch.cat(masks)), "batch_num_tokens": 40, "dp_size": 2}
+    for kind in vl.LOSS_TYPES:
+        flat = torch.cat(logps).requires_grad_(True)  # as verl builds them from packed rows
+        loss, metrics = vl.family_sft_loss({"log_probs": nested(flat)}, data, loss_type=kind)
+        # oracle, per sequence: position t predicts token t + 1, counted if that token is in
+        # the loss mask; the last position predicts nothing
+        want = 0.0
+        for lp, m in zip(logps, masks):
+            for t in range(len(lp) - 1):
+                if m[t + 1]:
+                    p = float(torch.exp(lp[t]))
+                    want += -float(lp[t]) * (1.0 if kind == "ce" else p)
+        want = want / 40 * 2
+        got = float(loss.detach())
+        assert metrics == {} and abs(got - want) <= 1e-12 * max(1.0, abs(want)), (
+            kind, got, want)  # fmt: skip
+        (grad,) = torch.autograd.grad(loss, flat)
+        want_grad = []
+        for lp, m in zip(logps, masks):
+            counted = torch.cat([m[1:], m.new_zeros(1)]).bool()
+            slope = torch.ones_like(lp) if kind == "ce" else torch.exp(lp)  # -d l_t / d log p_t
+            want_grad.append(torch.where(counted, -slope * 2 / 40, 0.0))
+        assert_close(grad, torch.cat(want_grad), f"{kind} grad")
+
+
 def test_masked_tokens_never_reach_the_loss():
     # a NaN or -inf log-prob under the mask (e.g. an unwritten position) must not leak
     log_prob = torch.tensor([-1.0, float("nan"), -2.0, float("-inf")], requires_grad=True)
