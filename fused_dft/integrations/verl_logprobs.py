@@ -179,11 +179,13 @@ def fused_logprob_forward(
     already rolled over the whole packed row), else labels or input_ids rolled left by one
     (the last token's label wraps around; verl's loss mask drops it).
     """
-    flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+    # passed only when set (transformers >= 5.2x deprecates past_key_values for `cache`)
+    optional = {"past_key_values": past_key_values, "output_attentions": output_attentions,
+                "output_hidden_states": output_hidden_states}  # fmt: skip
     out = self.get_decoder()(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-        **{k: v for k, v in flags.items() if v is not None}, **kwargs,
+        inputs_embeds=inputs_embeds, use_cache=use_cache,
+        **{k: v for k, v in optional.items() if v is not None}, **kwargs,
     )  # fmt: skip
     if shift_labels is not None:
         rolled = shift_labels
