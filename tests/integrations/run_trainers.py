@@ -5,7 +5,9 @@ venv). For each trainer: one venv (torch 2.13.0 kept, the trainer pinned in TRAI
 installed editable without deps), then, inside it, this script with `--inside TRAINER`: a tiny
 config-built Qwen2 and a word-level tokenizer written to a temporary folder (nothing from a hub),
 the trainer's own SFT for 3 optimizer steps with its flag (its own loss), the same run through the
-adapter, and the logged losses and grad norms compared (rtol LOSS_RTOL). Prints one line per step
+adapter, and the logged losses and grad norms compared (rtol LOSS_RTOL). verl has no DFT flag:
+its SFT trainer with its loss function's DFT form written here, on RANKS["verl"] torchrun
+ranks, against the adapter (the CPU shim it needs: verl_cpu.py). Prints one line per step
 and a summary; exits 1 if any trainer differs or fails. The results of a full run are recorded in
 docs/integrations.md.
 
@@ -45,12 +47,30 @@ TRAINERS = {
         ],
     ),
     "ms-swift": ("ms-swift==4.6.0", [("dft", {"enable_dft_loss": True}), ("ce", {})]),
+    # verl has no DFT flag: its own SFT with its loss function swapped for DFT on its own
+    # log-probs (from the logits), against the adapter's (fused log-probs, no logits)
+    "verl": (
+        "verl==0.9.1",
+        [
+            ("dft", {"loss_type": "dft"}),  # impl auto: chunked_torch on the CPU
+            ("dft-fused", {"loss_type": "dft", "impl": "fused"}),  # Triton's interpreter
+            ("ce", {"loss_type": "ce"}),
+            # a tied head: FSDP2 leaves it to the root unit (not its own unit)
+            ("dft-tied", {"loss_type": "dft", "tie": True}),
+        ],
+    ),
 }
 # the CUDA-only wheels a trainer pulls from PyPI that cannot load beside torch's CPU build
 # (torchaudio / torchvision 0.28: "libc10_cuda.so: cannot open shared object file"): removed from
 # the venv; a trainer that imports one unconditionally gets an empty stand-in module (SHIMS)
 CUDA_ONLY = {"llamafactory": ["torchvision", "torchaudio"]}
 SHIMS = {"llamafactory": ["torchaudio"]}  # llamafactory.data.mm_plugin: `import torchaudio`
+# trainers run on several CPU ranks through torchrun (gloo): verl's FSDP2 then shards every
+# parameter, the untied lm_head as its own unit
+RANKS = {"verl": 2}
+# what a trainer imports but does not declare (verl 0.9.1: `import uvicorn` in
+# verl/workers/rollout/utils.py, reached from its SFT trainer), and triton for impl="fused"
+EXTRAS = {"verl": ["uvicorn", "fastapi", "triton==3.9.0"]}
 LOSS_RTOL = 1e-5
 V = 64  # >= 20: LLaMA-Factory's EAFT takes the top 20 logits
 
@@ -67,7 +87,8 @@ def build_venv(trainer: str, venvs: Path) -> tuple[Path, dict]:
         subprocess.run([*pip, TORCH], check=True)
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:
             constraints.write(TORCH + "\n")
-        subprocess.run([*pip, "-c", constraints.name, TRAINERS[trainer][0]], check=True)
+        requirements = [TRAINERS[trainer][0], *EXTRAS.get(trainer, [])]
+        subprocess.run([*pip, "-c", constraints.name, *requirements], check=True)
         facts["install_s"] = round(time.time() - start)
         for name in CUDA_ONLY.get(trainer, []):
             subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", name], check=True)
@@ -246,7 +267,119 @@ def compare(trainer: str, case: str, theirs: list[dict], ours: list[dict]) -> di
     return {"trainer": trainer, "case": case, "equal": bool(ok), "steps": rows}
 
 
-INSIDE = {"llamafactory": run_llamafactory, "ms-swift": run_ms_swift}
+def run_verl(folder: Path) -> list[dict]:
+    """verl's SFT trainer (its FSDP engine, gloo, one CPU rank) for 3 steps: its own log-probs
+    (logits -> log_softmax -> gather) with its own SFT loss ("ce") or that loss's DFT form
+    written here ("dft"), against fused_dft.integrations.verl.SFTTrainer."""
+    import importlib.metadata
+    from functools import partial
+
+    import pandas
+    import torch
+    import transformers
+    import verl_cpu  # tests/integrations: verl's CPU platform and engine registration
+    from hydra import compose, initialize_config_module
+
+    verl_cpu.install()
+    import verl.trainer.sft_trainer as verl_sft
+    from verl.utils.torch_functional import masked_sum
+    from verl.workers.utils.losses import sft_loss
+
+    from fused_dft.integrations import verl as adapter
+    from fused_dft.integrations import verl_logprobs
+
+    def own_dft_loss(model_output, data, dp_group=None, config=None):
+        """verl's sft_loss (no-padding branch) with -sg(p) log p per token in place of -log p."""
+        log_prob = model_output["log_probs"].values()
+        mask = torch.roll(data["loss_mask"].values(), shifts=-1, dims=0)
+        per_token = -torch.exp(log_prob.detach()) * log_prob
+        return masked_sum(per_token, mask) / data["batch_num_tokens"] * data["dp_size"], {}
+
+    class OwnLoss(verl_sft.SFTTrainer):
+        """verl's trainer, unchanged but for the loss function (DFT) set after its engine."""
+
+        def _build_engine(self):
+            super()._build_engine()
+            own = self.loss_type == "dft"
+            self.loss_fn = own_dft_loss if own else partial(sft_loss, config=None)
+            self.training_client.set_loss_fn(loss_fn=self.loss_fn)
+
+    class Recorder:
+        """Stands in for verl's Tracking (sft_trainer.Tracking): keeps each step's metrics."""
+
+        logs: list[dict] = []
+
+        def __init__(self, *args, **kwargs):
+            Recorder.logs = []
+
+        def log(self, data, step):
+            Recorder.logs.append({"loss": data["train/loss"], "grad_norm": data["train/grad_norm"]})
+
+    verl_sft.Tracking = Recorder
+    model = tiny_model_dir(folder, byte_level=True)  # transformers 5.10 rebuilds a Qwen2Tokenizer
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    # special tokens around each turn: per-turn and whole-chat tokenization agree (verl checks)
+    tok.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+    tok.save_pretrained(model)
+    tied = folder / "tiny-qwen2-tied"
+    config = transformers.AutoConfig.from_pretrained(model)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(tied)
+    tok.save_pretrained(tied)
+    halves = [(w[: len(w) // 2], w[len(w) // 2 :]) for w in sentences()]
+    chats = [
+        [{"role": "user", "content": " ".join(a)}, {"role": "assistant", "content": " ".join(b)}]
+        for a, b in halves
+    ]
+    pandas.DataFrame({"messages": chats}).to_parquet(folder / "tiny.parquet")
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", LOCAL_RANK="0",
+                           WORLD_SIZE="1").items():  # fmt: skip
+        os.environ.setdefault(key, value)  # torchrun sets them for several ranks
+    torch.distributed.init_process_group("gloo")
+    results = []
+    for case, flags in TRAINERS["verl"][1]:
+        logs = {}
+        ours = {k: v for k, v in flags.items() if k in ("loss_type", "impl")}
+        for who in ("verl", "fused_dft"):
+            overrides = [
+                f"model.path={tied if flags.get('tie') else model}",
+                "model.use_remove_padding=false",
+                "model.enable_gradient_checkpointing=false",
+                "+model.override_config.attn_implementation=sdpa",
+                f"data.train_files={folder / 'tiny.parquet'}", "data.train_batch_size=8",
+                "data.micro_batch_size_per_gpu=2", "data.use_dynamic_bsz=false",
+                "data.max_length=64", "data.num_workers=0", "engine.strategy=fsdp2",
+                "engine.model_dtype=fp32", "engine.dtype=float32",
+                "+engine.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
+                "engine.use_torch_compile=false",
+                "optim.lr=0.01", "optim.weight_decay=0.0", "trainer.total_training_steps=3",
+                "trainer.logger=[console]", "trainer.device=cpu", "trainer.resume_mode=disable",
+                f"trainer.default_local_dir={folder / f'{case}-{who}'}",
+                "checkpoint.save_contents=[model]",
+            ]  # fmt: skip
+            with initialize_config_module("verl.trainer.config", version_base=None):
+                config = compose("sft_trainer_engine", overrides)
+            torch.manual_seed(0)
+            if who == "verl":
+                OwnLoss.loss_type = flags["loss_type"]
+                trainer = OwnLoss(config)
+            else:
+                trainer = adapter.SFTTrainer(config, **ours)
+            forward = trainer.engine.module.__dict__.get("forward")
+            patched = getattr(forward, "__func__", None) is verl_logprobs.fused_logprob_forward
+            if patched != (who == "fused_dft"):
+                raise AssertionError(f"{case} {who}: model patched = {patched}")
+            trainer.fit()
+            logs[who] = list(Recorder.logs)
+        results.append(compare("verl", case, logs["verl"], logs["fused_dft"]))
+    torch.distributed.destroy_process_group()
+    for r in results:
+        r["version"] = importlib.metadata.version("verl")
+    return results
+
+
+INSIDE = {"llamafactory": run_llamafactory, "ms-swift": run_ms_swift, "verl": run_verl}
 
 
 def main() -> int:
@@ -259,7 +392,8 @@ def main() -> int:
     if args.inside:
         with tempfile.TemporaryDirectory() as folder:
             results = INSIDE[args.inside](Path(folder))
-        Path(args.out).write_text(json.dumps(results))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 logs the metrics
+            Path(args.out).write_text(json.dumps(results))
         return 0
     failed = False
     for trainer in args.trainers:
@@ -271,7 +405,10 @@ def main() -> int:
                 (Path(shims) / f"{name}.py").write_text('"""stand-in: not loadable on CPU"""\n')
             path = os.pathsep.join([shims, str(ROOT)])
             env = {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "1"}
-            cmd = [str(python), __file__, "--inside", trainer, "--out", str(out)]
+            launch = [str(python)]
+            if RANKS.get(trainer, 1) > 1:
+                launch += ["-m", "torch.distributed.run", f"--nproc-per-node={RANKS[trainer]}"]
+            cmd = [*launch, __file__, "--inside", trainer, "--out", str(out)]
             if subprocess.run(cmd, env=env).returncode != 0:
                 print(f"!! {trainer}: the run failed", flush=True)
                 failed = True
