@@ -123,6 +123,24 @@ def test_asft_kernels_match_oracle(case, reduction, variant, monkeypatch):
     assert all(t is None or (t.grad is None and not t.requires_grad) for t in extra.values())
 
 
+# validate="device" (CUDA's default): every row goes to the kernels, the ignored ones after the
+# tokens, masked by the device-side count (the fused kernels skip them, the chunked path zeroes
+# their hidden rows); their loss and gradient must stay 0
+@pytest.mark.parametrize("case", ["chunked_small_tiles", "fused_small_tiles"])
+def test_asft_kernels_with_device_side_selection(case, monkeypatch):
+    impl = use_impl(case, monkeypatch)
+    hidden, weight, labels, bias, extra = asft_inputs(True, True)
+    extra = dict(extra, validate="device")
+    upstream = torch.randn(N, dtype=torch.float64)
+    loss, grads = run(impl, hidden, weight, labels, bias, upstream, "none", 1.25, 3.0, extra)
+    del extra["validate"]
+    loss_t, grads_t = oracle(hidden, weight, labels, bias, upstream, **extra, reduction="none",
+                             logit_scale=1.25, softcap=3.0)  # fmt: skip
+    assert_close(loss, loss_t, "loss", rtol=1e-5, atol_frac=1e-6)
+    for name, g, g_t in zip(("dh", "dW", "db"), grads, grads_t):
+        assert_close(g, g_t, name)
+
+
 # the KL term matters in these inputs (else the tests above would not see a wrong q): the
 # oracle's gradient without it differs by more than the tolerance
 def test_inputs_make_the_reference_term_visible():
