@@ -276,7 +276,7 @@ def llamafactory_asft(logits, ref_logits, labels, alpha):
     return dft + alpha * (kl * mask).sum() / mask.sum()
 
 
-@pytest.mark.parametrize("case", ["reference", "auto", "chunked", "chunked_small_tiles"])
+@pytest.mark.parametrize("case", ["reference", *IMPL_CASES])
 def test_asft_equals_llamafactory(case, monkeypatch):
     impl = use_impl(case, monkeypatch)
     hidden, weight, labels, bias = make_inputs(N, D, V, bias=True, scale=2.0, ignore_index=IGNORE)
