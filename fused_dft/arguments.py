@@ -198,7 +198,7 @@ def check_reference_inputs(opts: LossOptions, impl: str, hidden, weight, ref_hid
                            ref_bias, vocab_parallel: bool = False) -> None:  # fmt: skip
     """asft's reference model: ref_hidden (..., D_r) with hidden's leading shape, ref_weight
     (V, D_r) over the policy's vocabulary, ref_bias (V,) or None; hidden's dtype and device, no
-    grad; exactly when the loss_type needs them, and on the chunked or reference impls."""
+    grad; exactly when the loss_type needs them, and not with a vocab-parallel weight."""
     named = {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias}
     needs = member(opts.loss_type).needs_reference
     if not needs:
@@ -213,10 +213,11 @@ def check_reference_inputs(opts: LossOptions, impl: str, hidden, weight, ref_hid
             f"loss_type={opts.loss_type!r} requires ref_hidden and ref_weight (the reference "
             "model's last hidden states and LM-head weight)"
         )
-    if impl == "fused" or vocab_parallel:
-        where = "impl='fused'" if impl == "fused" else "a vocab-parallel weight"
-        raise ValueError(f"loss_type={opts.loss_type!r} is not implemented with {where}; use "
-                         "impl='chunked' (or 'auto') or 'reference'")  # fmt: skip
+    if vocab_parallel:
+        raise ValueError(
+            f"loss_type={opts.loss_type!r} is not implemented with a vocab-parallel weight; "
+            "use impl='chunked' (or 'auto'), 'fused' or 'reference'"
+        )
     for name, t in named.items():
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

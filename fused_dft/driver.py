@@ -75,7 +75,7 @@ def path_forward(hidden, weight, bias, labels, token_weights, old_logprobs, opts
                  shard: VocabShard | None = None,
                  ref: Reference | None = None) -> PathForward:  # fmt: skip
     """hidden (N, D), labels (N,) global ids; need = (dh, dW, db); impl: a name in BACKENDS;
-    ref: the reference model's hidden states and head (asft; chunked backends only).
+    ref: the reference model's hidden states and head (asft; every backend, no vocab shard).
     With validate="sync" the value checks run first, before any compute."""
     vocab = shard.vocab if shard is not None else weight.shape[0]
     if opts.validate == "sync":

@@ -75,7 +75,7 @@ def fused_linear_dft_loss(
     Tokens whose label is ignore_index contribute nothing (and cost no matmul work).
     ref_hidden (..., D_ref), ref_weight (V, D_ref), ref_bias (V,) or None: the reference model's
     last hidden states and LM head, required by loss_type="asft" (KL(q || p) per token, q the
-    reference's softmax; no gradient flows to them; impl "chunked"/"auto" or "reference").
+    reference's softmax; no gradient flows to them; every impl, not a vocab-parallel weight).
 
     reduction: "mean" (over non-ignored tokens; 0 when there are none), "sum", or "none"
     (per-token losses shaped like labels, 0 at ignored positions; any upstream gradient).

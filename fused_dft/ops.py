@@ -79,6 +79,8 @@ def linear_loss_fwd(
     lse = coefs = None
     if saved is not None:  # back to the original row order, zero at ignored rows
         lse = scatter_rows(saved.lse.to(acc), rows, n_rows)
+        if saved.ref_lse is not None:  # asft: (2, N) = lse, the reference's lse_q
+            lse = torch.stack([lse, scatter_rows(saved.ref_lse.to(acc), rows, n_rows)])
         coefs = torch.stack([scatter_rows(c.to(acc), rows, n_rows) for c in saved.coefs])
     return (
         loss, sums, num_valid, logprobs,
@@ -98,6 +100,7 @@ def _(hidden, weight, bias, labels, token_weights, old_logprobs, options, impl, 
     now = _precomputed(opts, impl, need)
     keep = any(need) and not now
     n_coefs = 3 if ref_hidden is None else 5
+    lse_shape = (n_rows,) if ref_hidden is None else (2, n_rows)  # asft: and lse_q
     return (
         hidden.new_empty((n_rows,) if opts.reduction == "none" else (), dtype=acc),
         hidden.new_empty((4,), dtype=torch.float32),
@@ -106,7 +109,7 @@ def _(hidden, weight, bias, labels, token_weights, old_logprobs, options, impl, 
         hidden.new_empty(hidden.shape) if now and need[0] else _empty(hidden),
         hidden.new_empty(weight.shape, dtype=acc) if now and need[1] else _empty(hidden, acc),
         hidden.new_empty((weight.shape[0],), dtype=acc) if now and need[2] else _empty(hidden, acc),
-        hidden.new_empty((n_rows,), dtype=acc) if keep else _empty(hidden, acc),
+        hidden.new_empty(lse_shape, dtype=acc) if keep else _empty(hidden, acc),
         hidden.new_empty((n_coefs, n_rows), dtype=acc) if keep else _empty(hidden, acc),
     )
 
@@ -130,7 +133,9 @@ def linear_loss_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     opts = decode_options(options)
     rows = select_rows(labels, opts, None, None, acc_dtype(hidden), weight.shape[0])
-    saved = Saved(gather_rows(lse, rows), gather_rows(coefs, rows))
+    lse, coefs = gather_rows(lse, rows), gather_rows(coefs, rows)
+    # lse (n,), or (2, n) = lse and a reference's lse_q (asft)
+    saved = Saved(lse, coefs) if lse.dim() == 1 else Saved(lse[0], coefs, lse[1])
     dh, dw, db = path_backward(
         hidden, weight, bias, rows, saved, grad_loss, opts, impl, chunk_size or None, need,
         ref=_reference(ref_hidden, ref_weight, ref_bias),

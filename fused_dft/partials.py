@@ -16,9 +16,17 @@ From the whole vocabulary:
     correct = (z_y >= m) (the label logit is the maximum; ties count as correct).
 One figure is not a merge of partials: the entropy of the k largest logits renormalized among
 themselves (eaft's top-k form), which the backends compute from the k values of a row (topk_entropy)
-and add to TokenStats; it is gradient-stopped, so only the forward pass needs it. Nor is
-asft's KL(q || p) = sum_j q_j (log q_j - log p_j), q the reference model's softmax: the chunked
-backend computes sum_j q_j (log q_j - z_j) from both logit chunks, and KL = that + lse.
+and add to TokenStats; it is gradient-stopped, so only the forward pass needs it.
+
+asft's KL(q || p) = sum_j q_j (log q_j - log p_j), q = softmax(zq) the reference model's, has
+three partials of its own over a range (the Triton kernels stream them beside the policy's, with
+the policy's z of the same tile):
+    mq = max_j zq_j      sq = sum_j exp(zq_j - mq)      kq = sum_j exp(zq_j - mq) (zq_j - z_j)
+Two ranges merge like the online log-sum-exp: with M = max(mq1, mq2), a_k = exp(mq_k - M),
+    sq = a1 sq1 + a2 sq2,   kq = a1 kq1 + a2 kq2        (zq - z does not depend on the max).
+From the whole vocabulary: lse_q = mq + log sq and
+    cross = sum_j q_j (log q_j - z_j) = kq / sq - lse_q,   KL(q || p) = cross + lse.
+The torch row ops compute cross from both logit chunks directly (rows_torch.reference_cross).
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ import torch
 # row order of a partials tensor (5, ...)
 M, S, T, ZY, SUMZ = range(5)
 NUM_PARTIALS = 5
+# row order of a reference partials tensor (3, ...) (asft)
+MQ, SQ, KQ = range(3)
+NUM_REF_PARTIALS = 3
 
 
 class TokenStats(NamedTuple):
@@ -77,3 +88,23 @@ def finalize(part: torch.Tensor) -> TokenStats:
         correct=(z_y >= m).to(part.dtype),
         sum_z=sum_z,
     )
+
+
+def merge_reference(part: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """part (3, ..., k, ...) reference partials (mq, sq, kq) of k disjoint ranges along `dim` ->
+    (3, ...) merged: sq and kq rescaled by exp(mq_k - M), M the largest mq."""
+    mq_k, sq_k, kq_k = part.unbind(0)
+    dim = dim - 1 if dim > 0 else dim
+    mq = mq_k.amax(dim, keepdim=True)
+    # a range with no finite reference logit has sq = kq = 0: never exp(-inf - -inf)
+    a_k = torch.exp(mq_k - torch.where(torch.isfinite(mq), mq, torch.zeros_like(mq)))
+    return torch.stack([mq.squeeze(dim), (a_k * sq_k).sum(dim), (a_k * kq_k).sum(dim)])
+
+
+def finalize_reference(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """part (3, n) over the whole vocabulary -> (lse_q, cross) of the n tokens:
+    lse_q = mq + log sq (the reference's log-sum-exp, which the backward's q = exp(zq - lse_q)
+    needs) and cross = sum_j q_j (log q_j - z_j) = kq / sq - lse_q (KL(q || p) = cross + lse)."""
+    mq, sq, kq = part.unbind(0)
+    lse_q = mq + sq.log()
+    return lse_q, kq / sq - lse_q

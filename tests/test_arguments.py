@@ -141,16 +141,6 @@ def call(impl="auto", **over):
             "ref_weight requires grad",
         ),
         (
-            dict(
-                loss_type="asft",
-                impl="fused",
-                ref_hidden=torch.randn(N, D),
-                ref_weight=torch.randn(V, D),
-            ),  # fmt: skip
-            ValueError,
-            "loss_type='asft' is not implemented with impl='fused'",
-        ),
-        (
             dict(loss_type="psft", clip_eps=0.0, old_logprobs=-torch.rand(N)),
             ValueError,
             "clip_eps must be > 0",
@@ -258,3 +248,18 @@ def test_fused_float64_is_a_type_error():
             hidden=torch.randn(N, D, dtype=torch.float64),
             weight=torch.randn(V, D, dtype=torch.float64),
         )
+
+
+# asft runs on every impl (fused included) but not yet with a vocab-parallel weight: refused
+# before any compute, naming the layout
+def test_asft_refuses_a_vocab_parallel_weight():
+    from fused_dft.arguments import check_reference_inputs, make_options
+
+    opts = make_options(loss_type="asft")
+    hidden, weight = torch.randn(N, D), torch.randn(V, D)
+    for impl in ("chunked", "fused"):
+        check_reference_inputs(opts, impl, hidden, weight, torch.randn(N, 3), torch.randn(V, 3),
+                               None)  # fmt: skip
+    with pytest.raises(ValueError, match="'asft' is not implemented with a vocab-parallel weight"):
+        check_reference_inputs(opts, "chunked", hidden, weight, torch.randn(N, D),
+                               torch.randn(V, D), None, vocab_parallel=True)  # fmt: skip

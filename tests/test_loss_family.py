@@ -36,8 +36,6 @@ MEMBERS = {
     # a reference model near the policy (its hidden states and head perturbed)
     "asft": {"loss_type": "asft", "asft_alpha": 0.3},
 }
-# asft's reference term is applied by the torch row ops and the reference only
-NO_REFERENCE_TERM = {"fused", "fused_small_tiles"}
 
 
 def oracle(hidden, weight, labels, bias, upstream, *, loss_type="dft", reduction="mean",
@@ -163,12 +161,6 @@ def run_impl(impl, hidden, weight, labels, bias, upstream, opts):
 def test_member_matches_oracle(member, reduction, case, monkeypatch):
     impl = use_impl(case, monkeypatch)
     hidden, weight, labels, bias, opts = member_inputs(member)
-    if member == "asft" and case in NO_REFERENCE_TERM:
-        with pytest.raises(
-            ValueError, match="loss_type='asft' is not implemented with impl='fused'"
-        ):
-            run_impl(impl, hidden, weight, labels, bias, torch.tensor(1.0), opts)
-        return
     upstream = torch.randn(N if reduction == "none" else (), dtype=torch.float64)
     opts["reduction"] = reduction
     loss, grads, logprobs, stats = run_impl(impl, hidden, weight, labels, bias, upstream, opts)
@@ -284,7 +276,7 @@ def llamafactory_asft(logits, ref_logits, labels, alpha):
     return dft + alpha * (kl * mask).sum() / mask.sum()
 
 
-@pytest.mark.parametrize("case", ["reference", "auto", "chunked", "chunked_small_tiles"])
+@pytest.mark.parametrize("case", ["reference", *IMPL_CASES])
 def test_asft_equals_llamafactory(case, monkeypatch):
     impl = use_impl(case, monkeypatch)
     hidden, weight, labels, bias = make_inputs(N, D, V, bias=True, scale=2.0, ignore_index=IGNORE)
@@ -385,8 +377,6 @@ def test_patched_psft_round_trip_uses_returned_logprobs():
     "member", ["power_half", "eaft", "eaft_topk", "psft", "ce_smoothed", "asft"]
 )
 def test_member_bf16_within_torch_error(member, case, monkeypatch):
-    if member == "asft" and case in NO_REFERENCE_TERM:
-        pytest.skip("asft has no fused path (test_member_matches_oracle checks the error)")
     impl = use_impl(case, monkeypatch)
     hidden, weight, labels, bias, opts = member_inputs(member, dtype=torch.bfloat16)
     opts["reduction"] = "sum"

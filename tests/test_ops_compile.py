@@ -78,6 +78,29 @@ def test_compiled_equals_eager_without_graph_breaks(case, reduction, monkeypatch
         assert_close(getattr(stats_c, name), getattr(stats_e, name), name, rtol=1e-6)
 
 
+# asft through the custom ops: with reduction="none" the forward op also returns each token's
+# lse_q (its lse output is (2, N)), which the fake implementation must shape alike
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case", ["chunked", "fused"])
+def test_asft_compiles_without_graph_breaks(case, reduction, monkeypatch):
+    impl = use_impl(case, monkeypatch)
+    hidden, weight, labels, bias = make_inputs(N, D, V, bias=True)
+    ref = dict(ref_hidden=torch.randn(N, D + 8), ref_weight=torch.randn(V, D + 8) / D**0.5)
+    opts = dict(impl=impl, reduction=reduction, loss_type="asft", softcap=3.0, **ref)
+    explained = torch._dynamo.explain(fused_dft.fused_linear_dft_loss)(
+        hidden, weight, labels, bias, **opts
+    )
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(fused_dft.fused_linear_dft_loss, backend="aot_eager", fullgraph=True)
+    loss_c, grads_c, _ = loss_and_grads(compiled, hidden, weight, labels, bias, **opts)
+    loss_e, grads_e, _ = loss_and_grads(
+        fused_dft.fused_linear_dft_loss, hidden, weight, labels, bias, **opts
+    )
+    assert_close(loss_c, loss_e, "loss", rtol=1e-6, atol_frac=1e-7)
+    for name, g_c, g_e in zip(("dh", "dW", "db"), grads_c, grads_e):
+        assert_close(g_c, g_e, name, rtol=1e-6, atol_frac=1e-7)
+
+
 def test_inductor_compiles_the_module():
     hidden, weight, labels, bias = make_inputs(N, D, V, bias=True)
     module = fused_dft.FusedLinearDFTLoss(loss_type="eaft")

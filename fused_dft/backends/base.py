@@ -5,7 +5,7 @@ vocabulary shard (VocabShard), the per-token loss and what backward needs:
 
     forward(hidden (N, D), weight (V_r, D), bias, rows, opts, need, shard, chunk_size) -> Forward
         token_loss (n,), logp (n,), stat sums (4,) over the tokens, and either
-        saved = Saved(lse (n,), coefs (3, n) = (a, b, u))         when backward recomputes, or
+        saved = Saved(lse (n,), coefs (3, n) = (a, b, u)[, ref_lse]) when backward recomputes, or
         grads = (dh, dW, db) for an upstream gradient of 1         when computed now
                 (only where `grads_in_forward` and reduction is "mean" / "sum");
     backward(hidden, weight, bias, rows, saved, upstream (n,), opts, need, shard, chunk_size)
@@ -56,10 +56,12 @@ class Reference(NamedTuple):
 
 class Saved(NamedTuple):
     """What backward needs when gradients are not computed in the forward pass: per selected row,
-    lse and the coefficients (a, b, u) before the upstream gradient."""
+    lse and the coefficients (a, b, u) before the upstream gradient; with a reference (asft)
+    coefs are (a, b, u, 0, r) and ref_lse is the reference's lse_q (q = exp(zq - lse_q))."""
 
     lse: torch.Tensor
     coefs: torch.Tensor
+    ref_lse: torch.Tensor | None = None
 
 
 class Forward(NamedTuple):

@@ -128,10 +128,15 @@ def new_grads(hidden, weight, need):
     )
 
 
-def _reference_q(ref: Reference, rows_c: Rows, acc, opts: LossOptions) -> torch.Tensor:
-    """log q (n, V) of a chunk: the reference model's log-softmax (its logits chunk, in place)."""
-    xr = _logits(_gather_hidden(ref.hidden, rows_c), ref.weight, ref.bias).to(acc)
-    return reference_log_softmax_(xr, opts)
+def _reference_logits(ref: Reference, rows_c: Rows) -> torch.Tensor:
+    """xr (n, V) of a chunk: the reference model's raw logits, in its dtype (no gradient)."""
+    return _logits(_gather_hidden(ref.hidden, rows_c), ref.weight, ref.bias)
+
+
+def _reference_q(ref: Reference, rows_c: Rows, acc, opts: LossOptions):
+    """(log q (n, V), lse_q (n,)) of a chunk: the reference model's log-softmax (its logits
+    chunk, in place) and log-sum-exp."""
+    return reference_log_softmax_(_reference_logits(ref, rows_c).to(acc), opts)
 
 
 def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
@@ -142,9 +147,9 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
     need = (dh, dW, db). With reduction "mean"/"sum" and a gradient needed, the gradients are
     computed now (for an upstream gradient of 1); with "none", Saved is returned instead.
     ref (asft): the reference's chunk of logits beside the policy's gives KL(q || p) per token
-    and the gradient term - r q; the torch row ops apply it (the Triton row kernels do not).
+    and the gradient term - r q (the Triton row kernels and the torch row ops alike); Saved then
+    also keeps each token's lse_q.
     """
-    use_triton = use_triton and ref is None
     n = rows.n
     acc = acc_dtype(hidden)
     dev = hidden.device
@@ -161,6 +166,7 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
         saved = Saved(
             torch.empty(n, dtype=acc, device=dev),
             torch.empty(3 if ref is None else 5, n, dtype=acc, device=dev),
+            torch.empty(n, dtype=acc, device=dev) if ref is not None else None,
         )
     grads = new_grads(hidden, weight, need) if grads_now else None
     grad_scale = mean_scale(opts, rows, acc)
@@ -177,13 +183,17 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
         # 0. a top-k entropy (eaft_topk) from the raw logits, before anything overwrites them
         topk_h = rows_topk_entropy(x, topk, opts) if topk else None
         # 1. partials of this shard's vocabulary, merged across shards, per-token figures
-        if use_triton:
+        if use_triton and ref is not None:  # the reference's partials streamed beside z's
+            xr = _reference_logits(ref, rows_c)
+            part, ref_part = rows_triton.rows_partials(x, y_c, opts, ref_logits=xr)
+            lse_q, cross = P.finalize_reference(ref_part.to(acc))
+        elif use_triton:
             part = rows_triton.rows_partials(x, y_c, opts)
         else:
             x = x.to(acc)  # no copy for fp32/fp64 inputs
             dtanh = transform_(x, opts, keep_dtanh=grads_now)
             if ref is not None:  # sum_j q_j (log q_j - z_j) while x holds z; then q
-                q = _reference_q(ref, rows_c, acc, opts)
+                q, lse_q = _reference_q(ref, rows_c, acc, opts)
                 cross = reference_cross(q, x)
                 q.exp_()
             part = rows_partials_(x, y_c, opts)  # x now holds exp(z - m_local)
@@ -191,7 +201,7 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
         if shard is not None:
             part = shard.merge(part)
         stats = P.finalize(part.to(acc))._replace(topk_entropy=topk_h)
-        if ref is not None:
+        if ref is not None:  # KL(q || p) = sum_j q_j (log q_j - z_j) + lse
             stats = stats._replace(kl=cross + stats.lse)
         terms = mask_terms(token_terms(stats, opts, vocab, rows_c.token_weights,
                                        rows_c.old_logprobs), rows_c)  # fmt: skip
@@ -203,12 +213,15 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
         if keep:
             saved.lse[start:stop] = stats.lse
             saved.coefs[:, start:stop] = terms.scaled(1)
+            if ref is not None:
+                saved.ref_lse[start:stop] = lse_q
         if not grads_now:
             continue
         # 2. dx in place of the logits, then the gradient matmuls
         coefs = terms.scaled(grad_scale)
         if use_triton:
-            rows_triton.rows_grad_(x, y_c, stats.lse, coefs, opts)
+            ref_args = {} if ref is None else {"ref_logits": xr, "ref_lse": lse_q}
+            rows_triton.rows_grad_(x, y_c, stats.lse, coefs, opts, **ref_args)
         else:
             softmax_scale = torch.exp(m_local - stats.lse)
             rows_grad_(x, y_c, softmax_scale, coefs, dtanh, opts, q if ref is not None else None)
@@ -223,7 +236,6 @@ def chunked_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, o
     """The gradients from Saved: upstream (n,) is each selected row's upstream gradient
     (already times the mean scale). Recomputes each chunk's logits (and the reference's, ref);
     returns dh, dW, db (fp32) or None."""
-    use_triton = use_triton and ref is None
     chunk_rows = chunk_rows_for(chunk_size, weight, hidden)
     grads = new_grads(hidden, weight, need)
     coefs_all = saved.coefs * upstream.to(saved.coefs.dtype)
@@ -237,10 +249,14 @@ def chunked_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, o
         x = _logits(h_c, weight, bias)
         lse, coefs = saved.lse[start:stop], coefs_all[:, start:stop]
         if use_triton:
-            rows_triton.rows_grad_(x, y_c, lse, coefs, opts)
+            ref_args = {}
+            if ref is not None:  # q = exp(zq - lse_q) from the reference's recomputed chunk
+                ref_args = {"ref_logits": _reference_logits(ref, rows_c),
+                            "ref_lse": saved.ref_lse[start:stop]}  # fmt: skip
+            rows_triton.rows_grad_(x, y_c, lse, coefs, opts, **ref_args)
         else:
             acc = acc_dtype(hidden)
-            q = _reference_q(ref, rows_c, acc, opts).exp_() if ref is not None else None
+            q = _reference_q(ref, rows_c, acc, opts)[0].exp_() if ref is not None else None
             x = rows_grad_from_logits_(x.to(acc), y_c, lse, coefs, opts, q)
         _apply_dx(x.to(hidden.dtype), h_c, rows_c.idx, weight, *grads)
         del x

@@ -15,6 +15,10 @@ with fp32 accumulation:
                               every token; else accumulated in an fp32 dW over token chunks)
     dh_rows += dz W[cols]    (an fp32 accumulator of token-chunk x D)
     db[cols] += sum_rows dz
+asft (a Reference): the forward kernel also streams the reference's partials (a second GEMM over
+D_ref in the same pass: KL(q || p) per token, partials.finalize_reference) and Saved keeps lse_q;
+the dz kernel recomputes the reference's tile and subtracts r q. No N x V tensor, no gradient to
+the reference; 2*N*(D + D_ref)*V forward FLOPs, 2*N*(3D + D_ref)*V backward.
 No atomics: the gradients are bitwise reproducible. Memory beyond the gradients: the dz scratch,
 the fp32 dh accumulator of one token chunk and a gathered copy of its hidden rows.
 """
@@ -28,24 +32,32 @@ from ..coefficients import token_terms
 from ..family import member
 from ..options import LossOptions
 from ..selection import Rows, mask_terms, stat_sums, token_entropy, token_logprobs
-from .base import Backend, Forward, Saved, VocabShard, full_vocab, local_labels
+from .base import Backend, Forward, Reference, Saved, VocabShard, full_vocab, local_labels
 from .chunked import topk_entropy_pass
 from .matmul import addmm_fp32_
 
 
 def fused_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
                   shard: VocabShard | None = None, chunk_size=None,
-                  config=None) -> Forward:  # fmt: skip
+                  config=None, ref: Reference | None = None) -> Forward:  # fmt: skip
     """Saved (lse, coefs (3, n)) when a gradient is needed. shard: weight is this rank's slice
     of a vocab-parallel head; chunk_size: tokens per logits chunk of the top-k entropy pass
-    (eaft_topk), else unused (the kernel reads every token in place)."""
+    (eaft_topk), else unused (the kernel reads every token in place). ref (asft): the
+    reference's partials from the same kernel; Saved (lse, coefs (5, n), lse_q)."""
     from ..kernels.fused_fwd import fused_partials
 
     labels = local_labels(rows.labels, shard)
-    part = fused_partials(hidden, weight, bias, rows.idx, labels, rows.num_valid, opts, config)
+    part = fused_partials(hidden, weight, bias, rows.idx, labels, rows.num_valid, opts, config,
+                          ref=ref)  # fmt: skip
+    lse_q = None
+    if ref is not None:  # vocab-parallel asft is refused (arguments.check_reference_inputs)
+        part, ref_part = part
+        lse_q, cross = P.finalize_reference(ref_part)
     if shard is not None:
         part = shard.merge(part)
     stats = P.finalize(part)
+    if ref is not None:  # KL(q || p) = sum_j q_j (log q_j - z_j) + lse
+        stats = stats._replace(kl=cross + stats.lse)
     topk = member(opts.loss_type).topk_of(opts.params)
     if topk:  # eaft_topk: a forward-only pass over logits chunks (one more 2 N D V GEMM)
         stats = stats._replace(
@@ -54,7 +66,7 @@ def fused_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
     terms = token_terms(stats, opts, full_vocab(weight, shard), rows.token_weights,
                         rows.old_logprobs)  # fmt: skip
     terms = mask_terms(terms, rows)
-    saved = Saved(stats.lse, terms.scaled(1)) if any(need) else None
+    saved = Saved(stats.lse, terms.scaled(1), lse_q) if any(need) else None
     entropy = token_entropy(stats, rows) if opts.needs_entropy else None
     logp = token_logprobs(stats, rows)
     return Forward(terms.loss, logp, stat_sums(stats, rows), saved, None, entropy)
@@ -87,11 +99,11 @@ def dz_scratch_bytes(device: torch.device) -> int:
 
 def fused_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, opts: LossOptions,
                    need, shard: VocabShard | None = None, chunk_size=None,
-                   config=None):  # fmt: skip
+                   config=None, ref: Reference | None = None):  # fmt: skip
     """dh (N, D) in hidden's dtype (zero at rows not selected), dW and db in the weight's dtype,
-    each None when not needed. saved: per selected row lse (n,) and (a, b, u) (3, n); upstream
-    (n,): each row's upstream gradient. shard: as in fused_forward (dh is then this shard's
-    term)."""
+    each None when not needed. saved: per selected row lse (n,) and (a, b, u) (3, n) (with ref:
+    (a, b, u, 0, r) (5, n) and lse_q); upstream (n,): each row's upstream gradient. shard: as in
+    fused_forward (dh is then this shard's term). ref (asft): the dz kernel's - r q term."""
     from ..kernels import configs
     from ..kernels.fused_bwd import fused_dz
 
@@ -115,7 +127,8 @@ def fused_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, opt
         cols = dz_scratch_bytes(dev) // (token_chunk * hidden.element_size())
         cols = min(v, max(_COLUMN_MULTIPLE, cols // _COLUMN_MULTIPLE * _COLUMN_MULTIPLE))
         scratch = torch.empty(token_chunk, cols, dtype=hidden.dtype, device=dev)
-        plan = configs.plan(hidden.dtype, dev, d, v, config)
+        plan = configs.plan(hidden.dtype, dev, d, v, config, reference=ref is not None)
+        ref_lse = saved.ref_lse.float().contiguous() if ref is not None else None
         db_part = None
         if db is not None:  # per token block column sums, for the smallest candidate block
             blocks = -(-token_chunk // plan.min_block_n)
@@ -135,7 +148,8 @@ def fused_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, opt
                 if db_part is not None:
                     db_part.zero_()
                 fused_dz(hidden, weight, bias, idx, labels[t0:t1], rows.num_valid, t0,
-                       lse[t0:t1], coefs[:, t0:t1], v0, dz, opts, plan, db_part)  # fmt: skip
+                       lse[t0:t1], coefs[:, t0:t1], v0, dz, opts, plan, db_part,
+                       ref, ref_lse[t0:t1] if ref is not None else None)  # fmt: skip
                 if dw is not None:
                     if one_pass:
                         torch.mm(dz.t(), h_c, out=dw[v0:v1])

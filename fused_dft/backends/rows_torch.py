@@ -131,11 +131,12 @@ def rows_grad_from_logits_(
     return rows_grad_(x, labels, torch.ones_like(lse), coefs, dtanh, opts, ref_q)
 
 
-def reference_log_softmax_(xr: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+def reference_log_softmax_(xr: torch.Tensor, opts: LossOptions):
     """xr (n, V) a reference model's raw logits (fp32/fp64), overwritten with their log-softmax
-    log q (the same logit_scale / softcap as the policy's)."""
+    log q (the same logit_scale / softcap as the policy's). Returns (log q, lse_q (n,))."""
     transform_(xr, opts, keep_dtanh=False)
-    return xr.sub_(torch.logsumexp(xr, 1, keepdim=True))
+    lse_q = torch.logsumexp(xr, 1)
+    return xr.sub_(lse_q[:, None]), lse_q
 
 
 def reference_cross(log_q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

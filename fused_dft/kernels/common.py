@@ -49,6 +49,25 @@ def transform_logits(x, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTC
     return x, th
 
 
+@triton.jit
+def reference_update(mq, sq, kq, zq, z):
+    """One vocab tile of asft's reference partials (partials.py), reduced over the tile's last
+    axis (a row of the row kernels, each token of a fused tile); zq, z: the reference's and the
+    policy's transformed logits, -inf past V (one exp per element):
+        mq' = max(mq, max_j zq_j);  alpha = exp(mq - mq');  e_j = exp(zq_j - mq')
+        sq <- alpha sq + sum e;  kq <- alpha kq + sum e (zq - z)
+    relative to 0 while mq' = -inf (no exp(-inf - -inf) = nan); e (zq - z) is 0 where e is 0.
+    A finite zq against z = -inf (a vocabulary entry the policy masks) gives kq = +inf: KL is."""
+    mq_new = tl.maximum(mq, tl.max(zq, -1))
+    mq_ref = tl.where(mq_new == float("-inf"), 0.0, mq_new)
+    alpha = tl.exp(mq - mq_ref)
+    e = tl.exp(zq - tl.expand_dims(mq_ref, -1))
+    sq = sq * alpha + tl.sum(e, -1)
+    # zq - z only where e > 0 (past V both are -inf: no -inf - -inf = nan, even unused)
+    kq = kq * alpha + tl.sum(e * (tl.where(e > 0, zq, 0.0) - tl.where(e > 0, z, 0.0)), -1)
+    return mq_new, sq, kq
+
+
 def upcast_for_interpreter(*tensors: torch.Tensor) -> bool:
     """bf16 arithmetic is wrong in Triton's interpreter: there, kernels upcast tiles right after
     loading. On a GPU the flag is off and bf16 tiles go to tl.dot natively."""

@@ -264,6 +264,40 @@ LARGE_TILE_ARCHS = ("sm_80", "sm_90")
 # spills for sm_90 only; every other arch of CONFIG_SETS gets the sets without them
 HALVES_ARCHS = ("sm_90",)
 
+# asft's HAS_REF variant of both kernels holds two fp32 tiles at once (the policy's z or dz and
+# the reference's logits tile), so it gets its own, smaller tiles (`fused-dft kernels --kernel
+# fused_fwd_ref,fused_bwd_ref`, triton 3.9). At the 16-bit default 128 x 128 x 64 the sm_90
+# forward spills 144 B/thread (255 registers; the dz kernel 235, no spill); at 64 x 128 x 64 it
+# takes 218 (3 stages) / 194 (2) registers on sm_90 without spills, the dz kernel 127. Elsewhere
+# (mma.sync, accumulators in registers) 64 x 128 x 64 spills 8 B on sm_120 (and with 2 stages on
+# sm_80): 64 x 128 x 32 for 16 bits; tf32 there spills at 32 x 128 x 32 (8-32 B, w4 or w8) and
+# gets 32 x 64 x 32 w4 s2, as IEEE fp32 (FMA) does everywhere: 64 x 128 x 32 spills 40-168 B on
+# sm_80 / sm_89 / sm_90, 64 x 64 x 32 w4 32-296 B, 32 x 64 x 32 w4 s2 none.
+_REFERENCE_SM90 = {
+    "16bit": (
+        _C(64, 128, 64, num_warps=8, num_stages=3),
+        _C(64, 128, 64, num_warps=8, num_stages=2),
+    ),
+    "tf32": (_C(64, 128, 32, num_warps=8, num_stages=3),),
+    "fp32": (_C(32, 64, 32, num_warps=4, num_stages=2),),
+}
+_REFERENCE_OTHER = {
+    "16bit": (_C(64, 128, 32, num_warps=8, num_stages=3),),
+    "tf32": _REFERENCE_SM90["fp32"],
+    "fp32": _REFERENCE_SM90["fp32"],
+}
+
+
+def reference_configs(cls: str, arch: str = "sm_90") -> tuple[FusedConfig, ...]:
+    """The HAS_REF variant's candidates (asft) for a dtype class and arch; the first is the
+    default."""
+    return (_REFERENCE_SM90 if arch == "sm_90" else _REFERENCE_OTHER)[cls]
+
+
+def reference_config_set(dtype: torch.dtype, arch: str = "sm_90") -> tuple[FusedConfig, ...]:
+    """reference_configs of this dtype's class."""
+    return reference_configs(dtype_class(dtype), arch)
+
 
 def _small(cls: str, arch: str) -> bool:
     return arch not in LARGE_TILE_ARCHS or (cls == "fp32" and arch != "sm_90")
@@ -408,13 +442,22 @@ def device_arch(device: torch.device) -> str:
 
 
 def plan(
-    dtype: torch.dtype, device: torch.device, d: int, v: int, config: FusedConfig | None = None
+    dtype: torch.dtype,
+    device: torch.device,
+    d: int,
+    v: int,
+    config: FusedConfig | None = None,
+    reference: bool = False,
 ) -> LaunchPlan:
     """Which config(s) a fused launch on `device` with inputs of `dtype` and sizes D, V uses;
-    `config`, when given, is used as it is (the caller's explicit choice)."""
+    `config`, when given, is used as it is (the caller's explicit choice). reference: the
+    kernels' HAS_REF variant (asft), which holds two fp32 tiles: reference_config_set's."""
     if config is not None:
         return LaunchPlan((config,))
-    candidates = config_set(dtype, d, v, device_arch(device))
+    if reference:
+        candidates = reference_config_set(dtype, device_arch(device))
+    else:
+        candidates = config_set(dtype, d, v, device_arch(device))
     forced = override_config(candidates[0])
     if forced is not None:
         return LaunchPlan((forced,))

@@ -14,6 +14,13 @@ tokens in chunks when there are many) with a bounded scratch buffer dz (n_c x Vc
 No atomics, so gradients are bitwise reproducible, and every weight row's gradient is written once
 (per token chunk). In all 6*N*D*V FLOPs for the backward, 8*N*D*V with the forward.
 
+asft (HAS_REF): the reference's logits tile zq = transform(h_ref W_ref_c^T (+ b_ref_c)) is
+recomputed too (a second tl.dot over D_ref; the reference gets no gradient) and, with lse_q from
+the forward and r = coefs[4] (alpha times the token weight and the upstream gradient), inside
+the parenthesis
+       - r * exp(zq - lse_q)        (a holds + r: r (softmax(z) - q) in all)
+2*n*(D + D_ref)*Vc FLOPs per block; like the forward, its own tiles (configs.plan(reference=True)).
+
 Grid: one program per (token block, vocab tile) of the block, in the grouped order of
 kernels.common.grouped_program (hidden rows and weight tiles reused in L2). With V_HALVES = 2 a
 vocab tile is 2*BLOCK_V columns, recomputed as two halves that share each h load; dz is formed
@@ -30,7 +37,7 @@ from ..options import LossOptions
 from . import common
 from .common import grouped_program, logits_tile, logits_tile_halves, transform_logits
 from .configs import DZ_KEY, LaunchPlan, n_bucket
-from .fused_fwd import kernel_flags
+from .fused_fwd import kernel_flags, reference_flags
 
 
 @triton.jit
@@ -60,11 +67,22 @@ def _fused_dz_kernel(
     logit_scale,
     softcap,
     n_bucket,  # the autotune key's N (configs.n_bucket); not read by the kernel
+    rh_ptr,  # asft's reference (HAS_REF): hidden (N, D_ref), head (V, D_ref), bias, lse_q (n,)
+    rw_ptr,
+    rb_ptr,
+    ref_lse_ptr,
+    D_ref,
+    stride_rhn,
+    stride_rhd,
+    stride_rwv,
+    stride_rwd,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_UNIFORM: tl.constexpr,
     HAS_ENTROPY_GRAD: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_REF_BIAS: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
     UPCAST: tl.constexpr,
     FP32_IEEE: tl.constexpr,
@@ -125,6 +143,17 @@ def _fused_dz_kernel(
         if HAS_ENTROPY_GRAD:  # dH/dz = -p (l + H): the -p H part is in a
             c = tl.load(coef_ptr + 3 * stride_coef + rows, mask=row_mask, other=0.0)
             dz -= c[:, None] * p * tl.where(col_mask[None, :], log_p, 0.0)
+        if HAS_REF:  # - r q: the reference's tile recomputed over D_ref (dz live: two fp32 tiles)
+            xq = logits_tile(
+                rh_ptr, rw_ptr, rb_ptr, src_rows, local_cols + v_start, row_mask, col_mask,
+                tl.where(pid_n * BLOCK_N < count, D_ref, 0),
+                stride_rhn, stride_rhd, stride_rwv, stride_rwd,
+                HAS_REF_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
+            )  # fmt: skip
+            zq, _ = transform_logits(xq, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+            r = tl.load(coef_ptr + 4 * stride_coef + rows, mask=row_mask, other=0.0)
+            lse_q = tl.load(ref_lse_ptr + rows, mask=row_mask, other=0.0)
+            dz -= r[:, None] * tl.exp(zq - lse_q[:, None])
         if HAS_SOFTCAP:
             dz = dz * (1.0 - th * th)
         if HAS_SCALE:
@@ -163,6 +192,8 @@ def fused_dz(
     opts: LossOptions,
     plan: LaunchPlan,
     db_partial: torch.Tensor | None = None,
+    ref: tuple | None = None,
+    ref_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logit gradient of tokens row_idx (n,) x vocab columns [v_start, v_start + out.shape[1]).
 
@@ -174,10 +205,16 @@ def fused_dz(
     db_partial: None, or zeroed fp32 (>= cdiv(n, plan.min_block_n), >= Vc) with unit column
     stride, whose first cdiv(n, BLOCK_N) rows receive the column sums of dz per token block (in
     fp32, before dz is rounded to out's dtype); summing all its rows gives db.
+    ref (asft) = (ref_hidden (N, D_ref), ref_weight (V, D_ref), ref_bias or None) with ref_lse
+    (n,) fp32 the reference's lse_q and coefs (5, n') = (a, b, u, 0, r): dz -= r q. The plan must
+    be configs.plan(..., reference=True)'s.
     """
     n, vc = out.shape
     assert out.stride(1) == 1 and coefs.stride(1) == 1, "out and coefs need unit column stride"
     assert row_idx.shape[0] == n and v_start + vc <= weight.shape[0]
+    has_ref = ref is not None
+    assert has_ref == (coefs.shape[0] == 5) == (ref_lse is not None)
+    ref_hidden, ref_weight, ref_bias = ref if has_ref else (hidden, weight, None)  # not read
     if n == 0 or vc == 0:
         return out
     with common.launch_device(hidden.device):
@@ -194,11 +231,15 @@ def fused_dz(
             n, vc, v_start, hidden.shape[1],
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             float(opts.logit_scale), float(opts.softcap or 1.0), n_bucket(hidden.shape[0]),
+            ref_hidden, ref_weight, ref_bias if ref_bias is not None else ref_weight,
+            ref_lse if has_ref else lse, ref_hidden.shape[1],
+            ref_hidden.stride(0), ref_hidden.stride(1), ref_weight.stride(0), ref_weight.stride(1),
             key=DZ_KEY,
             reset_to_zero=("db_ptr",) if db_partial is not None else (),
             HAS_UNIFORM=opts.label_smoothing > 0,
-            HAS_ENTROPY_GRAD=coefs.shape[0] > 3,
+            HAS_ENTROPY_GRAD=coefs.shape[0] == 4,
             COMPUTE_DB=db_partial is not None,
             **kernel_flags(hidden, bias, opts),
+            **reference_flags(ref),
         )  # fmt: skip
     return out

@@ -22,6 +22,16 @@ the other (the epilogue's temporaries stay BLOCK_N x BLOCK_V: no spills at 128 x
 The number of splits is chosen from the SM count and the number of token blocks so that about one
 wave of programs is one group (small batches still fill the GPU). Partials (5, splits, n) are
 merged in O(n * splits) by partials.merge: lse = m + log s, entropy = log s - t / s.
+
+asft (HAS_REF): a reference model's hidden rows (N, D_ref) and head (V, D_ref) (+ bias) give, per
+tile, a second logits tile zq = transform(h_ref W_ref_tile^T (+ b_ref)) over D_ref (a second tl.dot
+accumulator, never stored), and the reference partials of partials.py over the same columns
+(common.reference_update; q = softmax(zq), p = softmax(z)):
+    mq = max zq,  sq = sum exp(zq - mq),  kq = sum exp(zq - mq) (zq - z)
+stored as (3, splits, n) and merged by partials.merge_reference; then
+    KL(q || p) = sum_v q_v (zq_v - z_v) - lse_q + lse = kq / sq - (mq + log sq) + lse.
+Work: 2*N*(D + D_ref)*V FLOPs. Two fp32 tiles live at once, so HAS_REF has its own tiles
+(configs.plan(reference=True)).
 """
 
 from __future__ import annotations
@@ -31,13 +41,14 @@ import triton
 import triton.language as tl
 
 from ..options import LossOptions
-from ..partials import NUM_PARTIALS, merge
+from ..partials import NUM_PARTIALS, NUM_REF_PARTIALS, merge, merge_reference
 from . import common, configs
 from .common import (
     grouped_program,
     logits_tile,
     logits_tile_halves,
     new_output,
+    reference_update,
     tf32_allowed,
     transform_logits,
     upcast_for_interpreter,
@@ -66,6 +77,15 @@ def _fused_partials_kernel(
     logit_scale,
     softcap,
     n_bucket,  # the autotune key's N (configs.n_bucket); not read by the kernel
+    rh_ptr,  # asft's reference (HAS_REF): hidden (N, D_ref), head (V, D_ref), bias, partials out
+    rw_ptr,
+    rb_ptr,
+    ref_part_ptr,
+    D_ref,
+    stride_rhn,
+    stride_rhd,
+    stride_rwv,
+    stride_rwd,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -73,6 +93,8 @@ def _fused_partials_kernel(
     FP32_IEEE: tl.constexpr,
     NEED_ENTROPY: tl.constexpr,
     NEED_SUM: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_REF_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -93,6 +115,10 @@ def _fused_partials_kernel(
     t = tl.zeros([BLOCK_N], tl.float32)
     z_y = tl.zeros([BLOCK_N], tl.float32)
     sum_z = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_REF:
+        mq = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        sq = tl.zeros([BLOCK_N], tl.float32)
+        kq = tl.zeros([BLOCK_N], tl.float32)
     v_begin = split.to(tl.int64) * split_cols  # int64: every program id x runtime int product
     v_end = tl.minimum(v_begin + split_cols, V)
     v_end = tl.where(pid_n * BLOCK_N < count, v_end, v_begin)
@@ -144,6 +170,17 @@ def _fused_partials_kernel(
                 t += tl.sum(tl.where(e > 0, e * (z - m_ref[:, None]), 0.0), 1)
             s = s * alpha + tl.sum(e, 1)
             m = m_new
+            if HAS_REF:
+                # 5. the reference's logits tile over D_ref (z is still live: two fp32 tiles) and
+                #    its partials against z (both -inf past V); per half with V_HALVES = 2
+                xq = logits_tile(
+                    rh_ptr, rw_ptr, rb_ptr, src_rows, cols, row_mask, col_mask, D_ref,
+                    stride_rhn, stride_rhd, stride_rwv, stride_rwd,
+                    HAS_REF_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
+                )  # fmt: skip
+                zq, _ = transform_logits(xq, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+                zq = tl.where(col_mask[None, :], zq, float("-inf"))
+                mq, sq, kq = reference_update(mq, sq, kq, zq, z)
 
     # 4. partials (5, splits, N); rows past the count get m = -inf, s = 0 (merged, then masked).
     #    int64: the last plane's offset 4 * splits * N passes 2^31 from splits * N >= 2^29
@@ -156,6 +193,11 @@ def _fused_partials_kernel(
     tl.store(base + 2 * plane, t, mask=out_mask)
     tl.store(base + 3 * plane, z_y, mask=out_mask)
     tl.store(base + 4 * plane, sum_z, mask=out_mask)
+    if HAS_REF:  # (3, splits, N): mq, sq, kq
+        ref_base = ref_part_ptr + split.to(tl.int64) * N + rows
+        tl.store(ref_base, mq, mask=out_mask)
+        tl.store(ref_base + plane, sq, mask=out_mask)
+        tl.store(ref_base + 2 * plane, kq, mask=out_mask)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -192,22 +234,34 @@ def fused_partials(
     count: torch.Tensor,
     opts: LossOptions,
     config: FusedConfig | None = None,
-) -> torch.Tensor:
+    ref: tuple | None = None,
+):
     """hidden (N, D) any strides; row_idx (n,) int64 rows of hidden to use (read in place, no
     gathered copy); labels (n,) (outside [0, V): no label logit); count: a device scalar, the
     first `count` of the n rows are tokens (the others are skipped). config: a fixed config
     instead of configs.plan's choice.
 
     Returns fp32 partials (5, n) over the whole of weight's vocabulary (partials.py); rows past
-    count hold m = -inf, s = 0."""
+    count hold m = -inf, s = 0. ref (asft) = (ref_hidden (N, D_ref), ref_weight (V, D_ref),
+    ref_bias (V,) or None), hidden's dtype, rows read through row_idx too: then returns the pair
+    (partials (5, n), reference partials (3, n) = mq, sq, kq; partials.finalize_reference)."""
     n, d = row_idx.shape[0], hidden.shape[1]
     v = weight.shape[0]
-    plan = configs.plan(hidden.dtype, hidden.device, d, v, config)
+    has_ref = ref is not None
+    plan = configs.plan(hidden.dtype, hidden.device, d, v, config, reference=has_ref)
     split_cols = vocab_split_cols(n, v, hidden.device, plan)
     splits = triton.cdiv(v, split_cols)
     part = new_output((NUM_PARTIALS, splits, n), torch.float32, hidden.device)
+    ref_part = None
+    if has_ref:
+        ref_hidden, ref_weight, ref_bias = ref
+        assert ref_hidden.shape[0] == hidden.shape[0]
+        assert ref_weight.shape == (v, ref_hidden.shape[1])
+        ref_part = new_output((NUM_REF_PARTIALS, splits, n), torch.float32, hidden.device)
+    else:
+        ref_hidden, ref_weight, ref_bias = hidden, weight, None  # not read (HAS_REF off)
     if n == 0:
-        return part[:, 0]
+        return (part[:, 0], ref_part[:, 0]) if has_ref else part[:, 0]
     with common.launch_device(hidden.device):
         plan.launch(
             _fused_partials_kernel,
@@ -217,11 +271,17 @@ def fused_partials(
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             float(opts.logit_scale), float(opts.softcap or 1.0),
             configs.n_bucket(hidden.shape[0]),
+            ref_hidden, ref_weight, ref_bias if ref_bias is not None else ref_weight,
+            ref_part if has_ref else part, ref_hidden.shape[1],
+            ref_hidden.stride(0), ref_hidden.stride(1), ref_weight.stride(0), ref_weight.stride(1),
             key=configs.FWD_KEY,
             NEED_ENTROPY=opts.needs_entropy,
             NEED_SUM=opts.needs_logit_sum,
             **kernel_flags(hidden, bias, opts),
+            **reference_flags(ref),
         )  # fmt: skip
+    if has_ref:
+        return merge(part, dim=1), merge_reference(ref_part, dim=1)
     return merge(part, dim=1)
 
 
@@ -235,6 +295,11 @@ def kernel_flags(hidden, bias, opts: LossOptions) -> dict:
         UPCAST=upcast_for_interpreter(hidden),
         FP32_IEEE=fp32_ieee(hidden),
     )
+
+
+def reference_flags(ref: tuple | None) -> dict:
+    """Compile-time flags of asft's reference term, shared by the forward and the dz kernel."""
+    return dict(HAS_REF=ref is not None, HAS_REF_BIAS=ref is not None and ref[2] is not None)
 
 
 def fp32_ieee(t: torch.Tensor) -> bool:

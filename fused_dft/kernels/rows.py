@@ -15,6 +15,14 @@ _rows_grad_kernel: given the row's lse and coefficients (a, b, u[, c]) (coeffici
 Between the two, the caller merges partials across vocab shards (vocab parallelism) and computes
 the per-token weights in torch, so both backends share one definition of the family.
 Labels outside [0, V) (not in this shard) give z_y = 0 and no one-hot.
+
+asft (HAS_REF): a reference model's raw logits chunk xr (n, V) beside the policy's,
+zq = transform(xr) with the policy's logit_scale / softcap. The partials kernel also streams the
+reference partials (mq, sq, kq) of partials.py over the same tiles (common.reference_update):
+    sq = sum exp(zq - mq),  kq = sum exp(zq - mq) (zq - z),  KL(q || p) = kq / sq - lse_q + lse;
+the gradient kernel subtracts r * q, q = exp(zq - lse_q), r = coefs[4] (alpha times the token's
+weight and upstream gradient): dz = a p - b onehot - u - r q (a holds + r: dz = ... + r (p - q)).
+xr is only read, and gets no gradient.
 """
 
 from __future__ import annotations
@@ -24,9 +32,9 @@ import triton
 import triton.language as tl
 
 from ..options import LossOptions
-from ..partials import NUM_PARTIALS
+from ..partials import NUM_PARTIALS, NUM_REF_PARTIALS
 from . import common
-from .common import new_output, transform_logits
+from .common import new_output, reference_update, transform_logits
 
 DEFAULT_BLOCK_V = 4096
 NUM_WARPS = 8
@@ -42,10 +50,14 @@ def _rows_partials_kernel(
     V,
     logit_scale,
     softcap,
+    xr_ptr,
+    stride_xrn,
+    ref_part_ptr,
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     NEED_ENTROPY: tl.constexpr,
     NEED_SUM: tl.constexpr,
+    HAS_REF: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -67,6 +79,11 @@ def _rows_partials_kernel(
     s = 0.0
     t = 0.0
     sum_z = 0.0
+    if HAS_REF:
+        xr_row = xr_ptr + row * stride_xrn
+        mq = float("-inf")
+        sq = 0.0
+        kq = 0.0
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         mask = cols < V
@@ -85,13 +102,21 @@ def _rows_partials_kernel(
             sum_z += tl.sum(tl.where(mask, z, 0.0), 0)
         s = s * alpha + tl.sum(e, 0)
         m = m_new
+        if HAS_REF:  # the reference's partials over the same tile (z masked: -inf past V)
+            xr = tl.load(xr_row + cols, mask=mask, other=0.0).to(tl.float32)
+            zq, _ = transform_logits(xr, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+            mq, sq, kq = reference_update(mq, sq, kq, tl.where(mask, zq, float("-inf")), z)
 
-    # 3. partials (5, n): m, s, t, z_y, sum_z
+    # 3. partials (5, n): m, s, t, z_y, sum_z; the reference's (3, n): mq, sq, kq
     tl.store(part_ptr + row, m)
     tl.store(part_ptr + n_rows + row, s)
     tl.store(part_ptr + 2 * n_rows + row, t)
     tl.store(part_ptr + 3 * n_rows + row, z_y)
     tl.store(part_ptr + 4 * n_rows + row, sum_z)
+    if HAS_REF:
+        tl.store(ref_part_ptr + row, mq)
+        tl.store(ref_part_ptr + n_rows + row, sq)
+        tl.store(ref_part_ptr + 2 * n_rows + row, kq)
 
 
 @triton.jit
@@ -105,10 +130,14 @@ def _rows_grad_kernel(
     V,
     logit_scale,
     softcap,
+    xr_ptr,
+    stride_xrn,
+    ref_lse_ptr,
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_UNIFORM: tl.constexpr,
     HAS_ENTROPY_GRAD: tl.constexpr,
+    HAS_REF: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -121,6 +150,10 @@ def _rows_grad_kernel(
     c = 0.0
     if HAS_ENTROPY_GRAD:
         c = tl.load(coef_ptr + 3 * n_rows + row)
+    if HAS_REF:
+        xr_row = xr_ptr + row * stride_xrn
+        r = tl.load(coef_ptr + 4 * n_rows + row)
+        lse_q = tl.load(ref_lse_ptr + row)
     offs = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
@@ -134,6 +167,10 @@ def _rows_grad_kernel(
             dz -= u
         if HAS_ENTROPY_GRAD:
             dz -= c * p * tl.where(mask, log_p, 0.0)
+        if HAS_REF:  # - r q, q the reference's softmax
+            xr = tl.load(xr_row + cols, mask=mask, other=0.0).to(tl.float32)
+            zq, _ = transform_logits(xr, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+            dz -= r * tl.exp(zq - lse_q)
         if HAS_SOFTCAP:
             dz = dz * (1.0 - th * th)
         if HAS_SCALE:
@@ -146,29 +183,42 @@ def _block(v: int, block_v: int | None) -> int:
 
 
 def rows_partials(
-    x: torch.Tensor, labels: torch.Tensor, opts: LossOptions, block_v: int | None = None
-) -> torch.Tensor:
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    opts: LossOptions,
+    block_v: int | None = None,
+    ref_logits: torch.Tensor | None = None,
+):
     """x (n, V) raw logits, rows contiguous (not modified); labels (n,) int64.
 
     Returns fp32 partials (5, n) = m, s, t, z_y, sum_z (t and sum_z are 0 unless opts needs them).
+    ref_logits (n, V) (asft): a reference model's raw logits (not modified); then returns the pair
+    (partials (5, n), reference partials (3, n) = mq, sq, kq).
     """
     n, v = x.shape
     assert x.stride(1) == 1, "logits chunk must be contiguous along the vocabulary"
+    has_ref = ref_logits is not None
+    if has_ref:
+        assert ref_logits.shape == x.shape and ref_logits.stride(1) == 1
     part = new_output((NUM_PARTIALS, n), torch.float32, x.device)
+    ref_part = new_output((NUM_REF_PARTIALS, n), torch.float32, x.device) if has_ref else None
     if n == 0:
-        return part
+        return (part, ref_part) if has_ref else part
     with common.launch_device(x.device):
         _rows_partials_kernel[(n,)](
             x, x.stride(0), labels.contiguous(), part, n, v,
             float(opts.logit_scale), float(opts.softcap or 1.0),
+            ref_logits if has_ref else x, ref_logits.stride(0) if has_ref else 0,
+            ref_part if has_ref else part,
             HAS_SCALE=opts.logit_scale != 1.0,
             HAS_SOFTCAP=opts.softcap is not None,
             NEED_ENTROPY=opts.needs_entropy,
             NEED_SUM=opts.needs_logit_sum,
+            HAS_REF=has_ref,
             BLOCK_V=_block(v, block_v),
             num_warps=NUM_WARPS,
         )  # fmt: skip
-    return part
+    return (part, ref_part) if has_ref else part
 
 
 def rows_grad_(
@@ -178,11 +228,19 @@ def rows_grad_(
     coefs: torch.Tensor,
     opts: LossOptions,
     block_v: int | None = None,
+    ref_logits: torch.Tensor | None = None,
+    ref_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (n, V) raw logits, overwritten with dx; lse (n,) fp32; coefs (3, n) fp32 = (a, b, u), or
-    (4, n) = (a, b, u, c) with the entropy-gradient term."""
+    (4, n) = (a, b, u, c) with the entropy-gradient term, or (5, n) = (a, b, u, 0, r) with
+    ref_logits (n, V) a reference model's raw logits (not modified) and ref_lse (n,) its lse_q:
+    dz -= r * exp(zq - lse_q)."""
     n, v = x.shape
     assert x.stride(1) == 1, "logits chunk must be contiguous along the vocabulary"
+    has_ref = ref_logits is not None
+    assert has_ref == (coefs.shape[0] == 5) == (ref_lse is not None)
+    if has_ref:
+        assert ref_logits.shape == x.shape and ref_logits.stride(1) == 1
     if n == 0:
         return x
     with common.launch_device(x.device):
@@ -190,10 +248,13 @@ def rows_grad_(
             x, x.stride(0), labels.contiguous(), lse.float().contiguous(),
             coefs.float().contiguous(), n, v,
             float(opts.logit_scale), float(opts.softcap or 1.0),
+            ref_logits if has_ref else x, ref_logits.stride(0) if has_ref else 0,
+            ref_lse.float().contiguous() if has_ref else lse,
             HAS_SCALE=opts.logit_scale != 1.0,
             HAS_SOFTCAP=opts.softcap is not None,
             HAS_UNIFORM=opts.label_smoothing > 0,
-            HAS_ENTROPY_GRAD=coefs.shape[0] > 3,
+            HAS_ENTROPY_GRAD=coefs.shape[0] == 4,
+            HAS_REF=has_ref,
             BLOCK_V=_block(v, block_v),
             num_warps=NUM_WARPS,
         )  # fmt: skip

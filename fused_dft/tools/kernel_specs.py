@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # report dtype -> (Triton's name of the element type, the configs' dtype class)
 DTYPES: dict[str, tuple[str, str]] = {
@@ -109,16 +109,27 @@ _FUSED_COMMON = {
     "logit_scale": "fp32",
     "softcap": "fp32",
     "n_bucket": "i32:16",  # configs.n_bucket: a power of two >= 128
+    # asft's reference (read only with HAS_REF)
+    "rh_ptr": "*T",
+    "rw_ptr": "*T",
+    "rb_ptr": "*T",
+    "D_ref": "i32:16",
+    "stride_rhn": "i32:16",
+    "stride_rhd": "1",
+    "stride_rwv": "i32:16",
+    "stride_rwd": "1",
 }
 
 
-def _fused_flags(dtype: str) -> dict[str, object]:
+def _fused_flags(dtype: str, has_ref: bool = False) -> dict[str, object]:
     return dict(
         HAS_BIAS=False,
         HAS_SCALE=False,
         HAS_SOFTCAP=False,
         UPCAST=False,
         FP32_IEEE=dtype == "fp32",
+        HAS_REF=has_ref,
+        HAS_REF_BIAS=False,
     )
 
 
@@ -145,6 +156,17 @@ def _fused_defaults(dtype: str, arch: str) -> list[str]:
     return list(dict.fromkeys(labels))
 
 
+def _reference_configs(dtype: str, arch: str) -> list[str]:
+    """The HAS_REF variant's candidates (asft): configs.reference_config_set."""
+    from fused_dft.kernels.configs import reference_configs
+
+    return [_fused_label(c) for c in reference_configs(DTYPES[dtype][1], arch)]
+
+
+def _reference_defaults(dtype: str, arch: str) -> list[str]:
+    return _reference_configs(dtype, arch)[:1]
+
+
 def _fused_parse(text: str) -> tuple[dict[str, int], dict[str, int]]:
     from fused_dft.kernels.configs import DEFAULT_CONFIG, FusedConfig
 
@@ -162,6 +184,7 @@ FUSED_FWD = CompileSpec(
         "part_ptr": "*fp32",
         "split_cols": "i32:16",
         "num_splits": "i32",
+        "ref_part_ptr": "*fp32",
     },
     flags=lambda dtype: {**_fused_flags(dtype), "NEED_ENTROPY": True, "NEED_SUM": False},
     configs=_fused_configs,
@@ -188,6 +211,7 @@ FUSED_BWD = CompileSpec(
         "stride_dbn": "i32:16",
         "V_chunk": "i32:16",
         "v_start": "i32:16",
+        "ref_lse_ptr": "*fp32",
     },
     flags=lambda dtype: {
         **_fused_flags(dtype),
@@ -199,6 +223,22 @@ FUSED_BWD = CompileSpec(
     defaults=_fused_defaults,
     parse_config=_fused_parse,
     has_dot=True,
+)
+
+# the HAS_REF variants (asft: a second logits tile from the reference model), at their own tiles
+FUSED_FWD_REF = replace(
+    FUSED_FWD,
+    name="fused_fwd_ref",
+    flags=lambda dtype: {**FUSED_FWD.flags(dtype), "HAS_REF": True},
+    configs=_reference_configs,
+    defaults=_reference_defaults,
+)
+FUSED_BWD_REF = replace(
+    FUSED_BWD,
+    name="fused_bwd_ref",
+    flags=lambda dtype: {**FUSED_BWD.flags(dtype), "HAS_REF": True},
+    configs=_reference_configs,
+    defaults=_reference_defaults,
 )
 
 # -- the row kernel of the chunked path ----------------------------------------------------------
@@ -242,6 +282,8 @@ _ROWS_COMMON = {
     "V": "i32:16",
     "logit_scale": "fp32",
     "softcap": "fp32",
+    "xr_ptr": "*T",  # asft's reference logits chunk (read only with HAS_REF)
+    "stride_xrn": "i32:16",
 }
 _ROWS_CONFIGS = lambda dtype, arch: ["block_v={},num_warps={}".format(*_rows_default())]  # noqa: E731
 
@@ -250,8 +292,10 @@ ROWS = CompileSpec(
     name="rows",
     module="fused_dft.kernels.rows",
     function="_rows_partials_kernel",
-    arg_types={**_ROWS_COMMON, "part_ptr": "*fp32"},
-    flags=lambda dtype: dict(HAS_SCALE=False, HAS_SOFTCAP=False, NEED_ENTROPY=True, NEED_SUM=False),
+    arg_types={**_ROWS_COMMON, "part_ptr": "*fp32", "ref_part_ptr": "*fp32"},
+    flags=lambda dtype: dict(
+        HAS_SCALE=False, HAS_SOFTCAP=False, NEED_ENTROPY=True, NEED_SUM=False, HAS_REF=False
+    ),
     configs=_ROWS_CONFIGS,
     defaults=_ROWS_CONFIGS,
     parse_config=_rows_parse,
@@ -262,9 +306,9 @@ ROWS_GRAD = CompileSpec(
     name="rows_grad",
     module="fused_dft.kernels.rows",
     function="_rows_grad_kernel",
-    arg_types={**_ROWS_COMMON, "lse_ptr": "*fp32", "coef_ptr": "*fp32"},
+    arg_types={**_ROWS_COMMON, "lse_ptr": "*fp32", "coef_ptr": "*fp32", "ref_lse_ptr": "*fp32"},
     flags=lambda dtype: dict(
-        HAS_SCALE=False, HAS_SOFTCAP=False, HAS_UNIFORM=False, HAS_ENTROPY_GRAD=False
+        HAS_SCALE=False, HAS_SOFTCAP=False, HAS_UNIFORM=False, HAS_ENTROPY_GRAD=False, HAS_REF=False
     ),
     configs=_ROWS_CONFIGS,
     defaults=_ROWS_CONFIGS,
@@ -272,4 +316,6 @@ ROWS_GRAD = CompileSpec(
     has_dot=False,
 )
 
-SPECS: dict[str, CompileSpec] = {s.name: s for s in (FUSED_FWD, FUSED_BWD, ROWS, ROWS_GRAD)}
+SPECS: dict[str, CompileSpec] = {
+    s.name: s for s in (FUSED_FWD, FUSED_BWD, FUSED_FWD_REF, FUSED_BWD_REF, ROWS, ROWS_GRAD)
+}

@@ -103,10 +103,6 @@ def _fused_dft_unavailable(impl: str) -> Callable[[Problem], str | None]:
             return f"{module} is missing from this installation of fused_dft"
         if impl != "fused":
             return None
-        from fused_dft.family import member
-
-        if member(problem.loss_type).needs_reference:
-            return f"impl='fused' has no {problem.loss_type!r} (its reference-model term)"
         device = torch.device(problem.device)
         why = triton_unavailable_reason(device)
         if why is not None:
