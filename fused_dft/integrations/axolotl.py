@@ -15,9 +15,13 @@ them off (so neither Liger's forward nor axolotl's EAFT `compute_loss_func`, whi
 labels out of the batch, is installed) and checks the options (fused_dft's own argument checks);
 `post_model_load` patches the loaded model (fused_dft.patch_model, through a PeftModel with
 LoRA). axolotl's trainer then calls the patched model with the labels: the logits are never
-built in training. Refused in `register`, naming the key: an axolotl version it was not tested
-with, a loss type or parameters it cannot honour, contradicting keys, and keys or plugins that
-compute the loss another way (axolotl_flags.REFUSED_KEYS, REFUSED_PLUGINS).
+built in training. `post_trainer_create` keeps axolotl's normalization: its EAFT divides by the
+valid tokens of the whole accumulated batch, its model losses average each micro-batch
+(axolotl_flags.over_num_items).
+
+Refused in `register`, naming the key: an axolotl version it was not tested with, a loss type
+or parameters it cannot honour, contradicting keys, and keys or plugins that compute the loss
+another way (axolotl_flags.REFUSED_KEYS, REFUSED_PLUGINS).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from pydantic import BaseModel
 
 from ..hf import patch_model
-from .axolotl_flags import LOSS_KEY, PARAMS_KEY, check_version, checked_options
+from .axolotl_flags import LOSS_KEY, PARAMS_KEY, check_version, checked_options, over_num_items
 
 __all__ = ["FusedDFTArgs", "FusedDFTPlugin"]
 
@@ -54,9 +58,19 @@ class FusedDFTPlugin(BasePlugin):
     def get_input_args(self) -> str:
         return "fused_dft.integrations.axolotl.FusedDFTArgs"
 
+    over_num_items = False
+
     def register(self, cfg: dict) -> None:
         check_version(metadata.version("axolotl"))
+        self.over_num_items = over_num_items(cfg)  # read before use_eaft is turned off
         checked_options(cfg)
 
     def post_model_load(self, cfg, model) -> None:
         patch_model(model, loss_type=cfg[LOSS_KEY] or "ce", **(cfg[PARAMS_KEY] or {}))
+
+    def post_trainer_create(self, cfg, trainer) -> None:
+        # the normalization axolotl's own loss has (axolotl_flags.over_num_items): with it, HF
+        # Trainer counts num_items_in_batch over the accumulated batch and passes it to the
+        # patched model (sum / num_items_in_batch), and does not divide by the accumulation steps
+        if self.over_num_items:
+            trainer.model_accepts_loss_kwargs = True

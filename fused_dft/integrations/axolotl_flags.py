@@ -136,6 +136,19 @@ def map_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"loss_type": loss_type, **params}
 
 
+def over_num_items(cfg: dict[str, Any]) -> bool:
+    """Whether the loss axolotl computes for the raw `cfg` divides each micro-batch's sum by the
+    valid tokens of the whole accumulated batch (HF Trainer's `num_items_in_batch`).
+
+    axolotl's `use_eaft` does (a `compute_loss_func` gets `num_items_in_batch`; Trainer then does
+    not divide by gradient_accumulation_steps). Its model losses (cross-entropy, Liger's) do not:
+    axolotl's trainer sets `model_accepts_loss_kwargs = False` for a model whose inner forward
+    takes no `num_items_in_batch` (Qwen2, Llama, ...), so each micro-batch's mean is divided by
+    gradient_accumulation_steps. The plugin keeps each as axolotl computes it: for EAFT it sets
+    `model_accepts_loss_kwargs` back to True, so the patched model gets `num_items_in_batch`."""
+    return bool(cfg.get("use_eaft"))
+
+
 def checked_options(cfg: dict[str, Any]) -> dict[str, Any]:
     """map_config, then fused_dft's own checks of the options (an unknown or out-of-range family
     parameter named), as the plugin's `register` runs them, before the model loads."""

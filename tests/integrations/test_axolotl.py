@@ -131,6 +131,20 @@ def test_bad_family_parameters_are_refused_before_the_model_loads(cfg, message):
         flags.checked_options(dict(cfg))
 
 
+@pytest.mark.parametrize(
+    "cfg, expected",
+    [
+        ({"use_eaft": True}, True),  # a compute_loss_func: sum / num_items_in_batch
+        ({"use_eaft": False}, False),
+        (LIGER_DFT, False),  # model losses: micro-batch means / gradient_accumulation_steps
+        ({"fused_dft_loss_type": "eaft"}, False),
+        ({}, False),
+    ],
+)
+def test_the_normalization_follows_axolotls_own_loss(cfg, expected):
+    assert flags.over_num_items(dict(cfg)) is expected
+
+
 @pytest.mark.parametrize("version", ["0.18.0", "0.20.0", "0.19.0.dev0"])
 def test_a_version_it_was_not_tested_with_is_refused(version):
     with pytest.raises(RuntimeError, match=f"axolotl {version} is not a version"):
@@ -208,7 +222,12 @@ def test_plugin_register_maps_and_refuses_with_axolotl():
     from fused_dft.integrations.axolotl import FusedDFTPlugin
 
     cfg = {**LIGER_DFT, "plugins": ["fused_dft.integrations.axolotl.FusedDFTPlugin"]}
-    FusedDFTPlugin().register(cfg)
+    plugin = FusedDFTPlugin()
+    plugin.register(cfg)
     assert cfg["fused_dft_loss_type"] == "dft" and cfg["liger_use_token_scaling"] is False
+    assert not plugin.over_num_items
+    cfg = {"use_eaft": True, "eaft_alpha": 0.5}
+    plugin.register(cfg)
+    assert plugin.over_num_items and cfg["use_eaft"] is False
     with pytest.raises(ValueError, match="cut_cross_entropy: True is refused"):
         FusedDFTPlugin().register({"cut_cross_entropy": True})
