@@ -27,6 +27,12 @@ ROOT = Path(__file__).resolve().parents[2]
 TORCH = "torch==2.13.0"
 LIGER = "axolotl.integrations.liger.LigerPlugin"
 PLUGIN = "fused_dft.integrations.axolotl.FusedDFTPlugin"
+# axolotl's DFT: Liger's fused linear cross-entropy with token scaling
+LIGER_DFT_KEYS = {
+    "plugins": [LIGER],
+    "liger_fused_linear_cross_entropy": True,
+    "liger_use_token_scaling": True,
+}
 # trainer -> (pip requirement, the cases run: (name, the trainer's own flags))
 TRAINERS = {
     "llamafactory": (
@@ -41,17 +47,25 @@ TRAINERS = {
     "axolotl": (
         "axolotl==0.19.0",
         [
-            (
-                "dft",
-                {
-                    "plugins": [LIGER],
-                    "liger_fused_linear_cross_entropy": True,
-                    "liger_use_token_scaling": True,
-                },
-            ),
+            ("dft", LIGER_DFT_KEYS),
             ("eaft", {"use_eaft": True, "eaft_alpha": 0.7}),
             ("ce", {}),
-        ],  # fmt: skip
+            # LoRA on every linear layer but the head; axolotl's LoRA kernels are CUDA-only
+            (
+                "dft_lora",
+                {
+                    **LIGER_DFT_KEYS,
+                    "adapter": "lora",
+                    "lora_r": 4,
+                    "lora_alpha": 8,
+                    "lora_dropout": 0.0,
+                    "lora_target_linear": True,
+                    "lora_mlp_kernel": False,
+                    "lora_qkv_kernel": False,
+                    "lora_o_kernel": False,
+                },
+            ),
+        ],
     ),
 }
 # the CUDA-only wheels a trainer pulls from PyPI that cannot load beside torch's CPU build
@@ -293,6 +307,7 @@ def run_axolotl(folder: Path) -> list[dict]:
 
 def axolotl_run(config: str, out: str) -> None:
     """One `axolotl train config.yaml`, its logged steps and whether it trained a patched model."""
+    import transformers
     from axolotl.cli.args import TrainerCliArgs
     from axolotl.cli.config import load_cfg
     from axolotl.common.datasets import load_datasets
@@ -301,9 +316,11 @@ def axolotl_run(config: str, out: str) -> None:
     import fused_dft
 
     cfg = load_cfg(config)
-    model, _, trainer = train(
-        cfg=cfg, dataset_meta=load_datasets(cfg=cfg, cli_args=TrainerCliArgs())
-    )
+    meta = load_datasets(cfg=cfg, cli_args=TrainerCliArgs())
+    # axolotl creates a LoRA adapter (lora_A drawn from torch's RNG) before HF Trainer seeds:
+    # seeded here (a test shim, not in the plugin), so that both runs start from the same one
+    transformers.set_seed(cfg.seed)
+    model, _, trainer = train(cfg=cfg, dataset_meta=meta)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     Path(out).write_text(json.dumps({"patched": fused_dft.is_patched(model), "logs": logs}))
 
