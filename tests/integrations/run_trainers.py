@@ -27,6 +27,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCH = "torch==2.13.0"
+LIGER = "axolotl.integrations.liger.LigerPlugin"
+PLUGIN = "fused_dft.integrations.axolotl.FusedDFTPlugin"
+# axolotl's DFT: Liger's fused linear cross-entropy with token scaling
+LIGER_DFT_KEYS = {
+    "plugins": [LIGER],
+    "liger_fused_linear_cross_entropy": True,
+    "liger_use_token_scaling": True,
+}
 # trainer -> (pip requirement, the cases run: (name, the trainer's own flags))
 TRAINERS = {
     "llamafactory": (
@@ -59,6 +67,29 @@ TRAINERS = {
             ("dft-tied", {"loss_type": "dft", "tie": True}),
         ],
     ),
+    "axolotl": (
+        "axolotl==0.19.0",
+        [
+            ("dft", LIGER_DFT_KEYS),
+            ("eaft", {"use_eaft": True, "eaft_alpha": 0.7}),
+            ("ce", {}),
+            # LoRA on every linear layer but the head; axolotl's LoRA kernels are CUDA-only
+            (
+                "dft_lora",
+                {
+                    **LIGER_DFT_KEYS,
+                    "adapter": "lora",
+                    "lora_r": 4,
+                    "lora_alpha": 8,
+                    "lora_dropout": 0.0,
+                    "lora_target_linear": True,
+                    "lora_mlp_kernel": False,
+                    "lora_qkv_kernel": False,
+                    "lora_o_kernel": False,
+                },
+            ),
+        ],
+    ),
 }
 # the CUDA-only wheels a trainer pulls from PyPI that cannot load beside torch's CPU build
 # (torchaudio / torchvision 0.28: "libc10_cuda.so: cannot open shared object file"): removed from
@@ -71,6 +102,8 @@ RANKS = {"verl": 2}
 # what a trainer imports but does not declare (verl 0.9.1: `import uvicorn` in
 # verl/workers/rollout/utils.py, reached from its SFT trainer), and triton for impl="fused"
 EXTRAS = {"verl": ["uvicorn", "fastapi", "triton==3.9.0"]}
+# environment of the runs inside a trainer's venv (no network: axolotl's telemetry off)
+ENV = {"axolotl": {"AXOLOTL_DO_NOT_TRACK": "1"}}
 LOSS_RTOL = 1e-5
 V = 64  # >= 20: LLaMA-Factory's EAFT takes the top 20 logits
 
@@ -101,11 +134,16 @@ def build_venv(trainer: str, venvs: Path) -> tuple[Path, dict]:
 # --- inside a trainer's venv ---------------------------------------------------------------------
 
 
-def tiny_model_dir(folder: Path, byte_level: bool = False, seed: int = 0) -> Path:
+def tiny_model_dir(
+    folder: Path, byte_level: bool = False, seed: int = 0, fit_loaded: bool = False
+) -> Path:
     """A 2-layer Qwen2 from its config and a tokenizer: word-level over 't3'..'t63', or
     (byte_level) a byte-level BPE trained on the sentences, which transformers >= 5.19 keeps when
     it rebuilds a Qwen2Tokenizer from the saved vocabulary (a word-level one then encodes to []).
-    seed: the weights' (another seed: another model over the same tokenizer, in its own folder)."""
+    seed: the weights' (another seed: another model over the same tokenizer, in its own folder).
+    fit_loaded: the vocabulary sized to the tokenizer as AutoTokenizer loads it back (a rebuilt
+    Qwen2Tokenizer adds '<|endoftext|>'); axolotl would otherwise resize the embeddings at load
+    and draw the new rows from torch's RNG before any seed is set: a different model each run."""
     import tokenizers
     import torch
     import transformers
@@ -127,14 +165,20 @@ def tiny_model_dir(folder: Path, byte_level: bool = False, seed: int = 0) -> Pat
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
+    path = folder / ("tiny-qwen2" if seed == 0 else f"tiny-qwen2-seed{seed}")
+    vocab = backend.get_vocab_size()
+    if fit_loaded:
+        tok.save_pretrained(path)
+        transformers.Qwen2Config(vocab_size=vocab).save_pretrained(path)
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        vocab = len(tok)
     torch.manual_seed(seed)
     config = transformers.Qwen2Config(
-        vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64,
+        vocab_size=vocab, hidden_size=32, intermediate_size=64,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
         pad_token_id=0,
     )  # fmt: skip
-    path = folder / ("tiny-qwen2" if seed == 0 else f"tiny-qwen2-seed{seed}")
     transformers.Qwen2ForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -253,6 +297,67 @@ def run_ms_swift(folder: Path) -> list[dict]:
     for r in results:
         r["version"] = importlib.metadata.version("ms-swift")
     return results
+
+
+def run_axolotl(folder: Path) -> list[dict]:
+    """axolotl's own SFT (`axolotl train`'s steps: load_cfg, load_datasets, train) with its loss
+    keys, and with the plugin added; each run in a process of its own (axolotl's PluginManager
+    is a singleton, and Liger patches the Qwen2 classes)."""
+    import importlib.metadata
+
+    model = tiny_model_dir(folder, byte_level=True, fit_loaded=True)
+    data = folder / "tiny.jsonl"
+    halves = [(w[: len(w) // 2], w[len(w) // 2 :]) for w in sentences()]
+    rows = [{"instruction": " ".join(a), "input": "", "output": " ".join(b)} for a, b in halves]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    results = []
+    for case, flags in TRAINERS["axolotl"][1]:
+        logs = {}
+        for who in ("axolotl", "fused_dft"):
+            out = folder / f"{case}-{who}"
+            plugins = flags.get("plugins", []) + ([PLUGIN] if who == "fused_dft" else [])
+            cfg = {
+                "base_model": str(model), "datasets": [{"path": str(data), "ds_type": "json",
+                "type": "alpaca"}], "dataset_prepared_path": str(out / "prepared"),
+                "val_set_size": 0, "sequence_len": 256, "micro_batch_size": 4,
+                "gradient_accumulation_steps": 2, "max_steps": 3, "optimizer": "sgd",
+                "learning_rate": 0.5, "lr_scheduler": "constant", "warmup_steps": 0,
+                "logging_steps": 1, "output_dir": str(out), "bf16": False, "fp16": False,
+                "tf32": False, "save_strategy": "no", "seed": 0, "dataloader_num_workers": 0,
+                "dataset_processes": 1, **flags, "plugins": plugins,
+            }  # fmt: skip
+            out.mkdir()
+            (out / "config.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+            cmd = [sys.executable, __file__, "--axolotl-run", str(out / "config.yaml")]
+            subprocess.run([*cmd, "--out", str(out / "result.json")], check=True)
+            result = json.loads((out / "result.json").read_text())
+            if result["patched"] != (who == "fused_dft"):
+                raise AssertionError(f"{case} {who}: model patched = {result['patched']}")
+            logs[who] = result["logs"]
+        results.append(compare("axolotl", case, logs["axolotl"], logs["fused_dft"]))
+    for r in results:
+        r["version"] = importlib.metadata.version("axolotl")
+    return results
+
+
+def axolotl_run(config: str, out: str) -> None:
+    """One `axolotl train config.yaml`, its logged steps and whether it trained a patched model."""
+    import transformers
+    from axolotl.cli.args import TrainerCliArgs
+    from axolotl.cli.config import load_cfg
+    from axolotl.common.datasets import load_datasets
+    from axolotl.train import train
+
+    import fused_dft
+
+    cfg = load_cfg(config)
+    meta = load_datasets(cfg=cfg, cli_args=TrainerCliArgs())
+    # axolotl creates a LoRA adapter (lora_A drawn from torch's RNG) before HF Trainer seeds:
+    # seeded here (a test shim, not in the plugin), so that both runs start from the same one
+    transformers.set_seed(cfg.seed)
+    model, _, trainer = train(cfg=cfg, dataset_meta=meta)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    Path(out).write_text(json.dumps({"patched": fused_dft.is_patched(model), "logs": logs}))
 
 
 def compare(trainer: str, case: str, theirs: list[dict], ours: list[dict]) -> dict:
@@ -379,7 +484,12 @@ def run_verl(folder: Path) -> list[dict]:
     return results
 
 
-INSIDE = {"llamafactory": run_llamafactory, "ms-swift": run_ms_swift, "verl": run_verl}
+INSIDE = {
+    "llamafactory": run_llamafactory,
+    "ms-swift": run_ms_swift,
+    "verl": run_verl,
+    "axolotl": run_axolotl,
+}
 
 
 def main() -> int:
@@ -388,7 +498,11 @@ def main() -> int:
     parser.add_argument("--venvs", default=os.environ.get("FUSED_DFT_VENVS", ROOT / ".venvs"))
     parser.add_argument("--inside", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--axolotl-run", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.axolotl_run:
+        axolotl_run(args.axolotl_run, args.out)
+        return 0
     if args.inside:
         with tempfile.TemporaryDirectory() as folder:
             results = INSIDE[args.inside](Path(folder))
@@ -404,7 +518,12 @@ def main() -> int:
             for name in SHIMS.get(trainer, []):
                 (Path(shims) / f"{name}.py").write_text('"""stand-in: not loadable on CPU"""\n')
             path = os.pathsep.join([shims, str(ROOT)])
-            env = {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "1"}
+            env = {
+                **os.environ,
+                "PYTHONPATH": path,
+                "TRITON_INTERPRET": "1",
+                **ENV.get(trainer, {}),
+            }
             launch = [str(python)]
             if RANKS.get(trainer, 1) > 1:
                 launch += ["-m", "torch.distributed.run", f"--nproc-per-node={RANKS[trainer]}"]
