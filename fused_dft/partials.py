@@ -16,9 +16,13 @@ From the whole vocabulary:
     correct = (z_y >= m) (the label logit is the maximum; ties count as correct).
 One figure is not a merge of partials: the entropy of the k largest logits renormalized among
 themselves (eaft's top-k form), which the backends compute from the k values of a row (topk_entropy)
-and add to TokenStats; it is gradient-stopped, so only the forward pass needs it. Nor is
-asft's KL(q || p) = sum_j q_j (log q_j - log p_j), q the reference model's softmax: the chunked
-backend computes sum_j q_j (log q_j - z_j) from both logit chunks, and KL = that + lse.
+and add to TokenStats; it is gradient-stopped, so only the forward pass needs it. Ranges merge it
+through their values: the top k of a row is the top k of the ranges' top k's.
+asft's KL(q || p) = sum_j q_j (log q_j - log p_j), q the reference model's softmax of its logits
+zq, has three reference partials of its own per range (rows of a (3, ...) tensor):
+    mq = max_j zq_j,   sq = sum_j exp(zq_j - mq),   kq = sum_j exp(zq_j - mq) (zq_j - z_j)
+merged like m and s (kq scales like sq: a_k kq_k), and from the whole vocabulary
+    lse_q = mq + log sq,   cross = sum_j q_j (log q_j - z_j) = kq / sq - lse_q,   KL = cross + lse.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ import torch
 # row order of a partials tensor (5, ...)
 M, S, T, ZY, SUMZ = range(5)
 NUM_PARTIALS = 5
+# row order of asft's reference partials (3, ...)
+MQ, SQ, KQ = range(3)
+NUM_REFERENCE_PARTIALS = 3
 
 
 class TokenStats(NamedTuple):
@@ -77,3 +84,22 @@ def finalize(part: torch.Tensor) -> TokenStats:
         correct=(z_y >= m).to(part.dtype),
         sum_z=sum_z,
     )
+
+
+def merge_reference(part: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """part (3, ..., k, ...) reference partials (mq, sq, kq) of k disjoint ranges along `dim`
+    -> (3, ...) merged: with M = max mq_k, a_k = exp(mq_k - M),
+    sq = sum a_k sq_k, kq = sum a_k kq_k."""
+    mq_k, sq_k, kq_k = part.unbind(0)
+    dim = dim - 1 if dim > 0 else dim
+    mq = mq_k.amax(dim, keepdim=True)
+    a_k = torch.exp(mq_k - torch.where(torch.isfinite(mq), mq, torch.zeros_like(mq)))
+    return torch.stack([mq.squeeze(dim), (a_k * sq_k).sum(dim), (a_k * kq_k).sum(dim)])
+
+
+def finalize_reference(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """part (3, n) reference partials over the whole vocabulary -> (lse_q, cross) per token,
+    cross = sum_j q_j (log q_j - z_j) = kq / sq - lse_q (KL(q || p) = cross + lse)."""
+    mq, sq, kq = part.unbind(0)
+    lse_q = mq + sq.log()
+    return lse_q, kq / sq - lse_q

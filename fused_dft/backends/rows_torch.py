@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from ..options import LossOptions
-from ..partials import topk_entropy
 
 _ENTROPY_ROWS = 16  # rows of the exp buffer when the entropy is needed
 
@@ -37,15 +36,19 @@ def transform_(x: torch.Tensor, opts: LossOptions, keep_dtanh: bool) -> torch.Te
     return dtanh
 
 
-def rows_topk_entropy(x: torch.Tensor, k: int, opts: LossOptions) -> torch.Tensor:
-    """x (n, V) raw logits (not modified) -> (n,) the entropy of each row's k largest transformed
-    logits renormalized among themselves (fp32, fp64 for fp64 x). The transform is monotone
-    (increasing for logit_scale > 0), so the top k of x are the top k of z: only they are
-    transformed."""
-    values = x.topk(k, dim=1, largest=opts.logit_scale > 0).values
+def rows_topk_values(x: torch.Tensor, k: int, opts: LossOptions) -> torch.Tensor:
+    """x (n, V) raw logits (not modified) -> (n, k) each row's k largest transformed logits,
+    largest first (fp32, fp64 for fp64 x). The transform is monotone (increasing for
+    logit_scale > 0), so the top k of x are the top k of z: only they are transformed. A row
+    narrower than k (a vocab shard) is padded with -inf, which a merge's top k never picks."""
+    kept = min(k, x.shape[1])
+    values = x.topk(kept, dim=1, largest=opts.logit_scale > 0).values
     values = values.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     transform_(values, opts, keep_dtanh=False)
-    return topk_entropy(values)
+    if kept < k:
+        pad = values.new_full((values.shape[0], k - kept), float("-inf"))
+        values = torch.cat([values, pad], dim=1)
+    return values
 
 
 def _in_range(labels: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,18 +134,18 @@ def rows_grad_from_logits_(
     return rows_grad_(x, labels, torch.ones_like(lse), coefs, dtanh, opts, ref_q)
 
 
-def reference_log_softmax_(xr: torch.Tensor, opts: LossOptions) -> torch.Tensor:
-    """xr (n, V) a reference model's raw logits (fp32/fp64), overwritten with their log-softmax
-    log q (the same logit_scale / softcap as the policy's)."""
+def reference_partials_(xr: torch.Tensor, z: torch.Tensor | None, opts: LossOptions):
+    """xr (n, V) a reference model's raw logits (fp32/fp64), overwritten with zq = transform(xr)
+    (the same logit_scale / softcap as the policy's); z (n, V) the policy's transformed logits.
+    Returns the reference partials (3, n) of partials.py: mq = max zq, sq = sum exp(zq - mq),
+    kq = sum exp(zq - mq) (zq - z) (0 without z), in row blocks (one block-sized temporary)."""
     transform_(xr, opts, keep_dtanh=False)
-    return xr.sub_(torch.logsumexp(xr, 1, keepdim=True))
-
-
-def reference_cross(log_q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """(n,) sum_j q_j (log q_j - z_j) for log q (n, V) and the policy's transformed logits z, in
-    row blocks (one block-sized temporary): KL(q || p) = this + lse(z), since sum_j q_j = 1."""
-    out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
-    for r in range(0, z.shape[0], _ENTROPY_ROWS):
-        lq = log_q[r : r + _ENTROPY_ROWS]
-        out[r : r + _ENTROPY_ROWS] = (lq.exp() * (lq - z[r : r + _ENTROPY_ROWS])).sum(1)
-    return out
+    mq = xr.amax(1)
+    sq, kq = torch.empty_like(mq), torch.zeros_like(mq)
+    for r in range(0, xr.shape[0], _ENTROPY_ROWS):
+        zq = xr[r : r + _ENTROPY_ROWS]
+        e = torch.exp(zq - mq[r : r + _ENTROPY_ROWS, None])
+        sq[r : r + _ENTROPY_ROWS] = e.sum(1)
+        if z is not None:
+            kq[r : r + _ENTROPY_ROWS] = (e * (zq - z[r : r + _ENTROPY_ROWS])).sum(1)
+    return torch.stack([mq, sq, kq])
