@@ -41,7 +41,8 @@ DTYPES: dict[str, torch.dtype] = {
 @dataclass(frozen=True)
 class Problem:
     """tokens N, hidden D, vocab V; dtype as a torch name ("float32"); loss_type any member of
-    fused_dft's family (family.loss_types()), at its default parameters."""
+    fused_dft's family (family.loss_types()), at its default parameters, or "logprobs" (the
+    per-token log-prob op, logprobs.py)."""
 
     tokens: int
     hidden: int
@@ -118,7 +119,11 @@ def family_inputs(problem: Problem, labels: torch.Tensor, hidden=None, weight=No
     memory of the loss, so its peak memory shows what the loss adds)."""
     from fused_dft.family import member
 
+    from .logprobs import LOSS_TYPE as LOGPROBS
+
     params = problem.params
+    if problem.loss_type == LOGPROBS:  # not a loss of the family: no options
+        return {}
     if member(problem.loss_type).needs_reference:
         return {"ref_hidden": hidden.detach(), "ref_weight": weight.detach(), **params}
     if not member(problem.loss_type).needs_old_logprobs:
@@ -129,8 +134,14 @@ def family_inputs(problem: Problem, labels: torch.Tensor, hidden=None, weight=No
 
 
 def reference_float64(hidden, weight, labels, loss_type: str, bias=None, **options):
-    """Loss and gradients in float64 via fused_dft's plain-torch reference: (loss, dh, dW, db)."""
+    """Loss and gradients in float64 via fused_dft's plain-torch reference: (loss, dh, dW, db);
+    for --loss-type logprobs the naive op's objective (logprobs.py)."""
     from fused_dft import fused_linear_dft_loss
+
+    from . import logprobs
+
+    if loss_type == logprobs.LOSS_TYPE:
+        return logprobs.reference_float64(hidden, weight, labels)
 
     h = hidden.detach().double().requires_grad_(True)
     w = weight.detach().double().requires_grad_(True)
