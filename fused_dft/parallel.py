@@ -18,6 +18,13 @@ Per chunk of tokens (the whole batch at once for impl="fused"), rank r:
          dz_r = a softmax_r - b onehot_r(y) - u,  dW_r = dz_r^T h,  db_r = sum_rows dz_r,
      and its share dh_r = dz_r W_r of dh = sum_r dh_r.
 
+Members that need more than the five partials gather more, with the same all-gather
+(VocabShard.gather): eaft's top-k entropy each rank's k largest logits per token (the top k of the
+P k is the row's top k); asft, whose reference head must be sharded like the policy's
+(check_reference_layout), its three reference partials per token (partials.merge_reference).
+fused_linear_logprobs runs the same merge (VocabParallelLogprobsFunction): its backward
+coefficients need only the global lse and H, which every rank then holds.
+
 Why an all-gather rather than Megatron's all-reduce(MAX) of m then all-reduce(SUM) of the
 rescaled (s, t, z_y, sum z): one collective per chunk instead of two (at these sizes a collective
 costs its latency), the same merge code as every other vocabulary range (kernel splits, tiles),
