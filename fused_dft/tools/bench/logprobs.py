@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from .problem import IGNORE_INDEX
+from .problem import IGNORE_INDEX, LOGPROBS
 
-LOSS_TYPE = "logprobs"
+LOSS_TYPE = LOGPROBS
 ENTROPY_BONUS = 0.01
 
 

@@ -24,6 +24,7 @@ from dataclasses import replace
 
 import torch
 
+from . import logprobs
 from .problem import Problem, family_inputs, make_inputs, reference_float64, rel_error
 from .providers import PROVIDERS
 
@@ -167,9 +168,12 @@ def errors_on_prefix(loss_fn, hidden, weight, labels, problem: Problem, check_to
     y = labels[:k]
     loss = loss_fn(h, w, y)
     loss.backward()
-    ref_loss, ref_dh, ref_dw, _ = reference_float64(
-        h, w, y, problem.loss_type, **family_inputs(problem, y, h.double(), w.double())
-    )
+    if problem.loss_type == logprobs.LOSS_TYPE:  # the naive op's objective in float64
+        ref_loss, ref_dh, ref_dw, _ = logprobs.reference_float64(h, w, y)
+    else:
+        ref_loss, ref_dh, ref_dw, _ = reference_float64(
+            h, w, y, problem.loss_type, **family_inputs(problem, y, h.double(), w.double())
+        )
     errors = {
         "loss": rel_error(loss, ref_loss),
         "dh": rel_error(h.grad, ref_dh),

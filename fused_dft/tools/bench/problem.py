@@ -38,6 +38,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+# --loss-type logprobs: the per-token log-prob op (logprobs.py), not a member of the family
+LOGPROBS = "logprobs"
+
+
 @dataclass(frozen=True)
 class Problem:
     """tokens N, hidden D, vocab V; dtype as a torch name ("float32"); loss_type any member of
@@ -119,8 +123,6 @@ def family_inputs(problem: Problem, labels: torch.Tensor, hidden=None, weight=No
     memory of the loss, so its peak memory shows what the loss adds)."""
     from fused_dft.family import member
 
-    from .logprobs import LOSS_TYPE as LOGPROBS
-
     params = problem.params
     if problem.loss_type == LOGPROBS:  # not a loss of the family: no options
         return {}
@@ -134,14 +136,8 @@ def family_inputs(problem: Problem, labels: torch.Tensor, hidden=None, weight=No
 
 
 def reference_float64(hidden, weight, labels, loss_type: str, bias=None, **options):
-    """Loss and gradients in float64 via fused_dft's plain-torch reference: (loss, dh, dW, db);
-    for --loss-type logprobs the naive op's objective (logprobs.py)."""
+    """Loss and gradients in float64 via fused_dft's plain-torch reference: (loss, dh, dW, db)."""
     from fused_dft import fused_linear_dft_loss
-
-    from . import logprobs
-
-    if loss_type == logprobs.LOSS_TYPE:
-        return logprobs.reference_float64(hidden, weight, labels)
 
     h = hidden.detach().double().requires_grad_(True)
     w = weight.detach().double().requires_grad_(True)
