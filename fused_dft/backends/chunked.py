@@ -190,6 +190,9 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
         from ..kernels import rows as rows_triton
 
     for start in range(0, n, chunk_rows):
+        # the previous chunk's buffers freed before this one allocates its own (a reference's
+        # q kept until then made asft's peak a third logits chunk: 134 MB at V = 128256)
+        x = q = dtanh = None
         stop = min(start + chunk_rows, n)
         rows_c = chunk_of(rows, start, stop)
         y_c = local_labels(rows_c.labels, shard)
@@ -234,7 +237,6 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
             softmax_scale = torch.exp(m_local - stats.lse)
             rows_grad_(x, y_c, softmax_scale, coefs, dtanh, opts, q if ref is not None else None)
         _apply_dx(x.to(hidden.dtype), h_c, rows_c.idx, weight, *grads)
-        del x
     return Forward(token_loss, logp, sums, saved, grads, entropy)
 
 
