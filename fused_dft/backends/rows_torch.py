@@ -136,9 +136,11 @@ def rows_grad_(
 ) -> torch.Tensor:
     """e (n, V) = exp(z - c_row) for any per-row shift c_row, with softmax = e * softmax_scale
     (softmax_scale = exp(c_row - lse)); coefs (3, n) = (a, b, u), or (5, n) = (a, b, u, -, r)
-    with ref_q (n, V) a reference's softmax (dz -= r q). Writes dx into e, returns it."""
+    with ref_q (n, V) a reference's softmax (dz -= r q). softmax_scale None: e already holds
+    a * softmax (a unused). Writes dx into e, returns it."""
     a, b, u = coefs[:3].to(e.dtype).unbind(0)
-    e.mul_((a * softmax_scale.to(e.dtype))[:, None])
+    if softmax_scale is not None:
+        e.mul_((a * softmax_scale.to(e.dtype))[:, None])
     inside, safe = _in_range(labels, e.shape[1])
     e.scatter_add_(1, safe[:, None], torch.where(inside, -b, torch.zeros_like(b))[:, None])
     if opts.label_smoothing > 0:
@@ -166,16 +168,17 @@ def rows_grad_from_logits_(
     dtanh = transform_(x, opts, keep_dtanh=True)
     x.sub_(lse.to(x.dtype)[:, None])  # log softmax
     if coefs.shape[0] == 4:  # (a - c l) p by row blocks: p = exp(l) in a block buffer
-        a, b, u, c = coefs.to(x.dtype).unbind(0)
+        a, _, _, c = coefs.to(x.dtype).unbind(0)
         rows = block_rows(x.shape[1])
         buffer = torch.empty((min(rows, x.shape[0]), x.shape[1]), dtype=x.dtype, device=x.device)
         for r in range(0, x.shape[0], rows):
             block = x[r : r + rows]
             p = torch.exp(block, out=buffer[: block.shape[0]])
-            block.mul_(-c[r : r + rows, None]).add_(a[r : r + rows, None]).mul_(p)
-        coefs = torch.stack([torch.ones_like(a), b, u])
-    else:
-        x.exp_()
+            # block <- a + (-c) l in one pass, then times p: x holds a p - c p l
+            torch.addcmul(a[r : r + rows, None], block, c[r : r + rows, None], value=-1, out=block)
+            block.mul_(p)
+        return rows_grad_(x, labels, None, coefs[:3], dtanh, opts, ref_q)  # a applied above
+    x.exp_()
     return rows_grad_(x, labels, torch.ones_like(lse), coefs, dtanh, opts, ref_q)
 
 
