@@ -179,23 +179,18 @@ def _family_params(own, given: dict) -> tuple[tuple[str, float], ...]:
     return own.resolve(given)
 
 
-def check_vocab_params(opts: LossOptions, vocab: int, vocab_parallel: bool = False) -> None:
-    """The family parameters bounded by V (eaft_topk), once V is known; a top-k entropy needs the
-    whole vocabulary's logits of a row, which a vocab-parallel rank does not hold."""
+def check_vocab_params(opts: LossOptions, vocab: int) -> None:
+    """The family parameters bounded by V (eaft_topk), once V is known (the whole V, also for a
+    vocab-parallel weight: its global shape)."""
     own = member(opts.loss_type)
     for p in own.params:
         value = opts.params.get(p.name)
         if p.at_most_vocab and value is not None and value > vocab:
             raise ValueError(f"{p.name} must be {p.bound} = {vocab}, got {value!r}")
-    if vocab_parallel and own.topk_of(opts.params) > 0:
-        raise ValueError(
-            f"loss_type={opts.loss_type!r} with a top-k entropy is not supported with a "
-            "vocab-parallel weight (each rank holds only its shard's logits)"
-        )
 
 
 def check_reference_inputs(opts: LossOptions, impl: str, hidden, weight, ref_hidden, ref_weight,
-                           ref_bias, vocab_parallel: bool = False) -> None:  # fmt: skip
+                           ref_bias) -> None:  # fmt: skip
     """asft's reference model: ref_hidden (..., D_r) with hidden's leading shape, ref_weight
     (V, D_r) over the policy's vocabulary, ref_bias (V,) or None; hidden's dtype and device, no
     grad; exactly when the loss_type needs them, and not with a vocab-parallel weight."""
@@ -212,11 +207,6 @@ def check_reference_inputs(opts: LossOptions, impl: str, hidden, weight, ref_hid
         raise ValueError(
             f"loss_type={opts.loss_type!r} requires ref_hidden and ref_weight (the reference "
             "model's last hidden states and LM-head weight)"
-        )
-    if vocab_parallel:
-        raise ValueError(
-            f"loss_type={opts.loss_type!r} is not implemented with a vocab-parallel weight; "
-            "use impl='chunked' (or 'auto'), 'fused' or 'reference'"
         )
     for name, t in named.items():
         if t is not None and not isinstance(t, torch.Tensor):

@@ -24,7 +24,7 @@ import torch
 
 from .arguments import check_label_range, check_values
 from .backends import BACKENDS
-from .backends.base import Reference, Saved, VocabShard, acc_dtype
+from .backends.base import Reference, Saved, VocabShard, acc_dtype, full_vocab
 from .coefficients import logprob_coefficients
 from .options import LossOptions
 from .selection import (
@@ -153,15 +153,17 @@ def _empty_as(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def logprobs_forward(hidden, weight, bias, labels, opts: LossOptions, impl: str,
-                     chunk_size: int | None):  # fmt: skip
-    """hidden (N, D), labels (N,); opts: reduction "none", return_stats when the entropy is
-    wanted. Returns (log p_y, entropy or an empty tensor, lse), each (N,) in the accumulation
-    dtype and 0 at ignored rows."""
+                     chunk_size: int | None, shard: VocabShard | None = None):  # fmt: skip
+    """hidden (N, D), labels (N,) global ids; opts: reduction "none", return_stats when the
+    entropy is wanted; shard: this rank's vocabulary shard (parallel.py) or None. Returns
+    (log p_y, entropy or an empty tensor, lse), each (N,) in the accumulation dtype and 0 at
+    ignored rows, over the whole vocabulary."""
+    vocab = full_vocab(weight, shard)
     if opts.validate == "sync":
-        check_label_range(labels, weight.shape[0], opts.ignore_index)
+        check_label_range(labels, vocab, opts.ignore_index)
     acc, n_rows = acc_dtype(hidden), hidden.shape[0]
-    rows = select_rows(labels, opts, None, None, acc, weight.shape[0])
-    out = BACKENDS[impl].forward(hidden, weight, bias, rows, opts, (True, False, False), None,
+    rows = select_rows(labels, opts, None, None, acc, vocab)
+    out = BACKENDS[impl].forward(hidden, weight, bias, rows, opts, (True, False, False), shard,
                                  chunk_size)  # fmt: skip
     logp = out.logp
     if rows.bad is not None:  # validate="device": a bad label's log-prob is NaN
@@ -174,11 +176,13 @@ def logprobs_forward(hidden, weight, bias, labels, opts: LossOptions, impl: str,
 
 
 def logprobs_backward(hidden, weight, bias, labels, entropy, lse, grad_logp, grad_entropy,
-                      opts: LossOptions, impl: str, chunk_size: int | None, need):  # fmt: skip
+                      opts: LossOptions, impl: str, chunk_size: int | None, need,
+                      shard: VocabShard | None = None):  # fmt: skip
     """(dh, dW, db) of sum_t (g_l[t] log p_y[t] + g_H[t] H[t]) from the forward's lse and H
-    (N,); grad_entropy None when the entropy was not returned or got no gradient."""
+    (N,); grad_entropy None when the entropy was not returned or got no gradient. shard: as in
+    logprobs_forward (dh is then this shard's term)."""
     acc = acc_dtype(hidden)
-    rows = select_rows(labels, opts, None, None, acc, weight.shape[0])
+    rows = select_rows(labels, opts, None, None, acc, full_vocab(weight, shard))
 
     def pick(t):
         t = gather_rows(t.to(acc), rows)
@@ -192,6 +196,6 @@ def logprobs_backward(hidden, weight, bias, labels, entropy, lse, grad_logp, gra
     saved = Saved(gather_rows(lse, rows), coefs)
     upstream = torch.ones(rows.n, dtype=acc, device=hidden.device)
     grads = BACKENDS[impl].backward(
-        hidden, weight, bias, rows, saved, upstream, opts, need, None, chunk_size
+        hidden, weight, bias, rows, saved, upstream, opts, need, shard, chunk_size
     )
     return cast_grads(grads, weight, bias)

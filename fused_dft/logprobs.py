@@ -44,7 +44,9 @@ def fused_linear_logprobs(
     Returns (log p_y, H) shaped like labels, fp32 (float64 for float64 inputs), 0 at ignored
     tokens and no gradient from them; log p_y alone with return_entropy=False (then H is not
     computed). impl, chunk_size, validate: as in fused_linear_dft_loss ("reference" materializes
-    the logits). A vocab-parallel (DTensor) weight is not supported here: a ValueError.
+    the logits). Vocab-parallel: a weight (and bias) sharded Shard(0) on a 1-D mesh, as in
+    fused_linear_dft_loss (the ranks merge their partials, so log p_y and H are the whole
+    vocabulary's, the same on every rank; dh is summed across the ranks in backward).
     """
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}")
@@ -59,12 +61,16 @@ def fused_linear_logprobs(
     check_impl(impl, chunk_size)
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_tensors(hidden, weight, labels, bias)
-    if vocab_parallel_layout(hidden, weight, bias, labels) is not None:
-        raise ValueError("fused_linear_logprobs does not support a vocab-parallel (DTensor) weight")
+    layout = vocab_parallel_layout(hidden, weight, bias, labels)  # None unless DTensors are given
     opts = dataclasses.replace(opts, validate=resolve_validate(validate, hidden.device))
     impl = resolve_impl(impl, hidden)
     flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    if impl == "reference":
+    if layout is not None:
+        from .parallel import vocab_parallel_logprobs
+
+        logp, entropy = vocab_parallel_logprobs(flat_hidden, weight, flat_labels, bias, opts, impl,
+                                                chunk_size, layout)  # fmt: skip
+    elif impl == "reference":
         from .reference import reference_logprobs
 
         logp, entropy = reference_logprobs(flat_hidden, weight, flat_labels, bias, opts)

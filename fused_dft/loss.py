@@ -29,7 +29,7 @@ from .arguments import (
 )
 from .family import text_table
 from .options import LossStats
-from .parallel import vocab_parallel_layout
+from .parallel import check_reference_layout, vocab_parallel_layout
 
 
 def fused_linear_dft_loss(
@@ -75,7 +75,8 @@ def fused_linear_dft_loss(
     Tokens whose label is ignore_index contribute nothing (and cost no matmul work).
     ref_hidden (..., D_ref), ref_weight (V, D_ref), ref_bias (V,) or None: the reference model's
     last hidden states and LM head, required by loss_type="asft" (KL(q || p) per token, q the
-    reference's softmax; no gradient flows to them; every impl, not a vocab-parallel weight).
+    reference's softmax; no gradient flows to them; every impl; with a vocab-parallel weight,
+    ref_weight / ref_bias sharded alike, ref_hidden the same on each rank).
 
     reduction: "mean" (over non-ignored tokens; 0 when there are none), "sum", or "none"
     (per-token losses shaped like labels, 0 at ignored positions; any upstream gradient).
@@ -102,8 +103,10 @@ def fused_linear_dft_loss(
     across the ranks in backward, so each rank gets all of it (a Replicate DTensor for a DTensor
     hidden). impl "reference" is not available there. Any other DTensor placement, a 2-D mesh,
     hidden and weight on different meshes or a sharded hidden raise a ValueError before any
-    compute. An FSDP-sharded weight is not vocab-parallel: FSDP unshards it before the loss (see
-    patch_model, which routes the loss through an FSDP lm_head unit's own unshard).
+    compute. eaft's top-k entropy gathers each rank's top k per token; asft's reference head must
+    be sharded like the policy's (its partials are merged the same way). An FSDP-sharded weight
+    is not vocab-parallel: FSDP unshards it before the loss (see patch_model, which routes the
+    loss through an FSDP lm_head unit's own unshard).
     """
     opts = make_options(
         loss_type=loss_type,
@@ -124,9 +127,9 @@ def fused_linear_dft_loss(
     layout = vocab_parallel_layout(hidden, weight, bias, labels)  # None unless DTensors are given
     labels = int64_labels(labels)  # uint8 / int8 / int16 / int32 compare exactly from here on
     check_token_inputs(opts, labels, token_weights, old_logprobs)
-    check_vocab_params(opts, weight.shape[0], vocab_parallel=layout is not None)
-    check_reference_inputs(opts, impl, hidden, weight, ref_hidden, ref_weight, ref_bias,
-                           vocab_parallel=layout is not None)  # fmt: skip
+    check_vocab_params(opts, weight.shape[0])
+    check_reference_inputs(opts, impl, hidden, weight, ref_hidden, ref_weight, ref_bias)
+    check_reference_layout(weight, ref_hidden, ref_weight, ref_bias)
     opts = dataclasses.replace(opts, validate=resolve_validate(validate, hidden.device))
     impl = resolve_impl(impl, hidden)
 
@@ -157,7 +160,7 @@ def _run(hidden, weight, bias, labels, token_weights, old_logprobs, opts, impl, 
 
         return vocab_parallel_loss(
             hidden, weight, labels, bias, opts, impl, chunk_size, layout, token_weights,
-            old_logprobs,
+            old_logprobs, ref,
         )  # fmt: skip
     if impl == "reference":
         from .reference import reference_loss

@@ -18,6 +18,13 @@ Per chunk of tokens (the whole batch at once for impl="fused"), rank r:
          dz_r = a softmax_r - b onehot_r(y) - u,  dW_r = dz_r^T h,  db_r = sum_rows dz_r,
      and its share dh_r = dz_r W_r of dh = sum_r dh_r.
 
+Members that need more than the five partials gather more, with the same all-gather
+(VocabShard.gather): eaft's top-k entropy each rank's k largest logits per token (the top k of the
+P k is the row's top k); asft, whose reference head must be sharded like the policy's
+(check_reference_layout), its three reference partials per token (partials.merge_reference).
+fused_linear_logprobs runs the same merge (VocabParallelLogprobsFunction): its backward
+coefficients need only the global lse and H, which every rank then holds.
+
 Why an all-gather rather than Megatron's all-reduce(MAX) of m then all-reduce(SUM) of the
 rescaled (s, t, z_y, sum z): one collective per chunk instead of two (at these sizes a collective
 costs its latency), the same merge code as every other vocabulary range (kernel splits, tiles),
@@ -50,10 +57,12 @@ import torch
 import torch.distributed as dist
 
 from . import partials as P
-from .backends.base import VocabShard
+from .backends.base import Reference, VocabShard
 from .driver import (
     BACKWARD_TWICE,
     check_first_order,
+    logprobs_backward,
+    logprobs_forward,
     path_backward,
     path_forward,
     scale_precomputed,
@@ -160,13 +169,29 @@ def _all_gather(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
     gather(output, tensor, group=group)
 
 
+def gather_across_ranks(part: torch.Tensor, layout: VocabLayout) -> torch.Tensor:
+    """part (r, ...) of this rank's shard -> (P, r, ...) of every rank, in rank order (one
+    all-gather), the same on every rank."""
+    part = part.contiguous()
+    gathered = part.new_empty((layout.world * part.shape[0],) + tuple(part.shape[1:]))
+    _all_gather(gathered, part, layout.group)  # rank-major: (P * r, ...)
+    return gathered.view((layout.world,) + tuple(part.shape))
+
+
 def merge_across_ranks(part: torch.Tensor, layout: VocabLayout) -> torch.Tensor:
     """part (5, n) partials of this rank's shard -> (5, n) of the whole vocabulary, the same on
     every rank: one all-gather into (P, 5, n), then partials.merge over the P shards."""
-    part = part.contiguous()
-    gathered = part.new_empty((layout.world * part.shape[0],) + tuple(part.shape[1:]))
-    _all_gather(gathered, part, layout.group)  # rank-major: (P * 5, n)
-    return P.merge(gathered.view((layout.world,) + tuple(part.shape)).transpose(0, 1), dim=1)
+    return P.merge(gather_across_ranks(part, layout).transpose(0, 1), dim=1)
+
+
+def vocab_shard(layout: VocabLayout) -> VocabShard:
+    """What a backend needs of this rank's layout: its offset, the whole V, and the collectives."""
+    return VocabShard(
+        layout.offset,
+        layout.vocab,
+        lambda part: merge_across_ranks(part, layout),
+        lambda part: gather_across_ranks(part, layout),
+    )
 
 
 def all_reduce_sum_(grad: torch.Tensor, group) -> torch.Tensor:
@@ -197,21 +222,23 @@ class VocabParallelFunction(torch.autograd.Function):
     """The loss of one rank's vocabulary shard, with partials merged across the mesh.
 
     forward(hidden (N, D), weight (V_r, D), bias (V_r,) or None, labels (N,) global ids,
-    token_weights, old_logprobs, opts, impl, chunk_size, shard) -> (loss, stat sums (4,),
+    token_weights, old_logprobs, opts, impl, chunk_size, shard, ref) -> (loss, stat sums (4,),
     num_valid, log p_y (N,)); backward returns this shard's dh term (summed across the ranks by
     SumGradAcrossRanks below it), dW_r and db_r. The path is the driver's (driver.py), with the
-    shard's merge between a backend's partials and its coefficients.
+    shard's merge between a backend's partials and its coefficients. ref: asft's reference
+    (its hidden states and this rank's shard of its head, sharded like the policy's), or None.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, token_weights, old_logprobs,
-                opts: LossOptions, impl, chunk_size, shard: VocabShard):  # fmt: skip
+                opts: LossOptions, impl, chunk_size, shard: VocabShard,
+                ref: Reference | None = None):  # fmt: skip
         need = (*ctx.needs_input_grad[:2], bias is not None and ctx.needs_input_grad[2])
         loss, sums, num_valid, logprobs, rows, saved, grads = path_forward(
             hidden, weight, bias, labels, token_weights, old_logprobs, opts, impl, chunk_size,
-            need, shard,
+            need, shard, ref,
         )  # fmt: skip
-        ctx.opts, ctx.impl, ctx.chunk_size, ctx.shard = opts, impl, chunk_size, shard
+        ctx.opts, ctx.impl, ctx.chunk_size, ctx.shard, ctx.ref = opts, impl, chunk_size, shard, ref
         ctx.rows, ctx.need, ctx.saved, ctx.precomputed = rows, need, saved, grads
         ctx.save_for_backward(hidden, weight, bias)
         ctx.mark_non_differentiable(sums, num_valid, logprobs)
@@ -230,29 +257,144 @@ class VocabParallelFunction(torch.autograd.Function):
         else:
             dh, dw, db = path_backward(
                 hidden, weight, bias, ctx.rows, ctx.saved, grad_loss, ctx.opts, ctx.impl,
-                ctx.chunk_size, ctx.need, ctx.shard,
+                ctx.chunk_size, ctx.need, ctx.shard, ctx.ref,
             )  # fmt: skip
-        return dh, dw, db, *(None,) * 7
+        return dh, dw, db, *(None,) * 8
 
 
-def vocab_parallel_loss(hidden, weight, labels, bias, opts: LossOptions, impl: str,
-                        chunk_size, layout: VocabLayout, token_weights=None,
-                        old_logprobs=None):  # fmt: skip
-    """hidden (N, D) plain or Replicate DTensor; weight (V, D), bias (V,) or None: Shard(0)
-    DTensors; labels (N,) global ids. impl: as loss.resolve_impl leaves it ("chunked" only where
-    the Triton row kernels run, "chunked_torch" or "fused").
-    Returns (loss, stat sums (4,), number of valid tokens, log p_y (N,)), plain tensors."""
+class VocabParallelLogprobsFunction(torch.autograd.Function):
+    """fused_linear_logprobs on one rank's vocabulary shard: forward(hidden (N, D), weight
+    (V_r, D), bias, labels (N,) global ids, opts, impl, chunk_size, shard) -> (log p_y (N,),
+    H (N,) or empty), the whole vocabulary's (the partials merged across the mesh, so lse and H
+    are global). Backward: the coefficients (a, b, u, c) of each token come from the global
+    lse and H (coefficients.logprob_coefficients), so each rank applies them to its shard's
+    logits alone: dz_r = a softmax_r - b onehot_r - c softmax_r (z_r - lse), and returns its dh
+    term (summed across the ranks by SumGradAcrossRanks), dW_r and db_r."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, opts: LossOptions, impl, chunk_size,
+                shard: VocabShard):  # fmt: skip
+        logp, entropy, lse = logprobs_forward(hidden, weight, bias, labels, opts, impl,
+                                              chunk_size, shard)  # fmt: skip
+        ctx.opts, ctx.impl, ctx.chunk_size, ctx.shard, ctx.labels = (
+            opts,
+            impl,
+            chunk_size,
+            shard,
+            labels,
+        )
+        ctx.need = (*ctx.needs_input_grad[:2], bias is not None and ctx.needs_input_grad[2])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(hidden, weight, bias, entropy, lse)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        check_first_order()
+        hidden, weight, bias, entropy, lse = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 8
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        if entropy.numel() == 0:
+            grad_entropy = None
+        dh, dw, db = logprobs_backward(
+            hidden, weight, bias, ctx.labels, entropy, lse, grad_logp, grad_entropy, ctx.opts,
+            ctx.impl, ctx.chunk_size, ctx.need, ctx.shard,
+        )  # fmt: skip
+        return dh, dw, db, *(None,) * 5
+
+
+def _refuse_reference_impl(impl: str) -> None:
     if impl == "reference":
         raise ValueError(
             "impl='reference' materializes the logits on one device; with a vocab-parallel "
             "(Shard(0) DTensor) weight use impl='auto', 'chunked' or 'fused'"
         )
+
+
+def _local_inputs(hidden, weight, bias, layout: VocabLayout):
+    """This rank's (hidden, weight shard, bias shard): hidden's gradient is summed across the
+    ranks in backward; the shards' gradients come back as DTensors placed like the parameters."""
     if is_dtensor(hidden):
         hidden = hidden.to_local()  # its gradient comes back Replicate: the all-reduced sum
     hidden = SumGradAcrossRanks.apply(hidden, layout.group)
     weight = weight.to_local()  # differentiable: dW comes back as a Shard(0) DTensor
     bias = None if bias is None else bias.to_local()
-    shard = VocabShard(layout.offset, layout.vocab, lambda part: merge_across_ranks(part, layout))
+    return hidden, weight, bias
+
+
+def check_reference_layout(weight, ref_hidden, ref_weight, ref_bias) -> None:
+    """asft's reference head must be sharded like the policy's: ref_weight (and ref_bias) Shard(0)
+    DTensors on the policy weight's 1-D mesh when the policy's is vocab-parallel (so each rank's
+    reference shard covers the same vocabulary ids), plain tensors otherwise; ref_hidden the same
+    on every rank (plain, or a Replicate DTensor on that mesh). Shapes and placements only."""
+    named = {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias}
+    if not is_dtensor(weight):
+        for name, t in named.items():
+            if is_dtensor(t):
+                raise ValueError(
+                    f"{name} is a DTensor with {_describe(t)}, but weight is a plain tensor: the "
+                    "reference head must be sharded like the policy's (both plain, or both "
+                    "Shard(0) on the same 1-D mesh)"
+                )
+        return
+    mesh = weight.device_mesh
+    alike = "sharded like weight (a DTensor with placements (Shard(0),) on weight's 1-D mesh)"
+    for name in ("ref_weight", "ref_bias"):
+        t = named[name]
+        if t is None:
+            continue
+        if not is_dtensor(t):
+            raise ValueError(f"{name} is a plain tensor while weight is vocab-parallel; {name} "
+                             f"must be {alike}")  # fmt: skip
+        if t.device_mesh != mesh or not _is_vocab_shard(t):
+            raise ValueError(f"{name} has {_describe(t)} while weight is vocab-parallel; {name} "
+                             f"must be {alike}")  # fmt: skip
+    if is_dtensor(ref_hidden) and (
+        ref_hidden.device_mesh != mesh or not _is_replicated(ref_hidden)
+    ):
+        raise ValueError(
+            f"ref_hidden has {_describe(ref_hidden)}: it must be the same on every rank (a plain "
+            "tensor, or a DTensor with placements (Replicate(),) on weight's mesh)"
+        )
+
+
+def vocab_parallel_loss(hidden, weight, labels, bias, opts: LossOptions, impl: str,
+                        chunk_size, layout: VocabLayout, token_weights=None,
+                        old_logprobs=None, ref=None):  # fmt: skip
+    """hidden (N, D) plain or Replicate DTensor; weight (V, D), bias (V,) or None: Shard(0)
+    DTensors; labels (N,) global ids. impl: as loss.resolve_impl leaves it ("chunked" only where
+    the Triton row kernels run, "chunked_torch" or "fused"). ref: asft's (ref_hidden (N, D_r),
+    ref_weight, ref_bias) sharded like weight (check_reference_layout), or None.
+    Returns (loss, stat sums (4,), number of valid tokens, log p_y (N,)), plain tensors."""
+    _refuse_reference_impl(impl)
+    if ref is not None and impl == "fused":
+        raise ValueError(
+            f"loss_type={opts.loss_type!r} with a vocab-parallel weight runs on the chunked path "
+            "(its reference partials are merged across the ranks there); use impl='auto' or "
+            "'chunked'"
+        )
+    hidden, weight, bias = _local_inputs(hidden, weight, bias, layout)
+    if ref is not None:
+        ref_hidden, ref_weight, ref_bias = ref
+        ref = Reference(
+            ref_hidden.to_local() if is_dtensor(ref_hidden) else ref_hidden,
+            ref_weight.to_local(),
+            None if ref_bias is None else ref_bias.to_local(),
+        )
     return VocabParallelFunction.apply(
-        hidden, weight, bias, labels, token_weights, old_logprobs, opts, impl, chunk_size, shard
+        hidden, weight, bias, labels, token_weights, old_logprobs, opts, impl, chunk_size,
+        vocab_shard(layout), ref,
+    )  # fmt: skip
+
+
+def vocab_parallel_logprobs(hidden, weight, labels, bias, opts: LossOptions, impl: str,
+                            chunk_size, layout: VocabLayout):  # fmt: skip
+    """fused_linear_logprobs with a vocab-parallel head (shapes as vocab_parallel_loss): returns
+    (log p_y (N,), H (N,) or empty), plain tensors, the same on every rank."""
+    _refuse_reference_impl(impl)
+    hidden, weight, bias = _local_inputs(hidden, weight, bias, layout)
+    return VocabParallelLogprobsFunction.apply(
+        hidden, weight, bias, labels, opts, impl, chunk_size, vocab_shard(layout)
     )

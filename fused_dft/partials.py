@@ -16,7 +16,8 @@ From the whole vocabulary:
     correct = (z_y >= m) (the label logit is the maximum; ties count as correct).
 One figure is not a merge of partials: the entropy of the k largest logits renormalized among
 themselves (eaft's top-k form), which the backends compute from the k values of a row (topk_entropy)
-and add to TokenStats; it is gradient-stopped, so only the forward pass needs it.
+and add to TokenStats; it is gradient-stopped, so only the forward pass needs it. Ranges merge it
+through their values: the top k of a row is the top k of the ranges' top k's.
 
 asft's KL(q || p) = sum_j q_j (log q_j - log p_j), q = softmax(zq) the reference model's, has
 three partials of its own over a range (the Triton kernels stream them beside the policy's, with
@@ -26,7 +27,7 @@ Two ranges merge like the online log-sum-exp: with M = max(mq1, mq2), a_k = exp(
     sq = a1 sq1 + a2 sq2,   kq = a1 kq1 + a2 kq2        (zq - z does not depend on the max).
 From the whole vocabulary: lse_q = mq + log sq and
     cross = sum_j q_j (log q_j - z_j) = kq / sq - lse_q,   KL(q || p) = cross + lse.
-The torch row ops compute cross from both logit chunks directly (rows_torch.reference_cross).
+The torch row ops compute the same three partials by row blocks (rows_torch.reference_partials_).
 """
 
 from __future__ import annotations

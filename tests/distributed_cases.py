@@ -50,6 +50,39 @@ VOCAB_PARALLEL = {
     "fused-all-ignored": dict(impl="fused", labels="all_ignored"),
     "bf16-dft-sum-bias": dict(dtype=torch.bfloat16, opts=dict(reduction="sum", softcap=3.0)),
 }
+# the members that read more than the five partials (suite vocab_parallel_members, 2 ranks):
+# eaft's top-k entropy (k = 20 over shards of 19 + 18 columns: no shard holds k logits, so the
+# gathered top k's are padded; and test_loss_family's member at V = 129, shards 65 + 64), asft
+# with the reference head sharded like the policy's (its reference partials merged; "none"
+# recomputes them in backward, one more all-gather per chunk)
+VOCAB_PARALLEL_MEMBERS = {
+    "eaft-topk-wider-than-shards": dict(opts=dict(loss_type="eaft", eaft_topk=20, softcap=3.0)),
+    "eaft-topk-none-axolotl": dict(
+        opts=dict(loss_type="eaft", eaft_topk=7, eaft_normalizer=1.0, reduction="none")
+    ),
+    "member-eaft-topk": dict(member="eaft_topk"),
+    "fused-member-eaft-topk-sum": dict(
+        impl="fused", member="eaft_topk", opts=dict(reduction="sum")
+    ),
+    "member-asft": dict(member="asft"),
+    "member-asft-none": dict(member="asft", opts=dict(reduction="none")),
+    "asft-sum-replicate-ref-hidden": dict(
+        member="asft", opts=dict(reduction="sum"), ref_hidden="replicate"
+    ),
+}
+# fused_linear_logprobs on the vocab-parallel head against float64 autograd of the naive
+# log_softmax + gather + entropy (random upstream gradients on both outputs)
+LOGPROBS = {
+    "logprobs-scale-softcap": dict(opts=dict(logit_scale=1.25, softcap=3.0)),
+    "logprobs-no-entropy": dict(opts=dict(return_entropy=False)),
+    "fused-logprobs": dict(impl="fused"),
+}
+BAD_REFERENCE = [
+    "bad-ref-weight-replicate",
+    "bad-ref-weight-plain",
+    "bad-ref-weight-sharded-policy-plain",
+    "bad-asft-fused-vocab-parallel",
+]
 # 3 ranks: uneven shards of 13 + 13 + 11, each path and the members that use the whole V
 VOCAB_PARALLEL_3 = [
     "dft-mean-bias-softcap",
@@ -92,6 +125,7 @@ MODELS = [
 SUITES = {
     "vocab_parallel_2": list(VOCAB_PARALLEL) + BAD_INPUTS,
     "vocab_parallel_3": VOCAB_PARALLEL_3,
+    "vocab_parallel_members": list(VOCAB_PARALLEL_MEMBERS) + list(LOGPROBS) + BAD_REFERENCE,
     "models": MODELS,
 }
 
@@ -147,7 +181,7 @@ def triton_skip_reason(case: str) -> str | None:
     device is CUDA: tests/conftest.py leaves TRITON_INTERPRET unset) does not turn on."""
     from fused_dft.runtime import can_run_triton
 
-    spec = VOCAB_PARALLEL.get(case)
+    spec = {**VOCAB_PARALLEL, **VOCAB_PARALLEL_MEMBERS, **LOGPROBS}.get(case)
     if spec is None or spec.get("impl", "auto") == "auto" or can_run_triton(torch.device("cpu")):
         return None
     return (
@@ -157,6 +191,10 @@ def triton_skip_reason(case: str) -> str | None:
 
 
 def _kind(case: str) -> str:
+    if case in BAD_REFERENCE:
+        return "bad_reference"
+    if case in LOGPROBS:
+        return "logprobs"
     if case.startswith("bad-"):
         return "bad"
     if case == "double-backward-refused":
@@ -225,7 +263,7 @@ def run_vocab_parallel(case: str, world: int) -> None:
 
     from .helpers import SMALL_FUSED
 
-    spec = VOCAB_PARALLEL[case]
+    spec = {**VOCAB_PARALLEL, **VOCAB_PARALLEL_MEMBERS}[case]
     impl = spec.get("impl", "auto")
     dtype = spec.get("dtype", torch.float64 if impl == "auto" else torch.float32)
     hidden, weight, labels, bias, opts = _case_inputs(spec)
@@ -247,6 +285,14 @@ def run_vocab_parallel(case: str, world: int) -> None:
         h = distribute_tensor(h, mesh, [Replicate()])
     h.requires_grad_(True)
     layout = parallel.vocab_parallel_layout(h, w, b, labels)
+    call_opts = dict(opts)
+    if "ref_weight" in opts:  # asft: the reference head sharded like the policy's
+        ref_h = opts["ref_hidden"].to(dtype)
+        if spec.get("ref_hidden") == "replicate":
+            ref_h = distribute_tensor(ref_h, mesh, [Replicate()])
+        call_opts["ref_hidden"] = ref_h
+        for name in ("ref_weight", "ref_bias"):
+            call_opts[name] = distribute_tensor(opts[name].to(dtype), mesh, [Shard(0)])
 
     # spy: every logits chunk is (at most CHUNK tokens) x (this rank's shard), never N x V
     widths = []
@@ -265,7 +311,7 @@ def run_vocab_parallel(case: str, world: int) -> None:
     try:
         loss, stats, logprobs = fused_dft.fused_linear_dft_loss(
             h, w, labels, b, impl=impl, return_stats=True, return_logprobs=True,
-            chunk_size=CHUNK, **opts,
+            chunk_size=CHUNK, **call_opts,
         )  # fmt: skip
         inputs = [t for t in (h, w, b) if t is not None and t.requires_grad]
         grads = torch.autograd.grad(loss, inputs, upstream.to(loss.dtype))
@@ -643,8 +689,113 @@ def run_double_backward(case: str, world: int) -> None:
                 torch.autograd.grad(loss.sum(), hidden, create_graph=True)
 
 
+def run_vocab_parallel_logprobs(case: str, world: int) -> None:
+    """fused_linear_logprobs with a Shard(0) head: log p_y, H and the gradients of
+    sum(g_l log p_y + g_H H) against float64 autograd of the naive op on the full logits."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import fused_dft
+    from fused_dft import parallel
+
+    from .helpers import assert_close, make_inputs
+    from .test_logprobs import IGNORE as LP_IGNORE
+    from .test_logprobs import naive
+
+    spec = LOGPROBS[case]
+    impl = spec.get("impl", "auto")
+    dtype = torch.float64 if impl == "auto" else torch.float32
+    opts = dict(spec.get("opts", {}))
+    with_entropy = opts.pop("return_entropy", True)
+    hidden, weight, labels, bias = make_inputs(
+        N, D, V, torch.float64, bias=True, ignore_index=LP_IGNORE, scale=2.0
+    )
+    g_logp, g_entropy = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    logp_t, entropy_t = naive(*leaves[:2], labels, leaves[2], **opts)
+    total = (logp_t * g_logp).sum() + (entropy_t * g_entropy).sum() * with_entropy
+    grads_t = torch.autograd.grad(total, leaves)
+
+    mesh = _mesh(world)
+    h = hidden.to(dtype).requires_grad_(True)
+    w = distribute_tensor(weight.to(dtype), mesh, [Shard(0)]).requires_grad_(True)
+    b = distribute_tensor(bias.to(dtype), mesh, [Shard(0)]).requires_grad_(True)
+    layout = parallel.vocab_parallel_layout(h, w, b, labels)
+    out = fused_dft.fused_linear_logprobs(
+        h, w, labels, b, impl=impl, chunk_size=CHUNK, ignore_index=LP_IGNORE,
+        return_entropy=with_entropy, **opts,
+    )  # fmt: skip
+    logp, entropy = out if with_entropy else (out, None)
+    total = (logp * g_logp.to(logp.dtype)).sum()
+    if with_entropy:
+        total = total + (entropy * g_entropy.to(entropy.dtype)).sum()
+    dh, dw, db = torch.autograd.grad(total, [h, w, b])
+
+    where = f"rank {layout.rank}"
+    tight = dtype == torch.float64
+    tol = dict(rtol=1e-9, atol_frac=1e-12) if tight else dict(rtol=1e-5, atol_frac=1e-6)
+    grad_tol = dict(rtol=1e-9, atol_frac=1e-12) if tight else dict(rtol=1e-4, atol_frac=1e-5)
+    assert_close(logp, logp_t, f"{where} log p_y", **tol)
+    if with_entropy:
+        assert_close(entropy, entropy_t, f"{where} entropy", **tol)
+    own = slice(layout.offset, layout.offset + layout.local_vocab)
+    assert_close(dh, grads_t[0], f"{where} dh", **grad_tol)
+    for name, g, g_t in (("dW", dw, grads_t[1]), ("db", db, grads_t[2])):
+        assert tuple(g.placements) == (Shard(0),), f"{where}: {name} placements {g.placements}"
+        assert_close(g.to_local(), g_t[own], f"{where} {name}", **grad_tol)
+
+
+def run_bad_reference(case: str, world: int) -> None:
+    """asft's reference head sharded differently from the policy's: a ValueError naming
+    ref_weight on every rank, before any compute."""
+    import pytest
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import fused_dft
+    from fused_dft import parallel
+    from fused_dft.backends import BACKENDS
+
+    mesh = _mesh(world)
+    hidden, ref_hidden = torch.randn(N, D), torch.randn(N, D)
+    weight, ref_weight = torch.randn(V, D), torch.randn(V, D)
+    labels, impl = torch.randint(0, V, (N,)), "auto"
+    w_shard = distribute_tensor(weight, mesh, [Shard(0)])
+    if case == "bad-ref-weight-replicate":
+        weight, found = w_shard, "ref_weight has placements (Replicate(),)"
+        ref_weight = distribute_tensor(ref_weight, mesh, [Replicate()])
+    elif case == "bad-ref-weight-plain":
+        weight, found = w_shard, "ref_weight is a plain tensor while weight is vocab-parallel"
+    elif case == "bad-ref-weight-sharded-policy-plain":
+        ref_weight = distribute_tensor(ref_weight, mesh, [Shard(0)])
+        found = "ref_weight is a DTensor with placements (Shard(dim=0),)"
+    else:  # bad-asft-fused-vocab-parallel
+        weight, impl, found = w_shard, "fused", "impl='fused'"
+        ref_weight = distribute_tensor(ref_weight, mesh, [Shard(0)])
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("the loss started computing on bad input")
+
+    saved = (parallel.VocabParallelFunction.apply, dict(BACKENDS))
+    parallel.VocabParallelFunction.apply = no_compute
+    for name, backend in saved[1].items():
+        BACKENDS[name] = dataclasses.replace(backend, forward=no_compute)
+    try:
+        with pytest.raises(ValueError) as info:
+            fused_dft.fused_linear_dft_loss(
+                hidden, weight, labels, loss_type="asft", ref_hidden=ref_hidden,
+                ref_weight=ref_weight, impl=impl,
+            )  # fmt: skip
+    finally:
+        parallel.VocabParallelFunction.apply = saved[0]
+        BACKENDS.update(saved[1])
+    message = str(info.value)
+    assert found in message, message
+    assert "ref_weight" in message or "asft" in message, message
+
+
 CASE_RUNNERS = {
     "vocab_parallel": run_vocab_parallel,
+    "logprobs": run_vocab_parallel_logprobs,
+    "bad_reference": run_bad_reference,
     "bad": run_bad_input,
     "model": run_model,
     "double_backward": run_double_backward,

@@ -10,6 +10,11 @@ Suites:
                     ignore_index, return_logprobs and the stats, chunked (torch ops, Triton row
                     kernel) and fused paths, bf16, an all-ignored batch, shards holding no
                     label, a Replicate DTensor hidden, a frozen weight; and each bad input.
+  vocab_parallel_members  2 ranks: eaft's top-k entropy (k wider than each shard, the axolotl
+                    form, the fused path), asft with the reference head sharded like the
+                    policy's (mean, none, sum with a Replicate ref_hidden),
+                    fused_linear_logprobs (chunked, fused, without the entropy); and a
+                    reference head sharded differently (an error naming ref_weight).
   vocab_parallel_3  3 ranks (13 + 13 + 11): one case per path, and the members that need the
                     whole vocabulary (eaft's log V, label smoothing's 1 / V).
   models            2 ranks, a patched tiny Llama: DDP (per-rank mean, num_items_in_batch),
@@ -29,11 +34,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .distributed_cases import (
+    BAD_REFERENCE,
+    LOGPROBS,
     MODELS,
     SKIPPED,
     SUITES,
     VOCAB_PARALLEL,
     VOCAB_PARALLEL_3,
+    VOCAB_PARALLEL_MEMBERS,
     run_suite,
     triton_skip_reason,
 )
@@ -113,6 +121,11 @@ def vocab_parallel_3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def vocab_parallel_members(tmp_path_factory):
+    return spawn_suite("vocab_parallel_members", 2, tmp_path_factory.mktemp("vpm"))
+
+
+@pytest.fixture(scope="module")
 def models(tmp_path_factory):
     pytest.importorskip("transformers")
     return spawn_suite("models", 2, tmp_path_factory.mktemp("models"))
@@ -121,6 +134,11 @@ def models(tmp_path_factory):
 @pytest.mark.parametrize("case", list(VOCAB_PARALLEL))
 def test_vocab_parallel_2_ranks(vocab_parallel_2, case):
     check(vocab_parallel_2, case)
+
+
+@pytest.mark.parametrize("case", [*VOCAB_PARALLEL_MEMBERS, *LOGPROBS, *BAD_REFERENCE])
+def test_vocab_parallel_members_2_ranks(vocab_parallel_members, case):
+    check(vocab_parallel_members, case)
 
 
 @pytest.mark.parametrize("case", VOCAB_PARALLEL_3)

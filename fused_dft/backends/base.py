@@ -38,11 +38,15 @@ class VocabShard(NamedTuple):
     """This rank's slice of a vocab-parallel LM head (None on one device).
 
     offset: first vocab id of the shard; vocab: the full V; merge: partials (5, n) of the shard
-    -> partials of the whole vocabulary (a collective across the ranks, parallel.py)."""
+    -> partials of the whole vocabulary (a collective across the ranks, parallel.py); gather:
+    any per-token figures (r, n) of the shard -> (P, r, n) of every shard in rank order (one
+    all-gather), for what is not the five partials (eaft's top-k values, asft's reference
+    partials)."""
 
     offset: int
     vocab: int
     merge: Callable[[torch.Tensor], torch.Tensor]
+    gather: Callable[[torch.Tensor], torch.Tensor]
 
 
 class Reference(NamedTuple):

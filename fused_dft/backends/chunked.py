@@ -46,12 +46,11 @@ from .base import (
 )
 from .matmul import addmm_fp32_
 from .rows_torch import (
-    reference_cross,
-    reference_log_softmax_,
+    reference_partials_,
     rows_grad_,
     rows_grad_from_logits_,
     rows_partials_,
-    rows_topk_entropy,
+    rows_topk_values,
     transform_,
 )
 
@@ -129,14 +128,36 @@ def new_grads(hidden, weight, need):
 
 
 def _reference_logits(ref: Reference, rows_c: Rows) -> torch.Tensor:
-    """xr (n, V) of a chunk: the reference model's raw logits, in its dtype (no gradient)."""
+    """xr (n, V_r) of a chunk: the reference model's raw logits, in its dtype (no gradient)."""
     return _logits(_gather_hidden(ref.hidden, rows_c), ref.weight, ref.bias)
 
 
-def _reference_q(ref: Reference, rows_c: Rows, acc, opts: LossOptions):
-    """(log q (n, V), lse_q (n,)) of a chunk: the reference model's log-softmax (its logits
-    chunk, in place) and log-sum-exp."""
-    return reference_log_softmax_(_reference_logits(ref, rows_c).to(acc), opts)
+def _reference_zq(ref: Reference, rows_c: Rows, acc, opts: LossOptions, z):
+    """A chunk's reference logits and partials (torch row ops): (zq (n, V_r) transformed, in the
+    logits' buffer; reference partials (3, n) of this shard, partials.py; kq against the policy's
+    transformed z)."""
+    xr = _reference_logits(ref, rows_c).to(acc)
+    return xr, reference_partials_(xr, z, opts)
+
+
+def _reference_lse(ref_part, shard: VocabShard | None):
+    """(lse_q, cross) per token from a chunk's reference partials (3, n) of this shard: the
+    ranks' partials merged first (one all-gather); cross = sum_j q_j (log q_j - z_j)."""
+    if shard is not None:
+        ref_part = P.merge_reference(shard.gather(ref_part).transpose(0, 1), dim=1)
+    return P.finalize_reference(ref_part)
+
+
+def _topk_entropy(x, k: int, opts: LossOptions, shard: VocabShard | None) -> torch.Tensor:
+    """(n,) the entropy of each row's k largest logits renormalized among themselves, from raw
+    logits x (n, V_r) (not modified). Vocab-parallel: every rank's top k gathered (k values per
+    token per rank, one all-gather) and the top k of those P k values taken again: the top k of
+    the whole row, largest first as on one device, so the entropy is the same bit for bit."""
+    values = rows_topk_values(x, k, opts)  # (n, k), largest first
+    if shard is not None:
+        every = shard.gather(values.t())  # (P, k, n)
+        values = every.permute(2, 0, 1).reshape(values.shape[0], -1).topk(k, dim=1).values
+    return P.topk_entropy(values)
 
 
 def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
@@ -175,29 +196,33 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
         from ..kernels import rows as rows_triton
 
     for start in range(0, n, chunk_rows):
+        # the previous chunk's buffers freed before this one allocates its own (a reference's
+        # q kept until then made asft's peak a third logits chunk: 134 MB at V = 128256)
+        x = q = xr = dtanh = None
         stop = min(start + chunk_rows, n)
         rows_c = chunk_of(rows, start, stop)
         y_c = local_labels(rows_c.labels, shard)
         h_c = _gather_hidden(hidden, rows_c)
         x = _logits(h_c, weight, bias)
         # 0. a top-k entropy (eaft_topk) from the raw logits, before anything overwrites them
-        topk_h = rows_topk_entropy(x, topk, opts) if topk else None
+        topk_h = _topk_entropy(x, topk, opts, shard) if topk else None
         # 1. partials of this shard's vocabulary, merged across shards, per-token figures
         if use_triton and ref is not None:  # the reference's partials streamed beside z's
             xr = _reference_logits(ref, rows_c)
             part, ref_part = rows_triton.rows_partials(x, y_c, opts, ref_logits=xr)
-            lse_q, cross = P.finalize_reference(ref_part.to(acc))
+            lse_q, cross = _reference_lse(ref_part.to(acc), shard)
         elif use_triton:
             part = rows_triton.rows_partials(x, y_c, opts)
         else:
             x = x.to(acc)  # no copy for fp32/fp64 inputs
             dtanh = transform_(x, opts, keep_dtanh=grads_now)
-            if ref is not None:  # sum_j q_j (log q_j - z_j) while x holds z; then q
-                q, lse_q = _reference_q(ref, rows_c, acc, opts)
-                cross = reference_cross(q, x)
-                q.exp_()
+            if ref is not None:  # the reference partials while x holds z (kq needs z)
+                q, ref_part = _reference_zq(ref, rows_c, acc, opts, x)
             part = rows_partials_(x, y_c, opts)  # x now holds exp(z - m_local)
             m_local = part[P.M].clone()
+        if ref is not None and not use_triton:  # q = the reference's softmax in place of zq
+            lse_q, cross = _reference_lse(ref_part, shard)
+            q = q.sub_(lse_q[:, None]).exp_()
         if shard is not None:
             part = shard.merge(part)
         stats = P.finalize(part.to(acc))._replace(topk_entropy=topk_h)
@@ -226,7 +251,6 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
             softmax_scale = torch.exp(m_local - stats.lse)
             rows_grad_(x, y_c, softmax_scale, coefs, dtanh, opts, q if ref is not None else None)
         _apply_dx(x.to(hidden.dtype), h_c, rows_c.idx, weight, *grads)
-        del x
     return Forward(token_loss, logp, sums, saved, grads, entropy)
 
 
@@ -256,7 +280,11 @@ def chunked_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, o
             rows_triton.rows_grad_(x, y_c, lse, coefs, opts, **ref_args)
         else:
             acc = acc_dtype(hidden)
-            q = _reference_q(ref, rows_c, acc, opts)[0].exp_() if ref is not None else None
+            q = None
+            if ref is not None:  # q = exp(zq - lse_q), lse_q (merged across ranks) from forward
+                q = _reference_logits(ref, rows_c).to(acc)
+                transform_(q, opts, keep_dtanh=False)
+                q = q.sub_(saved.ref_lse[start:stop, None]).exp_()
             x = rows_grad_from_logits_(x.to(acc), y_c, lse, coefs, opts, q)
         _apply_dx(x.to(hidden.dtype), h_c, rows_c.idx, weight, *grads)
         del x
@@ -264,15 +292,16 @@ def chunked_backward(hidden, weight, bias, rows: Rows, saved: Saved, upstream, o
 
 
 def topk_entropy_pass(hidden, weight, bias, rows: Rows, k: int, opts: LossOptions,
-                      chunk_size: int | None = None) -> torch.Tensor:  # fmt: skip
-    """(n,) the top-k entropy of each selected row (rows_topk_entropy), one chunk of logits at a
+                      chunk_size: int | None = None,
+                      shard: VocabShard | None = None) -> torch.Tensor:  # fmt: skip
+    """(n,) the top-k entropy of each selected row (_topk_entropy), one chunk of logits at a
     time: a forward-only pass (one more 2 N D V GEMM) for a backend that keeps no logits."""
     out = torch.empty(rows.n, dtype=acc_dtype(hidden), device=hidden.device)
     chunk_rows = chunk_rows_for(chunk_size, weight, hidden)
     for start in range(0, rows.n, chunk_rows):
         rows_c = chunk_of(rows, start, min(start + chunk_rows, rows.n))
         x = _logits(_gather_hidden(hidden, rows_c), weight, bias)
-        out[start : start + rows_c.n] = rows_topk_entropy(x, k, opts)
+        out[start : start + rows_c.n] = _topk_entropy(x, k, opts, shard)
     return out
 
 

@@ -60,9 +60,8 @@ def fused_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
         stats = stats._replace(kl=cross + stats.lse)
     topk = member(opts.loss_type).topk_of(opts.params)
     if topk:  # eaft_topk: a forward-only pass over logits chunks (one more 2 N D V GEMM)
-        stats = stats._replace(
-            topk_entropy=topk_entropy_pass(hidden, weight, bias, rows, topk, opts, chunk_size)
-        )
+        topk_h = topk_entropy_pass(hidden, weight, bias, rows, topk, opts, chunk_size, shard)
+        stats = stats._replace(topk_entropy=topk_h)
     terms = token_terms(stats, opts, full_vocab(weight, shard), rows.token_weights,
                         rows.old_logprobs)  # fmt: skip
     terms = mask_terms(terms, rows)

@@ -19,9 +19,22 @@ from __future__ import annotations
 import torch
 
 from ..options import LossOptions
-from ..partials import topk_entropy
 
-_ENTROPY_ROWS = 16  # rows of the exp buffer when the entropy is needed
+# Elements of the row-block buffer of the passes that need exp(.) beside the logits (the entropy,
+# the reference partials, the entropy's gradient): 4M (16 MB in fp32), at least 16 rows. Why not
+# 16 rows always: each block costs a few torch calls, and a call on a loaded CPU waits for its
+# threads (~5-20 ms measured at load 8 on 2 cores): at 1024 x 32000 the 16-row blocks of the
+# entropy took 46 x 4 calls, ~4 s, against 0.05 s for one exp pass over the whole chunk. 4M
+# elements is an eighth of the CPU logits chunk (chunked._CHUNK_ELEMENTS): 9 blocks at V = 128256.
+_BLOCK_ELEMENTS = 4 * 2**20
+_MIN_BLOCK_ROWS = 16
+# eaft's top k: columns per block of the blocked selection (rows_topk_values)
+_TOPK_BLOCK = 256
+
+
+def block_rows(vocab: int) -> int:
+    """Rows of a row block: _BLOCK_ELEMENTS elements, at least _MIN_BLOCK_ROWS rows."""
+    return max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // max(vocab, 1))
 
 
 def transform_(x: torch.Tensor, opts: LossOptions, keep_dtanh: bool) -> torch.Tensor | None:
@@ -37,15 +50,40 @@ def transform_(x: torch.Tensor, opts: LossOptions, keep_dtanh: bool) -> torch.Te
     return dtanh
 
 
-def rows_topk_entropy(x: torch.Tensor, k: int, opts: LossOptions) -> torch.Tensor:
-    """x (n, V) raw logits (not modified) -> (n,) the entropy of each row's k largest transformed
-    logits renormalized among themselves (fp32, fp64 for fp64 x). The transform is monotone
-    (increasing for logit_scale > 0), so the top k of x are the top k of z: only they are
-    transformed."""
-    values = x.topk(k, dim=1, largest=opts.logit_scale > 0).values
+def rows_topk_values(x: torch.Tensor, k: int, opts: LossOptions) -> torch.Tensor:
+    """x (n, V) raw logits (not modified) -> (n, k) each row's k largest transformed logits,
+    largest first (fp32, fp64 for fp64 x). The transform is monotone (increasing for
+    logit_scale > 0), so the top k of x are the top k of z: only they are transformed. A row
+    narrower than k (a vocab shard) is padded with -inf, which a merge's top k never picks."""
+    kept = min(k, x.shape[1])
+    largest = opts.logit_scale > 0
+    values = _topk_blocked(x, kept) if largest else x.topk(kept, dim=1, largest=False).values
     values = values.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     transform_(values, opts, keep_dtanh=False)
-    return topk_entropy(values)
+    if kept < k:
+        pad = values.new_full((values.shape[0], k - kept), float("-inf"))
+        values = torch.cat([values, pad], dim=1)
+    return values
+
+
+def _topk_blocked(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest values of each row of x (n, V), largest first: torch.topk over the k blocks
+    of _TOPK_BLOCK columns with the largest maxima (and the tail columns) instead of over the
+    whole row. Exact: an element outside those blocks is <= the maxima of the k chosen blocks
+    (k elements of them), so the k largest of the candidates are the k largest of the row (as
+    values; ties alike). Cost: one max pass over x (a strided reduction) and a top k over
+    n x k B elements: ~130 ms at 261 x 128256 (k = 20, CPU, load 10 on 2 cores) against
+    ~190-250 ms for torch.topk over the row."""
+    n, v = x.shape
+    blocks = v // _TOPK_BLOCK
+    if blocks <= k:  # too few blocks to gain anything
+        return x.topk(k, dim=1).values
+    body = x[:, : blocks * _TOPK_BLOCK].view(n, blocks, _TOPK_BLOCK)
+    chosen = body.amax(2).topk(k, dim=1).indices  # (n, k) blocks
+    candidates = body.gather(1, chosen[:, :, None].expand(n, k, _TOPK_BLOCK)).view(n, -1)
+    if blocks * _TOPK_BLOCK < v:  # the tail columns, a partial block, are always candidates
+        candidates = torch.cat([candidates, x[:, blocks * _TOPK_BLOCK :]], dim=1)
+    return candidates.topk(k, dim=1).values
 
 
 def _in_range(labels: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,20 +103,26 @@ def rows_partials_(x: torch.Tensor, labels: torch.Tensor, opts: LossOptions) -> 
     if opts.needs_entropy:
         # one exp per element, as without the entropy: e = exp(z - m) of a block of rows into a
         # small buffer, t = sum e (z - m) as a batched dot (no product temporary), then e over x
-        buffer = torch.empty((min(_ENTROPY_ROWS, x.shape[0]), x.shape[1]), dtype=x.dtype,
+        rows = block_rows(x.shape[1])
+        buffer = torch.empty((min(rows, x.shape[0]), x.shape[1]), dtype=x.dtype,
                              device=x.device)  # fmt: skip
-        for r in range(0, x.shape[0], _ENTROPY_ROWS):
-            block = x[r : r + _ENTROPY_ROWS]
+        for r in range(0, x.shape[0], rows):
+            block = x[r : r + rows]
             e = torch.exp(block, out=buffer[: block.shape[0]])
             # a -inf logit (a masked vocabulary entry) has e = 0: clamped, its term is 0 * finite
             # instead of 0 * -inf = nan (nan from the data stays nan)
             block.clamp_(min=torch.finfo(x.dtype).min)
-            t[r : r + _ENTROPY_ROWS] = (e.unsqueeze(1) @ block.unsqueeze(2)).view(-1)
+            t[r : r + rows] = _row_dot(e, block)
             block.copy_(e)
     else:
         x.exp_()
     s = x.sum(1)
     return torch.stack([m, s, t, z_y, sum_z])
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n,) sum_j a_ij b_ij of two (n, V) tensors as a batched dot: no (n, V) product."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
 
 
 def rows_grad_(
@@ -92,9 +136,11 @@ def rows_grad_(
 ) -> torch.Tensor:
     """e (n, V) = exp(z - c_row) for any per-row shift c_row, with softmax = e * softmax_scale
     (softmax_scale = exp(c_row - lse)); coefs (3, n) = (a, b, u), or (5, n) = (a, b, u, -, r)
-    with ref_q (n, V) a reference's softmax (dz -= r q). Writes dx into e, returns it."""
+    with ref_q (n, V) a reference's softmax (dz -= r q). softmax_scale None: e already holds
+    a * softmax (a unused). Writes dx into e, returns it."""
     a, b, u = coefs[:3].to(e.dtype).unbind(0)
-    e.mul_((a * softmax_scale.to(e.dtype))[:, None])
+    if softmax_scale is not None:
+        e.mul_((a * softmax_scale.to(e.dtype))[:, None])
     inside, safe = _in_range(labels, e.shape[1])
     e.scatter_add_(1, safe[:, None], torch.where(inside, -b, torch.zeros_like(b))[:, None])
     if opts.label_smoothing > 0:
@@ -121,29 +167,36 @@ def rows_grad_from_logits_(
     (fused_linear_logprobs), which costs one more (n, V) buffer; (a, b, u, 0, r) with ref_q."""
     dtanh = transform_(x, opts, keep_dtanh=True)
     x.sub_(lse.to(x.dtype)[:, None])  # log softmax
-    if coefs.shape[0] == 4:
-        a, b, u, c = coefs.to(x.dtype).unbind(0)
-        p = torch.exp(x)
-        x.mul_(-c[:, None]).add_(a[:, None]).mul_(p)  # (a - c l) p
-        coefs = torch.stack([torch.ones_like(a), b, u])
-    else:
-        x.exp_()
+    if coefs.shape[0] == 4:  # (a - c l) p by row blocks: p = exp(l) in a block buffer
+        a, _, _, c = coefs.to(x.dtype).unbind(0)
+        rows = block_rows(x.shape[1])
+        buffer = torch.empty((min(rows, x.shape[0]), x.shape[1]), dtype=x.dtype, device=x.device)
+        for r in range(0, x.shape[0], rows):
+            block = x[r : r + rows]
+            p = torch.exp(block, out=buffer[: block.shape[0]])
+            # block <- a + (-c) l in one pass, then times p: x holds a p - c p l
+            torch.addcmul(a[r : r + rows, None], block, c[r : r + rows, None], value=-1, out=block)
+            block.mul_(p)
+        return rows_grad_(x, labels, None, coefs[:3], dtanh, opts, ref_q)  # a applied above
+    x.exp_()
     return rows_grad_(x, labels, torch.ones_like(lse), coefs, dtanh, opts, ref_q)
 
 
-def reference_log_softmax_(xr: torch.Tensor, opts: LossOptions):
-    """xr (n, V) a reference model's raw logits (fp32/fp64), overwritten with their log-softmax
-    log q (the same logit_scale / softcap as the policy's). Returns (log q, lse_q (n,))."""
+def reference_partials_(xr: torch.Tensor, z: torch.Tensor | None, opts: LossOptions):
+    """xr (n, V) a reference model's raw logits (fp32/fp64), overwritten with zq = transform(xr)
+    (the same logit_scale / softcap as the policy's); z (n, V) the policy's transformed logits.
+    Returns the reference partials (3, n) of partials.py: mq = max zq, sq = sum exp(zq - mq),
+    kq = sum exp(zq - mq) (zq - z) (0 without z). By row blocks: e = exp(zq - mq) into a
+    block buffer, then sq = sum e and kq = e . zq - e . z as batched dots (no product buffer)."""
     transform_(xr, opts, keep_dtanh=False)
-    lse_q = torch.logsumexp(xr, 1)
-    return xr.sub_(lse_q[:, None]), lse_q
-
-
-def reference_cross(log_q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """(n,) sum_j q_j (log q_j - z_j) for log q (n, V) and the policy's transformed logits z, in
-    row blocks (one block-sized temporary): KL(q || p) = this + lse(z), since sum_j q_j = 1."""
-    out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
-    for r in range(0, z.shape[0], _ENTROPY_ROWS):
-        lq = log_q[r : r + _ENTROPY_ROWS]
-        out[r : r + _ENTROPY_ROWS] = (lq.exp() * (lq - z[r : r + _ENTROPY_ROWS])).sum(1)
-    return out
+    mq = xr.amax(1)
+    sq, kq = torch.empty_like(mq), torch.zeros_like(mq)
+    rows = block_rows(xr.shape[1])
+    buffer = torch.empty((min(rows, xr.shape[0]), xr.shape[1]), dtype=xr.dtype, device=xr.device)
+    for r in range(0, xr.shape[0], rows):
+        zq = xr[r : r + rows]
+        e = torch.sub(zq, mq[r : r + rows, None], out=buffer[: zq.shape[0]]).exp_()
+        sq[r : r + rows] = e.sum(1)
+        if z is not None:
+            kq[r : r + rows] = _row_dot(e, zq) - _row_dot(e, z[r : r + rows])
+    return torch.stack([mq, sq, kq])

@@ -57,9 +57,11 @@ def add_bench_parser(sub) -> None:
     bench.add_argument(
         "--loss-type",
         default="dft",
-        choices=loss_types(),
+        choices=[*loss_types(), "logprobs"],
         help="any member of the family, at its default parameters unless --param says (psft: "
-        "fixed old_logprobs; asft: the reference is the starting model)",
+        "fixed old_logprobs; asft: the reference is the starting model); or logprobs: "
+        "fused_linear_logprobs (auto, chunked, fused, reference) against the naive log_softmax "
+        "+ gather + entropy (naive), on a policy-gradient objective with an entropy bonus",
     )
     bench.add_argument(
         "--param",
@@ -395,7 +397,10 @@ def bench_config(args, parser):
 
     family_params = ",".join(args.param)
     try:
-        make_options(loss_type=args.loss_type, **parse_family_params(family_params))
+        if args.loss_type == "logprobs" and family_params:
+            raise ValueError("--loss-type logprobs takes no parameters")
+        if args.loss_type != "logprobs":
+            make_options(loss_type=args.loss_type, **parse_family_params(family_params))
     except (TypeError, ValueError) as exc:
         parser.error(f"--param: {exc}")
     base = Problem(

@@ -214,6 +214,7 @@ def test_worker_failure_is_reported_not_raised():
         (["--loss-type", "eaft", "--param", "eaft_topk=x"], "--param"),
         (["--loss-type", "eaft", "--param", "eaft_topk=-2"], "--param"),
         (["--param", "eaft_topk=2"], "--param"),
+        (["--loss-type", "logprobs", "--param", "eaft_topk=2"], "--param"),
     ],
 )
 def test_bench_bad_option_is_named(args, option, capsys):
@@ -344,3 +345,22 @@ def test_bench_new_members_and_params(args, tmp_path):
     assert by["auto"]["status"] == "ok" and by["auto"]["error_ok"]
     assert by["naive"]["status"] == "ok"
     assert by["fused"]["status"] == "ok" and by["fused"]["error_ok"]
+
+
+# the log-prob op through the bench: fused_linear_logprobs (auto, reference) and the naive
+# log_softmax + gather + entropy on the same objective, each against the float64 naive op
+def test_bench_logprobs_mode(tmp_path):
+    from fused_dft.tools.cli import main
+
+    providers = "naive,auto,reference,torch,vocab_parallel"
+    code = main(["bench", "--smoke", "--loss-type", "logprobs", "--providers", providers,
+                 "--output", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    by = {r["provider"]: r for r in json.loads((tmp_path / "bench.json").read_text())["results"]}
+    for key in ("naive", "auto", "reference"):
+        assert by[key]["status"] == "ok" and by[key]["error_ok"], by[key]
+        assert by[key]["max_error"] < 1e-4, by[key]["errors"]
+        assert abs(by[key]["loss"] - by["naive"]["loss"]) <= 1e-5 * abs(by["naive"]["loss"])
+    assert by["auto"]["runs_as"] == "chunked_torch"
+    assert by["torch"]["status"] == "skipped" and "logprobs" in by["torch"]["reason"]
+    assert by["vocab_parallel"]["status"] == "skipped"

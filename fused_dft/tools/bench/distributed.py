@@ -130,6 +130,8 @@ def unavailable(problem: Problem) -> str | None:
 
     if problem.nproc < 2:
         return "needs --nproc 2 or more (the vocabulary split over that many processes)"
+    if problem.loss_type == "logprobs":
+        return "measures the loss of the family, not the log-prob op"
     if not dist.is_available():
         return "torch.distributed is not available in this torch build"
     if problem.device.startswith("cuda"):

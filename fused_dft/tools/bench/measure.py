@@ -1,7 +1,8 @@
 """Time, peak memory and error of one provider on one problem, in the current process.
 
 Time: forward + backward (loss.backward()) of the whole problem, `warmup` runs excluded, the
-median of `repeats` runs; CUDA is synchronised before reading the clock.
+median of `repeats` runs; CUDA is synchronised before reading the clock. The process's CPU time
+of each run is recorded too (cpu_times_s in the JSON).
 Peak memory above the inputs: the provider first runs once on a tiny problem, so one-time
 costs (lazy imports, library initialisation) are not charged to it. Then, on CUDA, from the
 caching allocator (max_memory_allocated after reset_peak_memory_stats, minus memory_allocated
@@ -24,6 +25,7 @@ from dataclasses import replace
 
 import torch
 
+from . import logprobs
 from .problem import Problem, family_inputs, make_inputs, reference_float64, rel_error
 from .providers import PROVIDERS
 
@@ -104,15 +106,15 @@ def measure(
     gc.collect()
     memory = PeakMemory(device)
 
-    def step() -> tuple[float, float]:
+    def step() -> tuple[float, float, float]:
         hidden.grad = None
         weight.grad = None
         _sync(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         loss = loss_fn(hidden, weight, labels)
         loss.backward()
         _sync(device)
-        return time.perf_counter() - start, float(loss.detach())
+        return time.perf_counter() - start, float(loss.detach()), time.process_time() - start_cpu
 
     for _ in range(warmup):
         step()
@@ -122,11 +124,14 @@ def measure(
     memory.reset_peak()
     runs = [step() for _ in range(repeats)]
     peak = memory.peak_above_base()
-    times = [t for t, _ in runs]
+    times = [t for t, _, _ in runs]
     result = {
         "status": "ok",
         "time_s": statistics.median(times),
         "times_s": times,
+        # CPU seconds of this process (all its threads) per run: on a CPU shared with other
+        # jobs, less inflated by their load than the wall-clock time (not shown in the table)
+        "cpu_times_s": [c for _, _, c in runs],
         "peak_mem_bytes": peak,
         "inputs_bytes": memory.base,
         "memory_method": memory.method,
@@ -167,9 +172,12 @@ def errors_on_prefix(loss_fn, hidden, weight, labels, problem: Problem, check_to
     y = labels[:k]
     loss = loss_fn(h, w, y)
     loss.backward()
-    ref_loss, ref_dh, ref_dw, _ = reference_float64(
-        h, w, y, problem.loss_type, **family_inputs(problem, y, h.double(), w.double())
-    )
+    if problem.loss_type == logprobs.LOSS_TYPE:  # the naive op's objective in float64
+        ref_loss, ref_dh, ref_dw, _ = logprobs.reference_float64(h, w, y)
+    else:
+        ref_loss, ref_dh, ref_dw, _ = reference_float64(
+            h, w, y, problem.loss_type, **family_inputs(problem, y, h.double(), w.double())
+        )
     errors = {
         "loss": rel_error(loss, ref_loss),
         "dh": rel_error(h.grad, ref_dh),

@@ -38,10 +38,15 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+# --loss-type logprobs: the per-token log-prob op (logprobs.py), not a member of the family
+LOGPROBS = "logprobs"
+
+
 @dataclass(frozen=True)
 class Problem:
     """tokens N, hidden D, vocab V; dtype as a torch name ("float32"); loss_type any member of
-    fused_dft's family (family.loss_types()), at its default parameters."""
+    fused_dft's family (family.loss_types()), at its default parameters, or "logprobs" (the
+    per-token log-prob op, logprobs.py)."""
 
     tokens: int
     hidden: int
@@ -119,6 +124,8 @@ def family_inputs(problem: Problem, labels: torch.Tensor, hidden=None, weight=No
     from fused_dft.family import member
 
     params = problem.params
+    if problem.loss_type == LOGPROBS:  # not a loss of the family: no options
+        return {}
     if member(problem.loss_type).needs_reference:
         return {"ref_hidden": hidden.detach(), "ref_weight": weight.detach(), **params}
     if not member(problem.loss_type).needs_old_logprobs:

@@ -3,10 +3,12 @@
 Every provider computes the same number: the mean over non-ignored tokens of the --loss-type's
 per-token loss, e.g.
   dft: -sg(p_t) * log p_t      ce: -log p_t
-(power, eaft, psft: fused_dft's definitions at their default parameters; psft with fixed
-old_logprobs), so their times, memory and errors can be put side by side. A provider that cannot
-run says why (`unavailable`: a loss type it lacks, a device, a missing package), and the bench
-lists it as skipped with that reason.
+(power, eaft, psft, asft: fused_dft's definitions at their default parameters; psft with fixed
+old_logprobs; asft with the starting model as the reference); with --loss-type logprobs the
+objective of logprobs.py over per-token log p_y and entropy (fused_linear_logprobs against the
+naive log_softmax + gather + entropy), so their times, memory and errors can be put side by
+side. A provider that cannot run says why (`unavailable`: a loss type it lacks, a device, a
+missing package), and the bench lists it as skipped with that reason.
 
 One provider is no loss: `bound`, the three matmuls any of them must do at least (6*N*D*V FLOPs,
 N the non-ignored tokens) through torch's GEMM (cuBLAS on CUDA), a floor for the time; the bench
@@ -23,6 +25,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from . import logprobs
 from .problem import IGNORE_INDEX, Problem, family_inputs
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -74,6 +77,8 @@ def dft_mean(token_ce: torch.Tensor, labels: torch.Tensor, loss_type: str) -> to
 
 
 def _naive(problem: Problem) -> LossFn:
+    if problem.loss_type == logprobs.LOSS_TYPE:  # log_softmax + gather + entropy
+        return logprobs.naive(problem)
     if problem.loss_type not in ("dft", "ce"):
         # the other members on full logits, as trainers compute them (LLaMA-Factory's flags):
         # fused_dft's plain-torch definition, which materializes the fp32 logits the same way
@@ -123,6 +128,9 @@ def _fused_dft_unavailable(impl: str) -> Callable[[Problem], str | None]:
 def _fused_dft(impl: str) -> Callable[[Problem], LossFn]:
     def build(problem: Problem) -> LossFn:
         from fused_dft import fused_linear_dft_loss
+
+        if problem.loss_type == logprobs.LOSS_TYPE:
+            return logprobs.fused(impl)(problem)
 
         def loss_fn(hidden, weight, labels):
             return fused_linear_dft_loss(
