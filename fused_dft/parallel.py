@@ -371,9 +371,9 @@ def vocab_parallel_loss(hidden, weight, labels, bias, opts: LossOptions, impl: s
     _refuse_reference_impl(impl)
     if ref is not None and impl == "fused":
         raise ValueError(
-            f"loss_type={opts.loss_type!r} with a vocab-parallel weight runs on the chunked path "
-            "(its reference partials are merged across the ranks there); use impl='auto' or "
-            "'chunked'"
+            f"loss_type={opts.loss_type!r} with a vocab-parallel weight is not implemented with "
+            "impl='fused' (the fused kernels' reference partials are not merged across the ranks);"
+            " use impl='auto' or 'chunked'"
         )
     hidden, weight, bias = _local_inputs(hidden, weight, bias, layout)
     if ref is not None:

@@ -53,8 +53,8 @@ VOCAB_PARALLEL = {
 # the members that read more than the five partials (suite vocab_parallel_members, 2 ranks):
 # eaft's top-k entropy (k = 20 over shards of 19 + 18 columns: no shard holds k logits, so the
 # gathered top k's are padded; and test_loss_family's member at V = 129, shards 65 + 64), asft
-# with the reference head sharded like the policy's (its reference partials merged; "none"
-# recomputes them in backward, one more all-gather per chunk)
+# with the reference head sharded like the policy's (its reference partials merged; "none" keeps
+# the merged lse_q for the backward), on the torch row ops and the Triton row kernels
 VOCAB_PARALLEL_MEMBERS = {
     "eaft-topk-wider-than-shards": dict(opts=dict(loss_type="eaft", eaft_topk=20, softcap=3.0)),
     "eaft-topk-none-axolotl": dict(
@@ -68,6 +68,10 @@ VOCAB_PARALLEL_MEMBERS = {
     "member-asft-none": dict(member="asft", opts=dict(reduction="none")),
     "asft-sum-replicate-ref-hidden": dict(
         member="asft", opts=dict(reduction="sum"), ref_hidden="replicate"
+    ),
+    "triton-rows-member-asft": dict(impl="chunked", member="asft"),
+    "triton-rows-member-asft-none": dict(
+        impl="chunked", member="asft", opts=dict(reduction="none")
     ),
 }
 # fused_linear_logprobs on the vocab-parallel head against float64 autograd of the naive

@@ -50,7 +50,7 @@ def fused_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
     part = fused_partials(hidden, weight, bias, rows.idx, labels, rows.num_valid, opts, config,
                           ref=ref)  # fmt: skip
     lse_q = None
-    if ref is not None:  # vocab-parallel asft is refused (arguments.check_reference_inputs)
+    if ref is not None:  # vocab-parallel asft is refused (parallel.vocab_parallel_loss)
         part, ref_part = part
         lse_q, cross = P.finalize_reference(ref_part)
     if shard is not None:
