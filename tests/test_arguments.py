@@ -252,14 +252,17 @@ def test_fused_float64_is_a_type_error():
 
 # asft runs on every impl (fused included) but not yet with a vocab-parallel weight: refused
 # before any compute, naming the layout
-def test_asft_refuses_a_vocab_parallel_weight():
+def test_asft_reference_inputs_pass_on_every_impl():
+    # a reference of another width (D_ref = 3) passes the checks on the chunked and fused impls;
+    # with a vocab-parallel weight, impl="fused" is refused by parallel.vocab_parallel_loss
+    # (tests/distributed_cases.py: bad-asft-fused-vocab-parallel)
     from fused_dft.arguments import check_reference_inputs, make_options
 
     opts = make_options(loss_type="asft")
     hidden, weight = torch.randn(N, D), torch.randn(V, D)
-    for impl in ("chunked", "fused"):
+    for impl in ("chunked", "fused", "reference"):
         check_reference_inputs(opts, impl, hidden, weight, torch.randn(N, 3), torch.randn(V, 3),
                                None)  # fmt: skip
-    with pytest.raises(ValueError, match="'asft' is not implemented with a vocab-parallel weight"):
-        check_reference_inputs(opts, "chunked", hidden, weight, torch.randn(N, D),
-                               torch.randn(V, D), None, vocab_parallel=True)  # fmt: skip
+    with pytest.raises(ValueError, match="ref_weight must have shape"):
+        check_reference_inputs(opts, "fused", hidden, weight, torch.randn(N, 3),
+                               torch.randn(V, D), None)  # fmt: skip
