@@ -369,12 +369,6 @@ def vocab_parallel_loss(hidden, weight, labels, bias, opts: LossOptions, impl: s
     ref_weight, ref_bias) sharded like weight (check_reference_layout), or None.
     Returns (loss, stat sums (4,), number of valid tokens, log p_y (N,)), plain tensors."""
     _refuse_reference_impl(impl)
-    if ref is not None and impl == "fused":
-        raise ValueError(
-            f"loss_type={opts.loss_type!r} with a vocab-parallel weight is not implemented with "
-            "impl='fused' (the fused kernels' reference partials are not merged across the ranks);"
-            " use impl='auto' or 'chunked'"
-        )
     hidden, weight, bias = _local_inputs(hidden, weight, bias, layout)
     if ref is not None:
         ref_hidden, ref_weight, ref_bias = ref

@@ -54,7 +54,8 @@ VOCAB_PARALLEL = {
 # eaft's top-k entropy (k = 20 over shards of 19 + 18 columns: no shard holds k logits, so the
 # gathered top k's are padded; and test_loss_family's member at V = 129, shards 65 + 64), asft
 # with the reference head sharded like the policy's (its reference partials merged; "none" keeps
-# the merged lse_q for the backward), on the torch row ops and the Triton row kernels
+# the merged lse_q for the backward), on the torch row ops, the Triton row kernels and the fused
+# kernels
 VOCAB_PARALLEL_MEMBERS = {
     "eaft-topk-wider-than-shards": dict(opts=dict(loss_type="eaft", eaft_topk=20, softcap=3.0)),
     "eaft-topk-none-axolotl": dict(
@@ -70,6 +71,8 @@ VOCAB_PARALLEL_MEMBERS = {
         member="asft", opts=dict(reduction="sum"), ref_hidden="replicate"
     ),
     "triton-rows-member-asft": dict(impl="chunked", member="asft"),
+    "fused-member-asft": dict(impl="fused", member="asft"),
+    "fused-member-asft-none": dict(impl="fused", member="asft", opts=dict(reduction="none")),
     "triton-rows-member-asft-none": dict(
         impl="chunked", member="asft", opts=dict(reduction="none")
     ),
@@ -85,7 +88,6 @@ BAD_REFERENCE = [
     "bad-ref-weight-replicate",
     "bad-ref-weight-plain",
     "bad-ref-weight-sharded-policy-plain",
-    "bad-asft-fused-vocab-parallel",
 ]
 # 3 ranks: uneven shards of 13 + 13 + 11, each path and the members that use the whole V
 VOCAB_PARALLEL_3 = [
@@ -768,12 +770,9 @@ def run_bad_reference(case: str, world: int) -> None:
         ref_weight = distribute_tensor(ref_weight, mesh, [Replicate()])
     elif case == "bad-ref-weight-plain":
         weight, found = w_shard, "ref_weight is a plain tensor while weight is vocab-parallel"
-    elif case == "bad-ref-weight-sharded-policy-plain":
+    else:  # bad-ref-weight-sharded-policy-plain
         ref_weight = distribute_tensor(ref_weight, mesh, [Shard(0)])
         found = "ref_weight is a DTensor with placements (Shard(dim=0),)"
-    else:  # bad-asft-fused-vocab-parallel
-        weight, impl, found = w_shard, "fused", "impl='fused'"
-        ref_weight = distribute_tensor(ref_weight, mesh, [Shard(0)])
 
     def no_compute(*args, **kwargs):
         raise AssertionError("the loss started computing on bad input")

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from .. import partials as P
 from ..options import LossOptions
 
 
@@ -47,6 +48,16 @@ class VocabShard(NamedTuple):
     vocab: int
     merge: Callable[[torch.Tensor], torch.Tensor]
     gather: Callable[[torch.Tensor], torch.Tensor]
+
+
+def reference_lse(ref_part: torch.Tensor, shard: VocabShard | None):
+    """(lse_q, cross) per token from asft's reference partials (3, n) of this rank's vocabulary:
+    on a vocab-parallel head the ranks' partials are merged first (one all-gather of 3 values a
+    token; partials.merge_reference), so lse_q and cross = sum_j q_j (log q_j - z_j) are the whole
+    vocabulary's (every backend's kq is taken against its own shard's z, which merges exactly)."""
+    if shard is not None:
+        ref_part = P.merge_reference(shard.gather(ref_part).transpose(0, 1), dim=1)
+    return P.finalize_reference(ref_part)
 
 
 class Reference(NamedTuple):

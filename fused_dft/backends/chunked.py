@@ -43,6 +43,7 @@ from .base import (
     acc_dtype,
     full_vocab,
     local_labels,
+    reference_lse,
 )
 from .matmul import addmm_fp32_
 from .rows_torch import (
@@ -140,14 +141,6 @@ def _reference_zq(ref: Reference, rows_c: Rows, acc, opts: LossOptions, z):
     return xr, reference_partials_(xr, z, opts)
 
 
-def _reference_lse(ref_part, shard: VocabShard | None):
-    """(lse_q, cross) per token from a chunk's reference partials (3, n) of this shard: the
-    ranks' partials merged first (one all-gather); cross = sum_j q_j (log q_j - z_j)."""
-    if shard is not None:
-        ref_part = P.merge_reference(shard.gather(ref_part).transpose(0, 1), dim=1)
-    return P.finalize_reference(ref_part)
-
-
 def _topk_entropy(x, k: int, opts: LossOptions, shard: VocabShard | None) -> torch.Tensor:
     """(n,) the entropy of each row's k largest logits renormalized among themselves, from raw
     logits x (n, V_r) (not modified). Vocab-parallel: every rank's top k gathered (k values per
@@ -210,7 +203,7 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
         if use_triton and ref is not None:  # the reference's partials streamed beside z's
             xr = _reference_logits(ref, rows_c)
             part, ref_part = rows_triton.rows_partials(x, y_c, opts, ref_logits=xr)
-            lse_q, cross = _reference_lse(ref_part.to(acc), shard)
+            lse_q, cross = reference_lse(ref_part.to(acc), shard)
         elif use_triton:
             part = rows_triton.rows_partials(x, y_c, opts)
         else:
@@ -221,7 +214,7 @@ def chunked_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
             part = rows_partials_(x, y_c, opts)  # x now holds exp(z - m_local)
             m_local = part[P.M].clone()
         if ref is not None and not use_triton:  # q = the reference's softmax in place of zq
-            lse_q, cross = _reference_lse(ref_part, shard)
+            lse_q, cross = reference_lse(ref_part, shard)
             q = q.sub_(lse_q[:, None]).exp_()
         if shard is not None:
             part = shard.merge(part)

@@ -32,7 +32,16 @@ from ..coefficients import token_terms
 from ..family import member
 from ..options import LossOptions
 from ..selection import Rows, mask_terms, stat_sums, token_entropy, token_logprobs
-from .base import Backend, Forward, Reference, Saved, VocabShard, full_vocab, local_labels
+from .base import (
+    Backend,
+    Forward,
+    Reference,
+    Saved,
+    VocabShard,
+    full_vocab,
+    local_labels,
+    reference_lse,
+)
 from .chunked import topk_entropy_pass
 from .matmul import addmm_fp32_
 
@@ -50,9 +59,9 @@ def fused_forward(hidden, weight, bias, rows: Rows, opts: LossOptions, need,
     part = fused_partials(hidden, weight, bias, rows.idx, labels, rows.num_valid, opts, config,
                           ref=ref)  # fmt: skip
     lse_q = None
-    if ref is not None:  # vocab-parallel asft is refused (parallel.vocab_parallel_loss)
+    if ref is not None:  # the reference's partials, merged across the ranks (vocab-parallel)
         part, ref_part = part
-        lse_q, cross = P.finalize_reference(ref_part)
+        lse_q, cross = reference_lse(ref_part, shard)
     if shard is not None:
         part = shard.merge(part)
     stats = P.finalize(part)
