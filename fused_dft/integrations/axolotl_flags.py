@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..arguments import check_loss_options
+from .versions import check_tested_version
 
 CALLER = "fused_dft.integrations.axolotl"
 
@@ -59,12 +60,15 @@ REFUSED_PLUGINS = ("cut_cross_entropy", "integrations.kd.")
 
 
 def check_version(version: str) -> None:
-    if version not in TESTED_VERSIONS:
-        raise RuntimeError(
-            f"{CALLER}: axolotl {version} is not a version this plugin was "
-            f"tested with ({', '.join(TESTED_VERSIONS)}); its config keys or Liger's patch may "
-            "differ. Install axolotl==" + TESTED_VERSIONS[-1]
-        )
+    check_tested_version(
+        caller=CALLER,
+        trainer="axolotl",
+        package="axolotl",
+        version=version,
+        tested=TESTED_VERSIONS,
+        kind="plugin",
+        may_differ="its config keys or Liger's patch",
+    )
 
 
 def _refuse(setting: str, why: str) -> ValueError:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .versions import check_tested_version
+
 # the LLaMA-Factory releases the adapter was run against (docs/integrations.md): another one may
 # have moved the flags or the loss functions it replaces
 TESTED_VERSIONS = ("0.9.5",)
@@ -31,12 +33,15 @@ REFUSED_SETTINGS = {
 
 
 def check_version(version: str) -> None:
-    if version not in TESTED_VERSIONS:
-        raise RuntimeError(
-            f"fused_dft.integrations.llamafactory: LLaMA-Factory {version} is not a version this "
-            f"adapter was tested with ({', '.join(TESTED_VERSIONS)}); its loss flags or the "
-            "functions it replaces may differ. Install llamafactory==" + TESTED_VERSIONS[-1]
-        )
+    check_tested_version(
+        caller="fused_dft.integrations.llamafactory",
+        trainer="LLaMA-Factory",
+        package="llamafactory",
+        version=version,
+        tested=TESTED_VERSIONS,
+        kind="adapter",
+        may_differ="its loss flags or the functions it replaces",
+    )
 
 
 def loss_options(finetuning: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .versions import check_tested_version
+
 # the ms-swift releases the plugin was run against (docs/integrations.md)
 TESTED_VERSIONS = ("4.6.0",)
 
@@ -16,12 +18,15 @@ TUNER = "fused_dft"
 
 
 def check_version(version: str) -> None:
-    if version not in TESTED_VERSIONS:
-        raise RuntimeError(
-            f"fused_dft.integrations.ms_swift: ms-swift {version} is not a version this plugin "
-            f"was tested with ({', '.join(TESTED_VERSIONS)}); its trainer's loss path may "
-            "differ. Install ms-swift==" + TESTED_VERSIONS[-1]
-        )
+    check_tested_version(
+        caller="fused_dft.integrations.ms_swift",
+        trainer="ms-swift",
+        package="ms-swift",
+        version=version,
+        tested=TESTED_VERSIONS,
+        kind="plugin",
+        may_differ="its trainer's loss path",
+    )
 
 
 def loss_options(args: dict[str, Any], binary_loss_scale: bool) -> dict[str, Any]:

@@ -29,6 +29,8 @@ from fused_dft.arguments import check_impl
 from fused_dft.hf.heads import _as_lm_head_forward
 from fused_dft.logprobs import fused_linear_logprobs
 
+from .versions import check_tested_version
+
 # the verl releases the adapter was run against (docs/integrations.md)
 TESTED_VERSIONS = ("0.9.1",)
 
@@ -41,12 +43,15 @@ BACKEND = "fused_dft"
 
 
 def check_version(version: str) -> None:
-    if version not in TESTED_VERSIONS:
-        raise RuntimeError(
-            f"fused_dft.integrations.verl: verl {version} is not a version this adapter was "
-            f"tested with ({', '.join(TESTED_VERSIONS)}); its engine's log-prob path may differ. "
-            "Install verl==" + TESTED_VERSIONS[-1]
-        )
+    check_tested_version(
+        caller="fused_dft.integrations.verl",
+        trainer="verl",
+        package="verl",
+        version=version,
+        tested=TESTED_VERSIONS,
+        kind="adapter",
+        may_differ="its engine's log-prob path",
+    )
 
 
 def check_loss_type(loss_type: str) -> str:
