@@ -90,6 +90,31 @@ def grouped_program(pid, num_n, num_v, GROUP_N: tl.constexpr):
 
 
 @triton.jit
+def operand_block(ptr, idx, mask, ds, d_mask, stride_i, stride_d):
+    """A (len(idx), BLOCK_D) block of a row-major operand: rows idx (int64), columns ds of D,
+    0 where a row or a column is masked."""
+    return tl.load(
+        ptr + idx[:, None] * stride_i + ds[None, :] * stride_d,
+        mask=mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
+def dot_nt(h, w, acc, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr):
+    """acc + h w^T: in fp32 (UPCAST: the interpreter's 16-bit inputs), IEEE or the default
+    (tf32 / 16-bit tensor cores) precision."""
+    if UPCAST:
+        h = h.to(tl.float32)
+        w = w.to(tl.float32)
+    if FP32_IEEE:
+        acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(h, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
 def logits_tile(
     h_ptr,
     w_ptr,
@@ -117,23 +142,9 @@ def logits_tile(
     for d_start in range(0, D, BLOCK_D):
         ds = d_start + offs_d
         d_mask = ds < D
-        h = tl.load(
-            h_ptr + src_rows[:, None] * stride_hn + ds[None, :] * stride_hd,
-            mask=row_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
-            mask=col_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        if FP32_IEEE:
-            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(h, tl.trans(w), acc)
+        h = operand_block(h_ptr, src_rows, row_mask, ds, d_mask, stride_hn, stride_hd)
+        w = operand_block(w_ptr, cols, col_mask, ds, d_mask, stride_wv, stride_wd)
+        acc = dot_nt(h, w, acc, UPCAST, FP32_IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -173,35 +184,59 @@ def logits_tile_halves(
     for d_start in range(0, D, BLOCK_D):
         ds = d_start + offs_d
         d_mask = ds < D
-        h = tl.load(
-            h_ptr + src_rows[:, None] * stride_hn + ds[None, :] * stride_hd,
-            mask=row_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        w_lo = tl.load(
-            w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
-            mask=col_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        w_hi = tl.load(
-            w_ptr + cols_hi[:, None] * stride_wv + ds[None, :] * stride_wd,
-            mask=col_mask_hi[:, None] & d_mask[None, :],
-            other=0.0,
-        )
+        h = operand_block(h_ptr, src_rows, row_mask, ds, d_mask, stride_hn, stride_hd)
         if UPCAST:
-            h = h.to(tl.float32)
-            w_lo = w_lo.to(tl.float32)
-            w_hi = w_hi.to(tl.float32)
-        if FP32_IEEE:
-            acc_lo = tl.dot(h, tl.trans(w_lo), acc_lo, input_precision="ieee")
-            acc_hi = tl.dot(h, tl.trans(w_hi), acc_hi, input_precision="ieee")
-        else:
-            acc_lo = tl.dot(h, tl.trans(w_lo), acc_lo)
-            acc_hi = tl.dot(h, tl.trans(w_hi), acc_hi)
+            h = h.to(tl.float32)  # once for both dots (dot_nt's upcast is then a no-op)
+        w_lo = operand_block(w_ptr, cols, col_mask, ds, d_mask, stride_wv, stride_wd)
+        w_hi = operand_block(w_ptr, cols_hi, col_mask_hi, ds, d_mask, stride_wv, stride_wd)
+        acc_lo = dot_nt(h, w_lo, acc_lo, UPCAST, FP32_IEEE)
+        acc_hi = dot_nt(h, w_hi, acc_hi, UPCAST, FP32_IEEE)
     if HAS_BIAS:
         acc_lo += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         acc_hi += tl.load(b_ptr + cols_hi, mask=col_mask_hi, other=0.0).to(tl.float32)[None, :]
     return acc_lo, acc_hi
+
+
+@triton.jit
+def logits_tiles(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    src_rows,
+    cols,
+    row_mask,
+    col_mask,
+    col_mask_hi,
+    D,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FP32_IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    V_HALVES: tl.constexpr,
+):
+    """The logits of a program step, (x_lo, x_hi): V_HALVES = 1 one (BLOCK_N, BLOCK_V) tile
+    (logits_tile; x_hi is x_lo, unused), V_HALVES = 2 the two halves of a BLOCK_N x 2*BLOCK_V
+    tile (logits_tile_halves; col_mask_hi masks the upper half's columns)."""
+    if V_HALVES == 1:
+        x_lo = logits_tile(
+            h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, D,
+            stride_hn, stride_hd, stride_wv, stride_wd,
+            HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
+        x_hi = x_lo
+    else:
+        x_lo, x_hi = logits_tile_halves(
+            h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, col_mask_hi, D,
+            stride_hn, stride_hd, stride_wv, stride_wd,
+            HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
+    return x_lo, x_hi
 
 
 def tf32_allowed() -> bool:

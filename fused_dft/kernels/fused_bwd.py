@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..options import LossOptions
 from . import common
-from .common import grouped_program, logits_tile, logits_tile_halves, transform_logits
+from .common import grouped_program, logits_tile, logits_tiles, transform_logits
 from .configs import DZ_KEY, LaunchPlan, n_bucket
 from .fused_fwd import kernel_flags, reference_flags
 
@@ -108,18 +108,11 @@ def _fused_dz_kernel(
 
     # 1. recompute the logits tile; with V_HALVES = 2 a BLOCK_N x 2*BLOCK_V tile as two halves,
     #    whose gradients (steps 2, 3) are formed and stored one after the other
-    if V_HALVES == 1:
-        x = logits_tile(
-            h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, d_active,
-            stride_hn, stride_hd, stride_wv, stride_wd,
-            HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
-        )  # fmt: skip
-    else:
-        x, x_hi = logits_tile_halves(
-            h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask,
-            local_cols + BLOCK_V < V_chunk, d_active, stride_hn, stride_hd, stride_wv, stride_wd,
-            HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
-        )  # fmt: skip
+    x, x_hi = logits_tiles(
+        h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, local_cols + BLOCK_V < V_chunk,
+        d_active, stride_hn, stride_hd, stride_wv, stride_wd,
+        HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D, V_HALVES,
+    )  # fmt: skip
     y = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     a = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)

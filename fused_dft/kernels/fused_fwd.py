@@ -17,7 +17,7 @@ BLOCK_N tokens and a contiguous range of vocab tiles; for each tile it
   3. adds the label logit z_y (in the tile that holds y) and sum z (label smoothing).
 With V_HALVES = 2 (FusedConfig.v_halves) a program step covers 2*BLOCK_V vocab columns as two
 BLOCK_V-wide halves: step 1 loads the h block once per BLOCK_D step for both halves' dots
-(common.logits_tile_halves; the FLOP per byte of the wide tile), steps 2-3 run on one half after
+(common.logits_tiles; the FLOP per byte of the wide tile), steps 2-3 run on one half after
 the other (the epilogue's temporaries stay BLOCK_N x BLOCK_V: no spills at 128 x (2x128) on sm_90).
 The number of splits is chosen from the SM count and the number of token blocks so that about one
 wave of programs is one group (small batches still fill the GPU). Partials (5, splits, n) are
@@ -46,7 +46,7 @@ from . import common, configs
 from .common import (
     grouped_program,
     logits_tile,
-    logits_tile_halves,
+    logits_tiles,
     new_output,
     reference_update,
     tf32_allowed,
@@ -129,18 +129,11 @@ def _fused_partials_kernel(
         col_mask = cols < V
         # 1. logits tile, kept in registers (steps numbered as in the module docstring); with
         #    V_HALVES = 2 a BLOCK_N x 2*BLOCK_V tile as two halves, reduced one after the other
-        if V_HALVES == 1:
-            x = logits_tile(
-                h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, D,
-                stride_hn, stride_hd, stride_wv, stride_wd,
-                HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
-            )  # fmt: skip
-        else:
-            x, x_hi = logits_tile_halves(
-                h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, cols + BLOCK_V < V,
-                D, stride_hn, stride_hd, stride_wv, stride_wd,
-                HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
-            )  # fmt: skip
+        x, x_hi = logits_tiles(
+            h_ptr, w_ptr, b_ptr, src_rows, cols, row_mask, col_mask, cols + BLOCK_V < V, D,
+            stride_hn, stride_hd, stride_wv, stride_wd,
+            HAS_BIAS, UPCAST, FP32_IEEE, BLOCK_N, BLOCK_V, BLOCK_D, V_HALVES,
+        )  # fmt: skip
         for half in tl.static_range(V_HALVES):
             v_tile = v_start + half * BLOCK_V
             if half == 1:
