@@ -182,21 +182,20 @@ def rows_grad_from_logits_(
     return rows_grad_(x, labels, torch.ones_like(lse), coefs, dtanh, opts, ref_q)
 
 
-def reference_partials_(xr: torch.Tensor, z: torch.Tensor | None, opts: LossOptions):
+def reference_partials_(xr: torch.Tensor, z: torch.Tensor, opts: LossOptions):
     """xr (n, V) a reference model's raw logits (fp32/fp64), overwritten with zq = transform(xr)
     (the same logit_scale / softcap as the policy's); z (n, V) the policy's transformed logits.
     Returns the reference partials (3, n) of partials.py: mq = max zq, sq = sum exp(zq - mq),
-    kq = sum exp(zq - mq) (zq - z) (0 without z). By row blocks: e = exp(zq - mq) into a
+    kq = sum exp(zq - mq) (zq - z). By row blocks: e = exp(zq - mq) into a
     block buffer, then sq = sum e and kq = e . zq - e . z as batched dots (no product buffer)."""
     transform_(xr, opts, keep_dtanh=False)
     mq = xr.amax(1)
-    sq, kq = torch.empty_like(mq), torch.zeros_like(mq)
+    sq, kq = torch.empty_like(mq), torch.empty_like(mq)
     rows = block_rows(xr.shape[1])
     buffer = torch.empty((min(rows, xr.shape[0]), xr.shape[1]), dtype=xr.dtype, device=xr.device)
     for r in range(0, xr.shape[0], rows):
         zq = xr[r : r + rows]
         e = torch.sub(zq, mq[r : r + rows, None], out=buffer[: zq.shape[0]]).exp_()
         sq[r : r + rows] = e.sum(1)
-        if z is not None:
-            kq[r : r + rows] = _row_dot(e, zq) - _row_dot(e, z[r : r + rows])
+        kq[r : r + rows] = _row_dot(e, zq) - _row_dot(e, z[r : r + rows])
     return torch.stack([mq, sq, kq])
