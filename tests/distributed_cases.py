@@ -763,7 +763,7 @@ def run_bad_reference(case: str, world: int) -> None:
     mesh = _mesh(world)
     hidden, ref_hidden = torch.randn(N, D), torch.randn(N, D)
     weight, ref_weight = torch.randn(V, D), torch.randn(V, D)
-    labels, impl = torch.randint(0, V, (N,)), "auto"
+    labels = torch.randint(0, V, (N,))
     w_shard = distribute_tensor(weight, mesh, [Shard(0)])
     if case == "bad-ref-weight-replicate":
         weight, found = w_shard, "ref_weight has placements (Replicate(),)"
@@ -785,7 +785,7 @@ def run_bad_reference(case: str, world: int) -> None:
         with pytest.raises(ValueError) as info:
             fused_dft.fused_linear_dft_loss(
                 hidden, weight, labels, loss_type="asft", ref_hidden=ref_hidden,
-                ref_weight=ref_weight, impl=impl,
+                ref_weight=ref_weight,
             )  # fmt: skip
     finally:
         parallel.VocabParallelFunction.apply = saved[0]
